@@ -1,0 +1,254 @@
+"""Recipes: frozen, validated descriptions of a compilation (pipeline + options), read from TOML.
+
+A recipe file looks like::
+
+    name = "int8"
+    description = "static int8 QDQ for Conv/MatMul/Gemm"
+    extends = "int8-dynamic"            # optional: start from another recipe (built-in name or file)
+    passes = ["infer-shapes", ...]      # the explicit pipeline, in order
+    plugins = ["my-pass"]               # plugin passes to load and place by their stage/before/after
+    disable = ["fuse-matmul-add"]       # passes to drop from the pipeline
+    needs_calibration = true            # refuse to run without --calib
+
+    [quantization]                      # read by the annotate/lower passes
+    activation_dtype = "uint8"
+    [calibration]                       # read by the calibrate pass
+    max_samples = 256
+    [pass-options.fold-constants]       # keyword options for one pass, by its registry name
+    size_limit_mb = 64
+
+An unknown key anywhere is a :class:`~qcompiler.errors.ConfigError` naming it. Built-in recipes are TOML files in
+``qcompiler/recipes``; CLI flags override a recipe through :func:`override`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from qcompiler.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "QuantizationOptions",
+    "CalibrationOptions",
+    "Recipe",
+    "builtin_recipe_names",
+    "load_recipe",
+    "recipe_from_dict",
+    "override",
+]
+
+ACTIVATION_DTYPES = ("uint8", "int8")
+WEIGHT_DTYPES = ("int8",)
+CALIBRATORS = ("minmax",)
+QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
+
+
+def _tuple_of_str(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"recipe key '{key}' must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationOptions:
+    """What to quantize and how: read by the annotate and lower passes.
+
+    Attributes:
+        weight_dtype: element type of quantized weights (symmetric, zero point 0).
+        activation_dtype: element type of activations for static quantization ("uint8" asymmetric, or "int8").
+        per_channel: per-output-channel weight scales (otherwise one scale per tensor).
+        op_types: operator types to quantize.
+        exclude_nodes: node names to leave in float.
+    """
+
+    weight_dtype: str = "int8"
+    activation_dtype: str = "uint8"
+    per_channel: bool = True
+    op_types: tuple[str, ...] = QUANTIZABLE_OPS
+    exclude_nodes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ConfigError(f"quantization.weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, "
+                              f"got {self.weight_dtype!r}")
+        if self.activation_dtype not in ACTIVATION_DTYPES:
+            raise ConfigError(f"quantization.activation_dtype must be one of {', '.join(ACTIVATION_DTYPES)}, "
+                              f"got {self.activation_dtype!r}")
+        if not isinstance(self.per_channel, bool):
+            raise ConfigError(f"quantization.per_channel must be true or false, got {self.per_channel!r}")
+        unknown = sorted(set(self.op_types) - set(QUANTIZABLE_OPS))
+        if unknown:
+            raise ConfigError(f"quantization.op_types: cannot quantize {', '.join(unknown)} "
+                              f"(supported: {', '.join(QUANTIZABLE_OPS)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationOptions:
+    """How to run calibration: read by the calibrate pass.
+
+    Attributes:
+        calibrator: range estimator ("minmax").
+        max_samples: use at most this many samples (None: all).
+        batch_size: samples per ONNX Runtime call (memory is bounded by one batch of activations).
+    """
+
+    calibrator: str = "minmax"
+    max_samples: int | None = None
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.calibrator not in CALIBRATORS:
+            raise ConfigError(f"calibration.calibrator must be one of {', '.join(CALIBRATORS)}, "
+                              f"got {self.calibrator!r}")
+        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
+            raise ConfigError(f"calibration.max_samples must be a positive integer, got {self.max_samples!r}")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise ConfigError(f"calibration.batch_size must be a positive integer, got {self.batch_size!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named pipeline with its options. Build one with :func:`load_recipe` or :func:`recipe_from_dict`."""
+
+    name: str
+    passes: tuple[str, ...]
+    description: str = ""
+    plugins: tuple[str, ...] = ()
+    disable: tuple[str, ...] = ()
+    needs_calibration: bool = False
+    quantization: QuantizationOptions = QuantizationOptions()
+    calibration: CalibrationOptions = CalibrationOptions()
+    pass_options: Mapping[str, Mapping[str, Any]] = MappingProxyType({})
+
+    def options_for(self, pass_name: str) -> dict[str, Any]:
+        """The keyword options the recipe gives to one pass (empty if none)."""
+        return dict(self.pass_options.get(pass_name, {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "description": self.description, "passes": list(self.passes),
+            "plugins": list(self.plugins), "disable": list(self.disable),
+            "needs_calibration": self.needs_calibration,
+            "quantization": dataclasses.asdict(self.quantization),
+            "calibration": dataclasses.asdict(self.calibration),
+            "pass-options": {k: dict(v) for k, v in self.pass_options.items()},
+        }
+
+
+_TOP_KEYS = {"name", "description", "extends", "passes", "plugins", "disable", "needs_calibration",
+             "quantization", "calibration", "pass-options"}
+
+
+def _section(cls: type, data: Any, section: str, base: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe section [{section}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"unknown recipe key '{section}.{key}' (known: {', '.join(sorted(fields))})")
+    values = {}
+    for key, value in data.items():
+        if isinstance(value, list):
+            value = _tuple_of_str(value, f"{section}.{key}")
+        values[key] = value
+    return dataclasses.replace(base, **values)
+
+
+def recipe_from_dict(data: Mapping[str, Any], *, source: str = "<dict>", _depth: int = 0) -> Recipe:
+    """Validate a parsed recipe table and build the :class:`Recipe` (resolving ``extends``)."""
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ConfigError(f"unknown recipe key '{key}' in {source} (known: {', '.join(sorted(_TOP_KEYS))})")
+    if "extends" in data:
+        if _depth > 8:
+            raise ConfigError(f"recipe {source}: 'extends' chain is too deep (a cycle?)")
+        base = load_recipe(data["extends"], _depth=_depth + 1)
+    else:
+        base = None
+    name = data.get("name", base.name if base else Path(source).stem)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"recipe key 'name' must be a non-empty string in {source}")
+    if "passes" in data:
+        passes = _tuple_of_str(data["passes"], "passes")
+    elif base is not None:
+        passes = base.passes
+    else:
+        raise ConfigError(f"recipe {source} has no 'passes' list and extends no recipe")
+    needs = data.get("needs_calibration", base.needs_calibration if base else False)
+    if not isinstance(needs, bool):
+        raise ConfigError(f"recipe key 'needs_calibration' must be true or false, got {needs!r}")
+    description = data.get("description", base.description if base else "")
+    pass_options: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (base.pass_options if base else {}).items()}
+    raw_options = data.get("pass-options", {})
+    if not isinstance(raw_options, dict):
+        raise ConfigError("recipe section [pass-options] must be a table of tables")
+    for pass_name, options in raw_options.items():
+        if not isinstance(options, dict):
+            raise ConfigError(f"recipe section [pass-options.{pass_name}] must be a table")
+        pass_options.setdefault(pass_name, {}).update(options)
+    return Recipe(
+        name=name,
+        passes=passes,
+        description=str(description),
+        plugins=_tuple_of_str(data["plugins"], "plugins") if "plugins" in data else (base.plugins if base else ()),
+        disable=_tuple_of_str(data["disable"], "disable") if "disable" in data else (base.disable if base else ()),
+        needs_calibration=needs,
+        quantization=_section(QuantizationOptions, data.get("quantization", {}), "quantization",
+                              base.quantization if base else QuantizationOptions()),
+        calibration=_section(CalibrationOptions, data.get("calibration", {}), "calibration",
+                             base.calibration if base else CalibrationOptions()),
+        pass_options=MappingProxyType({k: MappingProxyType(v) for k, v in pass_options.items()}),
+    )
+
+
+def builtin_recipe_names() -> list[str]:
+    """Names of the recipes shipped in ``qcompiler/recipes``."""
+    folder = resources.files("qcompiler.recipes")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(name_or_path: str | Path, *, _depth: int = 0) -> Recipe:
+    """Load a built-in recipe by name, or a recipe TOML file by path."""
+    text: str
+    source = str(name_or_path)
+    path = Path(name_or_path)
+    if source in builtin_recipe_names():
+        text = resources.files("qcompiler.recipes").joinpath(f"{source}.toml").read_text(encoding="utf-8")
+    elif path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {source}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read recipe {source}: {exc}") from exc
+    else:
+        raise ConfigError(f"unknown recipe '{source}' (built-in: {', '.join(builtin_recipe_names())}; "
+                          "or give a path to a .toml file)")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"recipe {source} is not valid TOML: {exc}") from exc
+    return recipe_from_dict(data, source=source, _depth=_depth)
+
+
+def override(recipe: Recipe, *, plugins: tuple[str, ...] = (), disable: tuple[str, ...] = (),
+             quantization: Mapping[str, Any] | None = None, calibration: Mapping[str, Any] | None = None) -> Recipe:
+    """Apply command-line overrides: plugins and disabled passes are added, option fields replaced."""
+    return dataclasses.replace(
+        recipe,
+        plugins=tuple(dict.fromkeys(recipe.plugins + tuple(plugins))),
+        disable=tuple(dict.fromkeys(recipe.disable + tuple(disable))),
+        quantization=dataclasses.replace(recipe.quantization, **(quantization or {})),
+        calibration=dataclasses.replace(recipe.calibration, **(calibration or {})),
+    )

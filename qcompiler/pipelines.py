@@ -1,0 +1,97 @@
+"""Turning a recipe into a runnable pipeline.
+
+The recipe lists its passes explicitly. Plugin passes are then placed: right after the pass named by their
+``after``, right before the pass named by their ``before``, or else at the end of their stage (after the last pass
+whose stage is not later than theirs). Disabled passes are removed last; naming a pass that is not in the pipeline
+is an error, so a typo never silently does nothing.
+
+Each pass is built by its ``from_recipe(recipe, context)`` classmethod when it has one (passes that read the shared
+quantization/calibration options), else by ``cls(**recipe.options_for(name))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+from qcompiler.config import Recipe
+from qcompiler.errors import ConfigError, PluginError
+from qcompiler.pass_manager import STAGES, PassInstrument, PassPipeline, QPass
+from qcompiler.plugins import load_pass_class
+
+__all__ = ["BuildContext", "resolve_pass_classes", "build_pipeline"]
+
+
+@dataclasses.dataclass
+class BuildContext:
+    """What passes may need beyond the recipe: calibration data, sample inputs, progress display."""
+
+    calibration_data: Any = None  # a qcompiler.calibration.data.CalibrationData, or None
+    progress: bool = False
+    model_dir: str | None = None
+
+
+def _place(order: list[type[QPass]], plugin: type[QPass]) -> None:
+    names = [c.name for c in order]
+    if plugin.after is not None:
+        if plugin.after not in names:
+            raise PluginError(f"plugin pass '{plugin.name}' asks to run after '{plugin.after}', "
+                              f"which is not in the pipeline ({', '.join(names)})")
+        order.insert(names.index(plugin.after) + 1, plugin)
+        return
+    if plugin.before is not None:
+        if plugin.before not in names:
+            raise PluginError(f"plugin pass '{plugin.name}' asks to run before '{plugin.before}', "
+                              f"which is not in the pipeline ({', '.join(names)})")
+        order.insert(names.index(plugin.before), plugin)
+        return
+    rank = STAGES.index(plugin.stage)
+    position = 0
+    for i, cls in enumerate(order):
+        if STAGES.index(cls.stage) <= rank:
+            position = i + 1
+    order.insert(position, plugin)
+
+
+def resolve_pass_classes(recipe: Recipe) -> list[type[QPass]]:
+    """The recipe's pass classes in run order: built-ins, plugins placed, disabled passes removed."""
+    order = [load_pass_class(name) for name in recipe.passes]
+    for plugin_name in recipe.plugins:
+        if plugin_name in recipe.passes:
+            continue
+        _place(order, load_pass_class(plugin_name))
+    names = [c.name for c in order]
+    for name in recipe.disable:
+        if name not in names:
+            raise ConfigError(f"cannot disable pass '{name}': it is not in the pipeline ({', '.join(names)})")
+    return [c for c in order if c.name not in recipe.disable]
+
+
+def _instantiate(cls: type[QPass], recipe: Recipe, context: BuildContext) -> QPass:
+    options = recipe.options_for(cls.name)
+    factory = getattr(cls, "from_recipe", None)
+    try:
+        if factory is not None:
+            return factory(recipe, context, **options)
+        return cls(**options)
+    except TypeError as exc:
+        params = inspect.signature(cls.__init__).parameters
+        known = [p for p in params if p != "self" and params[p].kind == inspect.Parameter.KEYWORD_ONLY]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown option '{unknown[0]}' for pass '{cls.name}' "
+                              f"(known: {', '.join(known) or 'none'})") from exc
+        raise
+
+
+def build_pipeline(recipe: Recipe, context: BuildContext | None = None, *,
+                   instruments: Sequence[PassInstrument] = ()) -> PassPipeline:
+    """Build the pass instances for ``recipe`` and wrap them in a :class:`PassPipeline`."""
+    context = context or BuildContext()
+    classes = resolve_pass_classes(recipe)
+    unused = sorted(set(recipe.pass_options) - set(recipe.passes) - set(recipe.plugins))
+    if unused:
+        raise ConfigError(f"[pass-options.{unused[0]}] names a pass that is not in the pipeline")
+    return PassPipeline([_instantiate(cls, recipe, context) for cls in classes], instruments=instruments)

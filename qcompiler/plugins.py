@@ -1,0 +1,92 @@
+"""The pass registry: built-in and plugin passes, both declared as entry points in the group ``qcompiler.passes``.
+
+Listing reads distribution metadata only; a pass module is imported when the pipeline needs it (a built-in named by
+the recipe, or a plugin named with ``--plugin NAME`` or ``plugins = [...]``). A loaded class is checked: it is a
+:class:`~qcompiler.pass_manager.QPass` subclass, its ``name`` matches the entry point, its ``stage`` is known, and
+no two distributions claim the same name. Nothing is ever imported from the model's folder or the current folder:
+only installed distributions are searched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from importlib import metadata
+
+from qcompiler.errors import PluginError
+
+__all__ = ["GROUP", "PassEntry", "discover_passes", "load_pass_class"]
+
+logger = logging.getLogger(__name__)
+
+GROUP = "qcompiler.passes"
+_BUILTIN_DIST = "qcompiler"
+
+
+@dataclasses.dataclass(frozen=True)
+class PassEntry:
+    """One registered pass, as its distribution's metadata declares it (nothing imported)."""
+
+    name: str
+    target: str  # "module:Class"
+    distribution: str
+    version: str
+
+    @property
+    def builtin(self) -> bool:
+        return self.distribution == _BUILTIN_DIST
+
+
+def _entries() -> list[PassEntry]:
+    found: list[PassEntry] = []
+    for dist in metadata.distributions():
+        dist_name = dist.metadata["Name"] or "?"
+        for ep in dist.entry_points:
+            if ep.group == GROUP:
+                found.append(PassEntry(ep.name, ep.value, dist_name, dist.version))
+    # the same distribution may be visible twice on sys.path (e.g. an editable install beside a build folder)
+    unique = {(e.name, e.target, e.distribution): e for e in found}
+    return sorted(unique.values(), key=lambda e: (not e.builtin, e.name))
+
+
+def discover_passes() -> dict[str, list[PassEntry]]:
+    """All registered passes by name; a name with more than one entry is a clash, reported when it is loaded."""
+    table: dict[str, list[PassEntry]] = {}
+    for entry in _entries():
+        table.setdefault(entry.name, []).append(entry)
+    return table
+
+
+def load_pass_class(name: str) -> type:
+    """Import and validate the pass registered under ``name``."""
+    from qcompiler.pass_manager import STAGES, QPass
+
+    table = discover_passes()
+    if name not in table:
+        raise PluginError(f"no pass named '{name}' is installed (see qcompile --list-passes)")
+    entries = table[name]
+    if len(entries) > 1:
+        owners = ", ".join(f"{e.distribution} ({e.target})" for e in entries)
+        raise PluginError(f"pass name '{name}' is claimed by more than one distribution: {owners}")
+    entry = entries[0]
+    module_name, _, attr = entry.target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        cls = module
+        for part in attr.split("."):
+            cls = getattr(cls, part)
+    except Exception as exc:  # a plugin's import can fail in any way: report it as the plugin's fault
+        raise PluginError(f"cannot load pass '{name}' from distribution {entry.distribution} "
+                          f"({entry.target}): {type(exc).__name__}: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, QPass)):
+        raise PluginError(f"pass '{name}' from distribution {entry.distribution} ({entry.target}) "
+                          "is not a subclass of qcompiler.pass_manager.QPass")
+    if cls.name != name:
+        raise PluginError(f"pass '{name}' from distribution {entry.distribution}: the class calls itself "
+                          f"'{cls.name}'; the entry point name and the class's name must match")
+    if cls.stage not in STAGES:
+        raise PluginError(f"pass '{name}' from distribution {entry.distribution} has unknown stage "
+                          f"{cls.stage!r} (stages: {', '.join(STAGES)})")
+    logger.debug("loaded pass %s from %s %s", name, entry.distribution, entry.version)
+    return cls
