@@ -1,0 +1,215 @@
+"""The ``qcompile`` command: the only module that prints.
+
+Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 internal error, 130 interrupted. ``--debug``
+adds the traceback. Heavy modules (onnx, onnx_ir, onnxruntime) are imported only once a command needs them, so
+``--help``, ``--version`` and ``--list-passes`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+from qcompiler.errors import QCompileError, UsageError
+
+__all__ = ["main", "build_parser"]
+
+EXAMPLES = """\
+examples:
+  qcompile model.onnx -o model.q.onnx                      int8 weights, dynamic activations (default recipe)
+  qcompile cnn.onnx -o cnn.q.onnx --recipe int8 --calib calib.npz
+                                                           static int8 QDQ calibrated on your data
+  qcompile model.onnx -o clean.onnx --recipe float         cleanup and fusion only (exact)
+  qcompile model.onnx -o m.q.onnx --report report.md       per-pass statistics and per-layer SQNR
+  qcompile model.onnx -o m.q.onnx --recipe my.toml --plugin my-pass --disable-pass fuse-matmul-add
+  qcompile model.onnx -o m.q.onnx --dump-after fuse-conv-bn --verify-each
+  qcompile --list-passes                                   built-in and installed plugin passes
+  qcompile demo                                            compile a shipped digits CNN and compare with fp32
+
+calibration data (--calib): an .npz whose keys are the model's input names and whose first axis indexes
+samples, or a folder of such files. Loaded without pickle.
+exit codes: 0 success, 2 bad input or usage, 1 internal error.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see qcompile --help)")
+
+
+def _versions() -> str:
+    parts = []
+    for dist in ("onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy"):
+        try:
+            parts.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{dist} missing")
+    from qcompiler import __version__
+
+    return f"qcompile {__version__} ({', '.join(parts)})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the compile command."""
+    p = _Parser(prog="qcompile", description="Quantize an ONNX model into an ONNX model that ONNX Runtime runs.",
+                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="input ONNX model (never modified)")
+    p.add_argument("-o", "--output", help="output ONNX model (written atomically; must differ from the input)")
+    p.add_argument("--recipe", default=None, help="built-in recipe name or a TOML recipe file (default: int8-dynamic)")
+    p.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input names, or a folder of them")
+    p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
+    p.add_argument("--calib-batch-size", type=int, metavar="N", help="calibration samples per ONNX Runtime call")
+    p.add_argument("--activation-dtype", choices=("uint8", "int8"), help="static activation type")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
+    p.add_argument("--op-types", metavar="OPS", help="comma-separated operator types to quantize, e.g. Conv,MatMul")
+    p.add_argument("--exclude-node", action="append", default=[], metavar="NAME", help="leave this node in float")
+    p.add_argument("--plugin", action="append", default=[], metavar="NAME", help="load an installed plugin pass")
+    p.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="drop a pass from the pipeline")
+    p.add_argument("--dump-after", action="append", default=[], metavar="PASS",
+                   help="write the model after PASS ('all' for every pass)")
+    p.add_argument("--dump-dir", metavar="DIR", help="folder for --dump-after models (default: OUTPUT.dumps/)")
+    p.add_argument("--verify-each", action="store_true",
+                   help="check the model after each pass and compare outputs across float-preserving passes")
+    p.add_argument("--report", metavar="FILE", help="write a report: .json or .md (per-pass stats, per-layer SQNR)")
+    p.add_argument("--list-passes", action="store_true", help="list built-in and plugin passes, then exit")
+    p.add_argument("--list-recipes", action="store_true", help="list built-in recipes, then exit")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None, help="force progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=_versions())
+    return p
+
+
+def _setup_logging(quiet: bool, verbose: int) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:  # third-party chatter stays out of -v
+        for noisy in ("onnxscript", "onnx_ir"):
+            logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _list_passes() -> None:
+    from qcompiler.plugins import discover_passes
+
+    table = discover_passes()
+    width = max((len(n) for n in table), default=10)
+    for name, entries in sorted(table.items(), key=lambda kv: (not kv[1][0].builtin, kv[0])):
+        for entry in entries:
+            kind = "built-in" if entry.builtin else f"plugin  ({entry.distribution} {entry.version})"
+            clash = "  CLASH: several distributions claim this name" if len(entries) > 1 else ""
+            print(f"{name:<{width}}  {kind}  {entry.target}{clash}")
+
+
+def _list_recipes() -> None:
+    from qcompiler.config import builtin_recipe_names, load_recipe
+
+    for name in builtin_recipe_names():
+        print(f"{name:<14} {load_recipe(name).description}")
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from qcompiler.api import DEFAULT_RECIPE, compile_model
+
+    if not args.model:
+        raise UsageError("missing the input model (usage: qcompile MODEL -o OUTPUT; see qcompile --help)")
+    if not args.output:
+        raise UsageError("missing -o OUTPUT (usage: qcompile MODEL -o OUTPUT)")
+    quantization: dict[str, object] = {}
+    if args.activation_dtype:
+        quantization["activation_dtype"] = args.activation_dtype
+    if args.per_tensor:
+        quantization["per_channel"] = False
+    if args.op_types:
+        quantization["op_types"] = tuple(t.strip() for t in args.op_types.split(",") if t.strip())
+    if args.exclude_node:
+        quantization["exclude_nodes"] = tuple(args.exclude_node)
+    calibration: dict[str, object] = {}
+    if args.calib_samples is not None:
+        calibration["max_samples"] = args.calib_samples
+    if args.calib_batch_size is not None:
+        calibration["batch_size"] = args.calib_batch_size
+    recipe = args.recipe or DEFAULT_RECIPE
+    progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not args.quiet)
+    report_path = Path(args.report) if args.report else None
+    if report_path is not None and report_path.suffix not in (".json", ".md"):
+        raise UsageError(f"--report {args.report}: the report file must end in .json or .md")
+
+    start = time.perf_counter()
+    result = compile_model(
+        args.model, args.output, recipe=recipe, calib=args.calib, plugins=args.plugin, disable=args.disable_pass,
+        quantization=quantization or None, calibration=calibration or None, dump_after=args.dump_after,
+        dump_dir=args.dump_dir, verify_each=args.verify_each, progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    if report_path is not None:
+        from qcompiler.report import write_report
+
+        write_report(result, report_path, seconds=seconds)
+    if not args.quiet:
+        layers = sum(len(p.stats.layers) for p in result.report.passes)
+        ratio = result.output_bytes / max(result.input_bytes, 1)
+        print(f"wrote {result.output_path} with recipe {result.recipe.name} in {seconds:.2f} s: "
+              f"{result.input_bytes / 1e6:.2f} MB -> {result.output_bytes / 1e6:.2f} MB ({ratio:.2f}x), "
+              f"{layers} layer(s) quantized")
+    return 0
+
+
+def _demo(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="qcompile demo",
+                     description="Compile the shipped digits CNN with the int8 recipes and compare it with fp32.")
+    parser.add_argument("--workdir", help="keep the demo's models in this folder (default: a temporary one)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    from qcompiler.demo import run_demo
+
+    result = run_demo(Path(args.workdir) if args.workdir else None)
+    print(result.to_table())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] == "demo":
+            _setup_logging(False, 0)
+            return _demo(argv[1:])
+        args = build_parser().parse_args(argv)
+        _setup_logging(args.quiet, args.verbose)
+        if args.list_passes:
+            _list_passes()
+            return 0
+        if args.list_recipes:
+            _list_recipes()
+            return 0
+        return _compile(args)
+    except QCompileError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"qcompile: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("qcompile: interrupted; no output written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: one line, and the traceback under --debug
+        if debug:
+            traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"qcompile: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Compilation reports (``--report out.json`` or ``out.md``): per-pass statistics and the per-layer error table.
+
+The per-layer figures come from what the lowering passes record with ``QPass.record_layer`` (e.g. the weight SQNR in
+dB: 10·log10(Σw² / Σ(w − dequant(quant(w)))²)). The file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["report_dict", "render_markdown", "write_report"]
+
+
+def report_dict(result: Any, *, seconds: float | None = None) -> dict[str, Any]:
+    """The report as plain data (what the JSON file holds)."""
+    data = result.to_dict()
+    if seconds is not None:
+        data["wall_seconds"] = round(seconds, 4)
+    layers: dict[str, dict[str, Any]] = {}
+    for record in result.report.passes:
+        for layer, figures in record.stats.layers.items():
+            layers.setdefault(layer, {}).update(figures, pass_name=record.name)
+    data["layers"] = layers
+    return data
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    """Render :func:`report_dict` output as a markdown document."""
+    lines = [f"# qcompile report: {data['output']}", "",
+             f"- qcompiler {data['qcompiler_version']}, recipe `{data['recipe']['name']}`",
+             f"- size: {data['input_bytes']:,} bytes -> {data['output_bytes']:,} bytes "
+             f"({data['output_bytes'] / max(data['input_bytes'], 1):.3f}x)"]
+    if "wall_seconds" in data:
+        lines.append(f"- wall time: {data['wall_seconds']:.2f} s")
+    lines += ["", "## Passes", "", "| pass | stage | seconds | modified | counters | skipped (reason: count) |",
+              "|---|---|---:|---|---|---|"]
+    for p in data["passes"]:
+        counters = ", ".join(f"{k}={v}" for k, v in p["counters"].items()) or "-"
+        skipped = ", ".join(f"{k}: {v}" for k, v in p["skipped"].items()) or "-"
+        lines.append(f"| {p['name']} | {p['stage']} | {p['seconds']:.3f} | {p['modified']} | {counters} | {skipped} |")
+    layers = data.get("layers", {})
+    if layers:
+        keys = sorted({k for figures in layers.values() for k in figures} - {"op_type", "pass_name"})
+        lines += ["", "## Layers", "", "| layer | op | " + " | ".join(keys) + " |",
+                  "|---|---|" + "---:|" * len(keys)]
+        for name, figures in layers.items():
+            cells = " | ".join(_fmt(figures.get(k, "")) for k in keys)
+            lines.append(f"| {name} | {figures.get('op_type', '')} | {cells} |")
+    for entry in data.get("verification", []):
+        if entry is data["verification"][0]:
+            lines += ["", "## Verification", "", "| after pass | checker | max abs error |", "|---|---|---:|"]
+        lines.append(f"| {entry['pass']} | ok | {_fmt(entry.get('max_abs_error', '-'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: Any, path: str | os.PathLike[str], *, seconds: float | None = None) -> None:
+    """Write the report as JSON or markdown, chosen by the file's suffix, atomically."""
+    path = Path(path)
+    data = report_dict(result, seconds=seconds)
+    text = json.dumps(data, indent=2, sort_keys=False, default=str) if path.suffix == ".json" else render_markdown(data)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
