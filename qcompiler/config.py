@@ -127,9 +127,9 @@ class Recipe:
     plugins: tuple[str, ...] = ()
     disable: tuple[str, ...] = ()
     needs_calibration: bool = False
-    quantization: QuantizationOptions = QuantizationOptions()
-    calibration: CalibrationOptions = CalibrationOptions()
-    pass_options: Mapping[str, Mapping[str, Any]] = MappingProxyType({})
+    quantization: QuantizationOptions = dataclasses.field(default_factory=QuantizationOptions)
+    calibration: CalibrationOptions = dataclasses.field(default_factory=CalibrationOptions)
+    pass_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
     def options_for(self, pass_name: str) -> dict[str, Any]:
         """The keyword options the recipe gives to one pass (empty if none)."""

@@ -125,6 +125,11 @@ class QPass(ir.passes.InPlacePass):
         try:
             result = super().__call__(model_or_result)
             return QPassResult(result.model, result.modified, self._stats)
+        except (ir.passes.PreconditionError, ir.passes.PostconditionError) as exc:
+            # onnx-ir wraps whatever requires()/ensures() raise; a user-facing error keeps its own type and message
+            if isinstance(exc.__cause__, QCompileError):
+                raise exc.__cause__ from None
+            raise
         finally:
             self._stats = None
 

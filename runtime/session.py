@@ -1,0 +1,196 @@
+"""Run a compiled model file with ONNX Runtime: a thin, checked wrapper around ``onnxruntime.InferenceSession``.
+
+This module imports only the standard library, numpy and onnxruntime, so that an application can run qcompiler's
+output without the compiler's dependencies (onnx, onnx_ir, networkx, torch).
+
+:meth:`Session.run` takes a dict of numpy arrays keyed by input name and returns a dict keyed by output name (in the
+model's output order). Feeds are checked before ORT sees them: unknown or missing names, wrong
+element types and wrong ranks or fixed dimensions raise :class:`InvalidFeedError` with one clear line. Feeds are
+never cast silently. Limits: tensor inputs only (no sequence, map or optional inputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+__all__ = ["Session", "TensorInfo", "SessionError", "InvalidFeedError"]
+
+logger = logging.getLogger(__name__)
+
+# ORT's type strings to numpy dtypes (types numpy cannot hold, e.g. bfloat16, map to None).
+_ORT_TYPES: dict[str, np.dtype | None] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(bool)": np.dtype(np.bool_),
+    "tensor(string)": np.dtype(object),
+}
+
+
+class SessionError(RuntimeError):
+    """The model cannot be loaded or run."""
+
+
+class InvalidFeedError(SessionError):
+    """The inputs given to :meth:`Session.run` do not match the model's inputs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One model input or output.
+
+    Attributes:
+        name: the tensor's name.
+        shape: the dimensions: an int when fixed, a str (symbolic name) or None when dynamic.
+        type: ORT's type string, e.g. ``tensor(float)``.
+        dtype: the numpy dtype, or None when numpy has none (e.g. ``tensor(bfloat16)``) or it is not a tensor.
+    """
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    type: str
+    dtype: np.dtype | None
+
+
+def _info(arg: Any) -> TensorInfo:
+    shape = tuple(arg.shape) if arg.shape is not None else ()
+    return TensorInfo(arg.name, shape, arg.type, _ORT_TYPES.get(arg.type))
+
+
+class Session:
+    """An ONNX Runtime session over a model file.
+
+    Args:
+        path: the ``.onnx`` file (external data is read from its folder).
+        providers: ORT execution providers, in order of preference (default: CPU only).
+        intra_op_threads: threads used inside one operator (None: ORT's default).
+        inter_op_threads: threads used across operators (None: ORT's default).
+
+    Raises:
+        SessionError: the file is missing, a provider is not available, or ORT cannot load the model.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], providers: Sequence[str] | None = None, *,
+                 intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SessionError(f"{self.path}: no such model file")
+        wanted = list(providers) if providers is not None else ["CPUExecutionProvider"]
+        available = ort.get_available_providers()
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise SessionError(f"execution provider(s) {', '.join(missing)} not available in this onnxruntime "
+                               f"(available: {', '.join(available)})")
+        options = ort.SessionOptions()
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
+        if inter_op_threads is not None:
+            options.inter_op_num_threads = inter_op_threads
+        try:
+            self._session = ort.InferenceSession(str(self.path), options, providers=wanted)
+        except Exception as exc:
+            message = " ".join(str(exc).split())
+            raise SessionError(f"{self.path}: onnxruntime cannot load the model: {message[:500]}") from exc
+        self._inputs = [_info(a) for a in self._session.get_inputs()]
+        self._outputs = [_info(a) for a in self._session.get_outputs()]
+        logger.debug("session on %s with %s", self.path, self._session.get_providers())
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        """The model's inputs (initializers excluded), in order."""
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        """The model's outputs, in order."""
+        return list(self._outputs)
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the session really uses."""
+        return list(self._session.get_providers())
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The model's ``metadata_props`` (e.g. ``qcompiler.version``, ``qcompiler.recipe``)."""
+        return dict(self._session.get_modelmeta().custom_metadata_map)
+
+    @property
+    def inference_session(self) -> ort.InferenceSession:
+        """The underlying ``onnxruntime.InferenceSession``."""
+        return self._session
+
+    def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        expected = {i.name: i for i in self._inputs}
+        unknown = [name for name in feeds if name not in expected]
+        if unknown:
+            raise InvalidFeedError(f"unknown input name(s) {', '.join(map(repr, unknown))}; the model's inputs are "
+                                   f"{', '.join(map(repr, expected))}")
+        absent = [name for name in expected if name not in feeds]
+        if absent:
+            raise InvalidFeedError(f"missing input(s) {', '.join(map(repr, absent))}; the model's inputs are "
+                                   f"{', '.join(map(repr, expected))}")
+        checked: dict[str, Any] = {}
+        for name, value in feeds.items():
+            info = expected[name]
+            array = value if isinstance(value, np.ndarray) else np.asarray(value)
+            if info.dtype is not None and array.dtype != info.dtype and not (
+                    info.dtype == np.dtype(object) and array.dtype.kind in "OU"):
+                raise InvalidFeedError(f"input '{name}' must be {info.dtype} ({info.type}), got {array.dtype}")
+            if info.shape:
+                if array.ndim != len(info.shape):
+                    raise InvalidFeedError(f"input '{name}' must have rank {len(info.shape)} (shape "
+                                           f"{list(info.shape)}), got shape {list(array.shape)}")
+                for axis, (want, got) in enumerate(zip(info.shape, array.shape, strict=True)):
+                    if isinstance(want, int) and want >= 0 and want != got:
+                        raise InvalidFeedError(f"input '{name}' must have {want} at axis {axis} (shape "
+                                               f"{list(info.shape)}), got shape {list(array.shape)}")
+            checked[name] = array
+        return checked
+
+    def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the model once.
+
+        Args:
+            feeds: one array per model input, keyed by input name.
+            output_names: the outputs to compute (default: all of them).
+
+        Returns:
+            The outputs keyed by name, in the order asked for (or the model's order).
+
+        Raises:
+            InvalidFeedError: wrong input names, element types or shapes, or an unknown output name.
+            SessionError: ONNX Runtime failed while running.
+        """
+        checked = self._check_feeds(feeds)
+        names = [o.name for o in self._outputs] if output_names is None else list(output_names)
+        known = {o.name for o in self._outputs}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise InvalidFeedError(f"unknown output name(s) {', '.join(map(repr, unknown))}; the model's outputs "
+                                   f"are {', '.join(repr(o.name) for o in self._outputs)}")
+        try:
+            results = self._session.run(names, checked)
+        except Exception as exc:
+            message = " ".join(str(exc).split())
+            raise SessionError(f"{self.path}: onnxruntime failed: {message[:500]}") from exc
+        return dict(zip(names, results, strict=True))
+
+    def __repr__(self) -> str:
+        return f"Session({str(self.path)!r}, providers={self.providers})"
