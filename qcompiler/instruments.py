@@ -109,7 +109,7 @@ class VerifyInstrument:
         if qpass.preserves_float and self._reference is not None:
             outputs = self._run(model) if record.modified else self._reference
             worst = 0.0
-            for value, expected, actual in zip(model.graph.outputs, self._reference, outputs):
+            for value, expected, actual in zip(model.graph.outputs, self._reference, outputs, strict=True):
                 if expected.shape != actual.shape:
                     raise PassFailedError(f"verification after pass '{qpass.name}': output '{value.name}' changed "
                                           f"shape from {expected.shape} to {actual.shape}")

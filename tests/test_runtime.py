@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
 from qcompiler.runtime import InvalidFeedError, Session, SessionError, TensorInfo
 
 

@@ -1,0 +1,189 @@
+"""Annotate the int8-quantizable nodes: write :class:`~qcompiler.qspec.QuantSpec` metadata, change nothing else.
+
+For each Conv, MatMul and Gemm in the main graph (of the configured ``op_types``, not excluded by name) whose
+weight is a constant float32 tensor:
+
+- the weight value gets a symmetric int8 spec, per channel along the output-channel axis (Conv: axis 0 of
+  ``[M, C/g, k...]``; MatMul: axis 1 of ``[K, N]``; Gemm: axis 0 of ``B`` when ``transB=1``, else axis 1) or per
+  tensor when ``per_channel`` is off;
+- the activation input (input 0) gets a per-tensor spec: static (``activation_dtype``, asymmetric, observed by the
+  calibrator) or dynamic (uint8 asymmetric, computed at run time, no calibration);
+- with static activations, the output gets the same kind of spec. When a fusion pass marked the node with
+  ``node.meta["qcompiler.fused_activation"]`` (a single-consumer Relu/Clip), the spec goes on that activation's
+  output instead, so nothing is quantized between the pair;
+- the node gets ``node.meta["qcompiler.quant_scheme"]`` = ``"int8-static"`` or ``"int8-dynamic"``.
+
+Skipped, with a counted reason: excluded names, nodes in subgraphs, non-constant weights (or weights that are graph
+inputs), non-float32 tensors, unsupported ranks (Conv weight rank 3-5; MatMul/Gemm weight rank 2), a weight shared
+with a node that wants a different spec. The pass only writes metadata, so it preserves the float function;
+``modified`` is True only when a spec or a scheme was added or changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+from qcompiler.config import ACTIVATION_DTYPES, QUANTIZABLE_OPS, Recipe
+from qcompiler.errors import ConfigError
+from qcompiler.pass_manager import QPass, iter_nodes
+from qcompiler.qspec import QuantSpec, get_qspec, set_qspec
+
+__all__ = ["AnnotateInt8Pass", "SCHEME_KEY", "FUSED_ACTIVATION_KEY", "quantized_output", "weight_axis"]
+
+logger = logging.getLogger(__name__)
+
+#: node metadata key naming the lowering scheme of an annotated node
+SCHEME_KEY = "qcompiler.quant_scheme"
+#: node metadata key set by the activation fusion pass (the Relu/Clip node fused behind a Conv/Gemm/MatMul)
+FUSED_ACTIVATION_KEY = "qcompiler.fused_activation"
+_FUSABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.as_int())
+
+
+def weight_axis(node: ir.Node) -> int | None:
+    """The output-channel axis of the node's weight (input 1), or None for an unsupported op."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "MatMul":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if _attr_int(node, "transB", 0) else 1
+    return None
+
+
+def quantized_output(node: ir.Node) -> ir.Value:
+    """The value whose quantization ends the node: its fused Relu/Clip output when valid, else its output."""
+    out = node.outputs[0]
+    fused = node.meta.get(FUSED_ACTIVATION_KEY)
+    if (isinstance(fused, ir.Node) and fused.op_type in _FUSABLE_ACTIVATIONS and fused.graph is node.graph
+            and fused.inputs and fused.inputs[0] is out and len(out.uses()) == 1 and not out.is_graph_output()):
+        return fused.outputs[0]
+    return out
+
+
+class AnnotateInt8Pass(QPass):
+    """Mark Conv/MatMul/Gemm nodes for int8 quantization (metadata only).
+
+    Args:
+        op_types: operator types to annotate.
+        exclude_nodes: node names to leave in float.
+        per_channel: per-output-channel weight scales (else per tensor).
+        activation_dtype: "uint8" or "int8" for static activations.
+        static_activations: calibrated activation ranges (QDQ) when True, run-time quantization when False.
+        observer: the calibration observer of static activations.
+    """
+
+    name = "annotate-int8"
+    stage = "annotate"
+    preserves_float = True
+
+    def __init__(self, *, op_types: Sequence[str] = QUANTIZABLE_OPS, exclude_nodes: Sequence[str] = (),
+                 per_channel: bool = True, activation_dtype: str = "uint8", static_activations: bool = True,
+                 observer: str = "minmax") -> None:
+        super().__init__()
+        unknown = sorted(set(op_types) - set(QUANTIZABLE_OPS))
+        if unknown:
+            raise ConfigError(f"annotate-int8: cannot quantize {', '.join(unknown)}")
+        if activation_dtype not in ACTIVATION_DTYPES:
+            raise ConfigError(f"annotate-int8: activation_dtype must be one of {', '.join(ACTIVATION_DTYPES)}")
+        self.op_types = tuple(op_types)
+        self.exclude_nodes = frozenset(exclude_nodes)
+        self.per_channel = bool(per_channel)
+        self.activation_dtype = activation_dtype
+        self.static_activations = bool(static_activations)
+        self.observer = observer
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> AnnotateInt8Pass:
+        """Read ``[quantization]``; activations are dynamic when the recipe lowers with ``lower-int8-dynamic``."""
+        q = recipe.quantization
+        dynamic = "lower-int8-dynamic" in recipe.passes and "lower-int8-dynamic" not in recipe.disable
+        kwargs: dict[str, Any] = {
+            "op_types": q.op_types, "exclude_nodes": q.exclude_nodes, "per_channel": q.per_channel,
+            "activation_dtype": q.activation_dtype, "static_activations": not dynamic,
+            "observer": recipe.calibration.calibrator,
+        }
+        kwargs.update(options)
+        return cls(**kwargs)
+
+    # -- specs ------------------------------------------------------------------------------------------------
+    def _activation_spec(self) -> QuantSpec:
+        if self.static_activations:
+            return QuantSpec(dtype=self.activation_dtype, granularity="per_tensor", symmetric=False,
+                             observer=self.observer)
+        return QuantSpec(dtype="uint8", granularity="per_tensor", symmetric=False, dynamic=True)
+
+    def _weight_spec(self, axis: int) -> QuantSpec:
+        if self.per_channel:
+            return QuantSpec(dtype="int8", granularity="per_channel", axis=axis, symmetric=True)
+        return QuantSpec(dtype="int8", granularity="per_tensor", symmetric=True)
+
+    def _check(self, model: ir.Model, node: ir.Node) -> str | None:
+        """Why the node cannot be annotated, or None."""
+        if node.graph is not model.graph:
+            return "inside a subgraph"
+        if node.name in self.exclude_nodes:
+            return "excluded by name"
+        if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+            return "missing input"
+        x, w = node.inputs[0], node.inputs[1]
+        if w.const_value is None:
+            return "non-constant weight"
+        if w.is_graph_input():
+            return "weight is a graph input (overridable initializer)"
+        if w.const_value.dtype != ir.DataType.FLOAT or (x.dtype is not None and x.dtype != ir.DataType.FLOAT):
+            return "unsupported dtype (float32 only)"
+        rank = len(w.const_value.shape)
+        if node.op_type == "Conv" and not 3 <= rank <= 5:
+            return f"Conv weight of rank {rank}"
+        if node.op_type in ("MatMul", "Gemm") and rank != 2:
+            return f"{node.op_type} weight of rank {rank} (2-D only)"
+        if node.op_type == "MatMul" and x.shape is not None and len(x.shape) < 2:
+            return "1-D MatMul activation"
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is None:
+            return "non-constant bias"
+        return None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        act = self._activation_spec()
+        scheme = "int8-static" if self.static_activations else "int8-dynamic"
+        for node in iter_nodes(model):
+            if node.op_type not in self.op_types or node.domain not in ("", "ai.onnx"):
+                continue
+            reason = self._check(model, node)
+            weight = node.inputs[1] if reason is None else None
+            wspec = None
+            if weight is not None:
+                wspec = self._weight_spec(weight_axis(node))
+                existing = get_qspec(weight)
+                if existing is not None and existing != wspec and self._claimed(weight, node):
+                    reason = "weight shared with a node that quantizes it differently"
+            if reason is not None:
+                self.skip(node, reason)
+                continue
+            changed = set_qspec(weight, wspec)
+            changed |= set_qspec(node.inputs[0], act)
+            if self.static_activations:
+                changed |= set_qspec(quantized_output(node), act)
+            if node.meta.get(SCHEME_KEY) != scheme:
+                node.meta[SCHEME_KEY] = scheme
+                changed = True
+            modified |= changed
+            self.count(f"annotated_{node.op_type}")
+        logger.debug("annotate-int8: %s", dict(self.stats.counters))
+        return ir.passes.PassResult(model, modified)
+
+    @staticmethod
+    def _claimed(weight: ir.Value, node: ir.Node) -> bool:
+        """True if another annotated consumer of ``weight`` already relies on its current spec."""
+        return any(user is not node and user.meta.get(SCHEME_KEY) and user.inputs[1] is weight
+                   for user, _ in weight.uses())

@@ -1,0 +1,120 @@
+"""Calibrate: measure the ranges of the annotated activations on calibration data (metadata only).
+
+Every main-graph value whose :class:`~qcompiler.qspec.QuantSpec` names an observer is exposed as an extra output of
+a weight-sharing clone (see :mod:`qcompiler.passes.observe`); ONNX Runtime runs the clone over
+``CalibrationData.iter_batches(batch_size, max_samples)`` and a running observer per value (MinMax: the exact
+``min``/``max`` over all samples) folds each batch in, so no activation is kept. The result is written as a
+:class:`~qcompiler.qspec.ValueRange` into ``value.meta["qcompiler.range"]``.
+
+Constant activations (``min == max``) are stored as they are; scale computation widens every range to include 0
+and floors the scale, so no NaN scale can come out. A value that never produced a finite element gets no range and
+is reported (``no_finite_values``); lowering then leaves its consumers in float. ``modified`` is True when a range
+was added or changed. Without calibration data the pass raises :class:`~qcompiler.errors.CalibrationError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import onnx_ir as ir
+
+from qcompiler.errors import CalibrationError
+from qcompiler.pass_manager import QPass
+from qcompiler.passes.observe import observer_session, run_observers, values_to_observe
+from qcompiler.qspec import get_qspec, set_range
+
+if TYPE_CHECKING:
+    from qcompiler.config import Recipe
+
+__all__ = ["CalibratePass"]
+
+logger = logging.getLogger(__name__)
+
+
+class CalibratePass(QPass):
+    """Run the model on calibration data and store each observed activation's range.
+
+    Args:
+        calibration_data: a :class:`~qcompiler.calibration.data.CalibrationData` (required when the pass runs).
+        max_samples: use at most this many samples (None: all).
+        batch_size: samples per ONNX Runtime call.
+        progress: show a tqdm progress bar over samples.
+        intra_op_threads: ORT threads (None: ORT's default).
+    """
+
+    name = "calibrate"
+    stage = "calibrate"
+    preserves_float = True
+
+    def __init__(self, *, calibration_data: Any = None, max_samples: int | None = None, batch_size: int = 16,
+                 progress: bool = False, intra_op_threads: int | None = None) -> None:
+        super().__init__()
+        if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+            raise CalibrationError(f"calibrate: max_samples must be a positive integer, got {max_samples!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise CalibrationError(f"calibrate: batch_size must be a positive integer, got {batch_size!r}")
+        self.calibration_data = calibration_data
+        self.max_samples = max_samples
+        self.batch_size = batch_size
+        self.progress = progress
+        self.intra_op_threads = intra_op_threads
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> CalibratePass:
+        """Take the data and progress flag from the build context and ``[calibration]`` from the recipe."""
+        kwargs: dict[str, Any] = {
+            "calibration_data": getattr(context, "calibration_data", None),
+            "max_samples": recipe.calibration.max_samples,
+            "batch_size": recipe.calibration.batch_size,
+            "progress": bool(getattr(context, "progress", False)),
+        }
+        kwargs.update(options)
+        return cls(**kwargs)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.calibration_data is None:
+            raise CalibrationError("pass 'calibrate' needs calibration data: pass --calib DATA (an .npz keyed by "
+                                   "the model's input names)")
+        values = values_to_observe(model)
+        unnamed = [v for v in values if not v.name]
+        for value in unnamed:
+            self.count("unnamed_value")
+            logger.warning("calibrate: cannot observe an unnamed value produced by %s", value.producer())
+        values = [v for v in values if v.name]
+        if not values:
+            logger.info("calibrate: no annotated activation needs a range")
+            return ir.passes.PassResult(model, False)
+        data = self.calibration_data
+        total = data.num_samples if self.max_samples is None else min(self.max_samples, data.num_samples)
+        session, names = observer_session(model, values, intra_op_threads=self.intra_op_threads)
+        kinds = [get_qspec(v).observer for v in values]
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="calibrate", unit="sample", leave=False)
+        try:
+            observers = run_observers(session, names, data.iter_batches(self.batch_size, self.max_samples),
+                                      kinds, on_batch=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        del session
+        modified = False
+        for value, name in zip(values, names, strict=True):
+            found = observers[name].range()
+            if found is None:
+                self.count("no_finite_values")
+                logger.warning("calibrate: value '%s' produced no finite element; it gets no range", name)
+                continue
+            found = dataclasses.replace(found, num_samples=total)
+            if getattr(observers[name], "saw_nonfinite", False):
+                self.count("nonfinite_values_clamped")
+            if found.min == found.max:
+                self.count("constant_ranges")
+            modified |= set_range(value, found)
+            self.count("ranges")
+        self.count("samples", total)
+        return ir.passes.PassResult(model, modified)

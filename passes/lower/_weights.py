@@ -1,0 +1,184 @@
+"""Shared weight-quantization math of the int8 lowerings: symmetric int8, per channel or per tensor, and SQNR.
+
+For a weight ``w`` and a channel axis ``a`` (or the whole tensor):
+
+- ``s[c] = max(max|w[..c..]| / qmax, MIN_SCALE)`` (float32), zero point 0, ``qmax = 127`` (or 63 with
+  ``reduce_range``);
+- ``q = clip(rint(w / s[c]), -qmax, qmax)`` (int8, round half to even like ONNX ``QuantizeLinear``), so
+  ``|w - s[c] q| <= s[c] / 2`` elementwise;
+- ``SQNR = 10 log10(sum w^2 / sum (w - s q)^2)`` in dB, accumulated in float64. An exact round trip (zero noise)
+  reports :data:`SQNR_CAP_DB` so reports stay finite JSON.
+
+Weights are handled one tensor at a time, in slices along the first axis of at most :data:`_CHUNK` elements, so
+peak extra memory is a few slices, not a float64 copy of the tensor. Only 8-bit symmetric weights live here.
+
+The module also holds the small graph-editing helpers both int8 lowerings share (:class:`Namer` for fresh value
+names, :func:`add_constant` for a new initializer, :func:`take_over_output` to make a new value stand in for an old
+one, graph-output name included, :func:`drop_if_unused` to remove a float weight nobody reads any more).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.qspec import MIN_SCALE
+
+__all__ = ["SQNR_CAP_DB", "QuantizedWeight", "symmetric_scales", "quantize_symmetric", "quantize_weight",
+           "sqnr_db", "Namer", "add_constant", "take_over_output", "drop_if_unused"]
+
+logger = logging.getLogger(__name__)
+
+#: SQNR reported for an exact round trip
+SQNR_CAP_DB = 300.0
+_QMAX = 127
+_CHUNK = 1 << 22
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A symmetric int8 weight: ``w ~ q * scale`` (scale 1-D along ``axis``, or a scalar when ``axis`` is None)."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    axis: int | None
+    sqnr_db: float
+
+
+def _slices(n: int, row_elems: int) -> list[slice]:
+    step = max(1, _CHUNK // max(row_elems, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _broadcast(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    if axis is None or scale.ndim == 0:
+        return scale
+    shape = [1] * ndim
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def symmetric_scales(w: np.ndarray, axis: int | None, qmax: int = _QMAX) -> np.ndarray:
+    """Float32 scales ``max|w| / qmax`` per index of ``axis`` (a 0-d array for per-tensor), at least MIN_SCALE."""
+    if w.size == 0:
+        raise ValueError("cannot quantize an empty weight")
+    if axis is None:
+        absmax = np.asarray(np.max(np.abs(w)), dtype=np.float64)
+    else:
+        reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
+        absmax = np.max(np.abs(w), axis=reduce_axes).astype(np.float64) if reduce_axes else np.abs(w).astype(
+            np.float64)
+    if not np.all(np.isfinite(absmax)):
+        raise ValueError("weight holds NaN or Inf")
+    return np.maximum(absmax / qmax, MIN_SCALE).astype(np.float32)
+
+
+def quantize_symmetric(w: np.ndarray, scale: np.ndarray, axis: int | None, qmax: int = _QMAX) -> np.ndarray:
+    """``clip(rint(w / scale), -qmax, qmax)`` as int8, slice by slice along the first axis."""
+    w = np.asarray(w)
+    s = _broadcast(np.asarray(scale, dtype=np.float64), w.ndim, axis)
+    out = np.empty(w.shape, dtype=np.int8)
+    if w.ndim == 0:
+        return np.clip(np.rint(w / s), -qmax, qmax).astype(np.int8)
+    row = w[0].size if w.shape[0] else 1
+    for sl in _slices(w.shape[0], row):
+        s_part = s[sl] if (axis == 0 and s.ndim) else s
+        out[sl] = np.clip(np.rint(w[sl].astype(np.float64) / s_part), -qmax, qmax)
+    return out
+
+
+def sqnr_db(w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int | None) -> float:
+    """Signal-to-quantization-noise ratio of ``w`` against ``q * scale`` in dB (float64 sums, sliced)."""
+    w = np.asarray(w)
+    s = _broadcast(np.asarray(scale, dtype=np.float64), w.ndim, axis)
+    signal = noise = 0.0
+    if w.ndim == 0:
+        err = float(w) - float(q) * float(s)
+        signal, noise = float(w) ** 2, err * err
+    else:
+        row = w[0].size if w.shape[0] else 1
+        for sl in _slices(w.shape[0], row):
+            s_part = s[sl] if (axis == 0 and s.ndim) else s
+            part = w[sl].astype(np.float64)
+            err = part - q[sl].astype(np.float64) * s_part
+            signal += float(np.vdot(part, part))
+            noise += float(np.vdot(err, err))
+    if noise <= 0.0:
+        return SQNR_CAP_DB
+    if signal <= 0.0:
+        return -SQNR_CAP_DB
+    return float(min(10.0 * np.log10(signal / noise), SQNR_CAP_DB))
+
+
+def quantize_weight(w: np.ndarray, axis: int | None, *, scale: np.ndarray | None = None,
+                    qmax: int = _QMAX) -> QuantizedWeight:
+    """Quantize one weight tensor to symmetric int8 (per channel along ``axis``, or per tensor when None).
+
+    Args:
+        w: the float weight (any float dtype; a memory map is fine).
+        axis: the channel axis (non-negative), or None for one scale.
+        scale: use these scales instead of ``max|w| / qmax`` (e.g. widened so an int32 bias fits).
+        qmax: 127, or 63 for ORT's "reduce_range" (7-bit weights, see the lowering passes).
+    """
+    w = np.asarray(w)
+    if axis is not None and not 0 <= axis < w.ndim:
+        raise ValueError(f"axis {axis} is out of range for a weight of rank {w.ndim}")
+    s = symmetric_scales(w, axis, qmax) if scale is None else np.asarray(scale, dtype=np.float32)
+    q = quantize_symmetric(w, s, axis, qmax)
+    return QuantizedWeight(q, s, axis, sqnr_db(w, q, s, axis))
+
+
+# -- graph helpers shared by the int8 lowerings ---------------------------------------------------------------------
+class Namer:
+    """Fresh value names for one graph: ``base``, else ``base_1``, ``base_2``..."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self._used: set[str] = {v.name for v in graph.inputs if v.name}
+        self._used.update(graph.initializers)
+        for node in graph:
+            self._used.update(v.name for v in node.outputs if v.name)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 0
+        while name in self._used:
+            i += 1
+            name = f"{base}_{i}"
+        self._used.add(name)
+        return name
+
+
+def add_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer named ``name`` (already unique) and return its value."""
+    value = ir.Value(name=name, const_value=ir.tensor(np.asarray(array), name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def take_over_output(graph: ir.Graph, old: ir.Value, new: ir.Value, *, skip: ir.Node | None = None) -> None:
+    """Route every use of ``old`` (except by ``skip``) to ``new``; a graph output keeps its name on ``new``."""
+    for user, index in list(old.uses()):
+        if user is not skip:
+            user.replace_input_with(index, new)
+    if old.is_graph_output():
+        name = old.name
+        for i, out in enumerate(graph.outputs):
+            if out is old:
+                graph.outputs[i] = new
+        old.name, new.name = new.name, name  # swap: both names stay unique
+        if new.type is None:
+            new.type = old.type
+        if new.shape is None:
+            new.shape = old.shape
+
+
+def drop_if_unused(graph: ir.Graph, value: ir.Value) -> bool:
+    """Remove an initializer that nothing uses any more; return True if it was removed."""
+    if value.uses() or value.is_graph_output() or value.is_graph_input() or not value.is_initializer():
+        return False
+    if value.name in graph.initializers and graph.initializers[value.name] is value:
+        graph.initializers.pop(value.name)
+        return True
+    return False

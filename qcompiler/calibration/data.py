@@ -1,0 +1,293 @@
+"""Calibration data: reading, checking and batching the sample inputs that calibration feeds to the model.
+
+Accepted forms of ``path``:
+
+- an ``.npz`` whose keys are the model's graph input names and whose arrays all share the first axis, which
+  indexes samples (the first axis *is* the model's batch axis: an input of shape ``[B, 3, 224, 224]`` takes arrays of
+  shape ``[N, 3, 224, 224]``);
+- a folder of such ``.npz`` files (or ``.npy`` files for a one-input model), read in sorted name order and
+  concatenated lazily;
+- a single ``.npy`` when the model has exactly one input.
+
+Everything is read with ``allow_pickle=False``; ``.npy`` files are memory-mapped, ``.npz`` members are read one key of
+one file at a time, so memory stays bounded by one member plus one batch. Checks, all done up front: input names
+(missing and unknown ones listed), dtypes (exactly the input's element type, no silent casts), shapes (rank and every
+static dimension but the batch axis; symbolic dimensions are free), NaN/Inf (naming the input and the sample index),
+at least one sample. A model whose batch dimension is the integer 1 is fed one sample at a time; one whose batch
+dimension is a fixed ``B > 1`` is fed batches of exactly ``B`` (a partial last batch is dropped with a warning).
+Every problem is a one-line :class:`~qcompiler.errors.CalibrationError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import CalibrationError
+
+__all__ = ["CalibrationData", "load_calibration_data"]
+
+logger = logging.getLogger(__name__)
+
+_SCAN_ROWS = 1 << 22  # elements per NaN/Inf scan step
+
+
+@dataclasses.dataclass(frozen=True)
+class _InputInfo:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None  # None: unknown rank; None entries: symbolic dims
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    path: Path
+    kind: str  # "npz" or "npy"
+    num_samples: int
+
+
+def _model_inputs(model: ir.Model) -> list[_InputInfo]:
+    infos = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        if value.dtype is None:
+            raise CalibrationError(f"graph input '{value.name}' has no element type: cannot check calibration data")
+        try:
+            dtype = np.dtype(value.dtype.numpy())
+        except Exception as exc:
+            raise CalibrationError(f"graph input '{value.name}' has type {value.dtype}, which calibration data "
+                                   "cannot hold") from exc
+        shape = None if value.shape is None else tuple(d if isinstance(d, int) else None for d in value.shape)
+        infos.append(_InputInfo(value.name, dtype, shape))
+    if not infos:
+        raise CalibrationError("the model has no graph inputs to calibrate")
+    return infos
+
+
+def _read_array(path: Path, key: str | None, *, mmap: bool = True) -> np.ndarray:
+    """One array: an .npy (memory-mapped) or one member of an .npz; never unpickles."""
+    try:
+        if key is None:
+            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as archive:
+            return archive[key]
+    except ValueError as exc:
+        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
+            raise CalibrationError(f"calibration file {path} holds pickled or object data, which is never loaded "
+                                   "(save plain numeric arrays with numpy.savez)") from exc
+        raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
+
+
+def _npz_keys(path: Path) -> list[str]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise CalibrationError(f"calibration file {path} is not an .npz archive")
+            return list(archive.files)
+    except CalibrationError:
+        raise
+    except ValueError as exc:
+        raise CalibrationError(f"calibration file {path} holds pickled data, which is never loaded") from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
+
+
+def _check_array(arr: np.ndarray, info: _InputInfo, path: Path, first_index: int) -> int:
+    """Check one input's array from one file; return its number of samples."""
+    where = f"calibration data for input '{info.name}' ({path.name})"
+    if arr.dtype.hasobject:
+        raise CalibrationError(f"{where} holds Python objects; only numeric arrays are accepted")
+    if arr.dtype != info.dtype:
+        raise CalibrationError(f"{where} has dtype {arr.dtype}, expected {info.dtype} (the input's type; "
+                               "convert the data, nothing is cast silently)")
+    if arr.ndim == 0:
+        raise CalibrationError(f"{where} is a scalar; the first axis must index samples")
+    if info.shape is not None:
+        if len(info.shape) == 0:
+            if arr.ndim != 1:
+                raise CalibrationError(f"{where} has shape {arr.shape}; the input is a scalar, so expected [N]")
+        else:
+            if arr.ndim != len(info.shape):
+                raise CalibrationError(f"{where} has shape {list(arr.shape)} (rank {arr.ndim}), expected rank "
+                                       f"{len(info.shape)} like the input {_format_shape(info.shape)} with samples "
+                                       "along the first axis")
+            for axis, (want, got) in enumerate(zip(info.shape[1:], arr.shape[1:], strict=True), start=1):
+                if want is not None and want != got:
+                    raise CalibrationError(f"{where} has shape {list(arr.shape)}, but the input's dimension {axis} "
+                                           f"is {want} (input shape {_format_shape(info.shape)})")
+    n = int(arr.shape[0])
+    if np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating):
+        row = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)))
+        step = max(1, _SCAN_ROWS // row)
+        for start in range(0, n, step):
+            part = np.asarray(arr[start:start + step]).reshape(min(step, n - start), -1)
+            finite = np.isfinite(part).all(axis=1)
+            if not finite.all():
+                local = int(np.argmin(finite))
+                kind = "NaN" if np.isnan(part[local]).any() else "Inf"
+                raise CalibrationError(f"{where}: sample {first_index + start + local} contains {kind}")
+    return n
+
+
+def _format_shape(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+class CalibrationData:
+    """Checked calibration samples, read lazily file by file.
+
+    Attributes:
+        input_names: the model's graph inputs that the data feeds, in graph order.
+        num_samples: the number of samples over all files.
+    """
+
+    def __init__(self, sources: list[_Source], inputs: list[_InputInfo]) -> None:
+        self._sources = sources
+        self._inputs = inputs
+        self.input_names: tuple[str, ...] = tuple(i.name for i in inputs)
+        self.num_samples: int = sum(s.num_samples for s in sources)
+        self.fixed_batch: int | None = self._fixed_batch()
+
+    def _fixed_batch(self) -> int | None:
+        fixed = set()
+        for info in self._inputs:
+            if info.shape is not None and len(info.shape) == 0:
+                fixed.add(1)
+            elif info.shape and info.shape[0] is not None:
+                fixed.add(info.shape[0])
+        if len(fixed) > 1:
+            raise CalibrationError(f"the model's inputs have different fixed batch sizes {sorted(fixed)}")
+        return fixed.pop() if fixed else None
+
+    def __repr__(self) -> str:
+        return f"CalibrationData(inputs={list(self.input_names)}, num_samples={self.num_samples})"
+
+    def _read_source(self, source: _Source) -> dict[str, np.ndarray]:
+        if source.kind == "npy":
+            return {self.input_names[0]: _read_array(source.path, None)}
+        return {name: _read_array(source.path, name) for name in self.input_names}
+
+    def iter_batches(self, batch_size: int, max_samples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Yield feeds ``{input name: array}`` of ``batch_size`` samples along the first axis.
+
+        A model with a fixed batch dimension gets batches of exactly that size whatever ``batch_size`` says (a
+        scalar input or a batch dimension of 1: one sample at a time).
+
+        Args:
+            batch_size: samples per batch (the last batch may be smaller when the batch axis is free).
+            max_samples: stop after this many samples (None: all).
+        """
+        if batch_size < 1:
+            raise CalibrationError(f"batch size must be positive, got {batch_size}")
+        size = self.fixed_batch or batch_size
+        limit = self.num_samples if max_samples is None else min(max_samples, self.num_samples)
+        scalar = {i.name for i in self._inputs if i.shape is not None and len(i.shape) == 0}
+        pending: list[dict[str, np.ndarray]] = []
+        pending_n = 0
+        emitted = 0
+
+        def flush(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+            feed = {}
+            for name in self.input_names:
+                arrays = [p[name] for p in parts]
+                joined = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+                feed[name] = np.ascontiguousarray(joined[0] if name in scalar else joined)
+            return feed
+
+        for source in self._sources:
+            if emitted + pending_n >= limit:
+                break
+            arrays = self._read_source(source)
+            start = 0
+            while start < source.num_samples and emitted + pending_n < limit:
+                take = min(size - pending_n, source.num_samples - start, limit - emitted - pending_n)
+                pending.append({k: v[start:start + take] for k, v in arrays.items()})
+                pending_n += take
+                start += take
+                if pending_n == size:
+                    yield flush(pending)
+                    emitted += pending_n
+                    pending, pending_n = [], 0
+            del arrays
+        if pending_n:
+            if self.fixed_batch is not None and self.fixed_batch > 1:
+                logger.warning("dropping the last %d calibration samples: the model's batch size is fixed at %d",
+                               pending_n, self.fixed_batch)
+            else:
+                yield flush(pending)
+
+
+def _list_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
+        if not files:
+            raise CalibrationError(f"calibration folder {path} holds no .npz or .npy files")
+        return files
+    if not path.exists():
+        raise CalibrationError(f"calibration data not found: {path}")
+    if path.suffix not in (".npz", ".npy"):
+        raise CalibrationError(f"calibration data must be an .npz, an .npy or a folder of them, got {path}")
+    return [path]
+
+
+def load_calibration_data(path: str | os.PathLike[str], model: ir.Model) -> CalibrationData:
+    """Open and check calibration data for ``model`` (see the module docstring for the accepted forms).
+
+    Raises:
+        CalibrationError: anything wrong with the data, in one line.
+    """
+    inputs = _model_inputs(model)
+    names = [i.name for i in inputs]
+    sources: list[_Source] = []
+    offset = 0
+    for file in _list_files(Path(path)):
+        if file.suffix == ".npy":
+            if len(inputs) != 1:
+                raise CalibrationError(f"calibration file {file} is an .npy, but the model has {len(inputs)} inputs "
+                                       f"({', '.join(names)}): use an .npz keyed by input name")
+            arrays = {names[0]: _read_array(file, None)}
+            kind = "npy"
+        else:
+            keys = _npz_keys(file)
+            missing = [n for n in names if n not in keys]
+            unknown = sorted(k for k in keys if k not in names)
+            if missing or unknown:
+                parts = []
+                if missing:
+                    parts.append(f"missing input(s) {', '.join(missing)}")
+                if unknown:
+                    parts.append(f"unknown name(s) {', '.join(unknown)}")
+                raise CalibrationError(f"calibration file {file.name}: {'; '.join(parts)} "
+                                       f"(the model's inputs: {', '.join(names)})")
+            arrays = None
+            kind = "npz"
+        counts = {}
+        for info in inputs:
+            arr = arrays[info.name] if arrays is not None else _read_array(file, info.name)
+            counts[info.name] = _check_array(arr, info, file, offset)
+            del arr
+        if len(set(counts.values())) > 1:
+            detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
+            raise CalibrationError(f"calibration file {file.name}: the inputs have different numbers of samples "
+                                   f"({detail})")
+        n = next(iter(counts.values()))
+        sources.append(_Source(file, kind, n))
+        offset += n
+    data = CalibrationData(sources, inputs)
+    if data.num_samples == 0:
+        raise CalibrationError(f"calibration data {path} holds zero samples")
+    if data.fixed_batch is not None and data.fixed_batch > data.num_samples:
+        raise CalibrationError(f"calibration data {path} holds {data.num_samples} samples, fewer than the model's "
+                               f"fixed batch size {data.fixed_batch}")
+    logger.info("calibration data %s: %d samples for %s", path, data.num_samples, ", ".join(names))
+    return data
