@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(EVAL_PHOTOS)} other photos ({VIEWS_PER_PHOTO} views each)")
     print(f"ORT vs torch max |diff| on 16 eval images: {float(np.abs(ort_logits - torch_logits).max()):.2e}")
     centre = session.run(None, {"x": eval_x[::VIEWS_PER_PHOTO]})[0]
-    top1 = ", ".join(f"{name}:{int(cls)}" for name, cls in zip(EVAL_PHOTOS, centre.argmax(1)))
+    top1 = ", ".join(f"{name}:{int(cls)}" for name, cls in zip(EVAL_PHOTOS, centre.argmax(1), strict=True))
     print(f"top-1 ImageNet class of each eval photo (full centre crop): {top1}")
     return 0
 

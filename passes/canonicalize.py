@@ -13,7 +13,8 @@ If/Loop/Scan body.
   with the ONNX reference implementation and replaced by an initializer (a Constant in a function); Identity-like
   ops are bypassed, If with a constant condition is inlined. It never folds a node fed by a graph input,
   non-deterministic ops (Random*), QuantizeLinear/DequantizeLinear/ConstantOfShape, or control flow with a
-  non-constant condition; the graph's inputs and outputs keep their names and order.
+  non-constant condition; the graph's inputs and outputs keep their names and order. A node whose evaluation raises
+  (an onnxscript or reference-implementation bug) is left as it is and counted as a skip.
 * :class:`RemoveIdentityPass` removes ``y = Identity(x)`` by rewiring the uses of ``y`` to ``x``. When ``y`` is a
   graph output, ``x`` takes its name, which is only done when ``x`` is produced by a node of the same graph and is
   not itself a graph output; a graph output fed by a graph input, an initializer or an outer-scope value keeps its
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import onnx
@@ -161,12 +162,46 @@ def _merge_graph(graph: ir.Graph, proto: onnx.GraphProto, cache: dict[bytes, tup
 # ---------------------------------------------------------------------------------------------------------------------
 # fold-constants
 # ---------------------------------------------------------------------------------------------------------------------
+def _unfit_replacement(node: ir.Node, new_nodes: Sequence[ir.Node], opset: int) -> str | None:
+    """Why onnxscript's rewrite of ``node`` cannot be used in this model, or None.
+
+    Its partial evaluators emit opset-13 forms (Split/Squeeze/Unsqueeze with the axes or split as an input) and
+    opset-12 Constants (``value_ints``...) whatever the model's opset, and turn ``CastLike(saturate=0)`` into a
+    saturating Cast.
+    """
+    if node.op_type == "CastLike" and "saturate" in node.attributes:
+        return "CastLike with saturate is kept"
+    for new in new_nodes:
+        if new.domain not in ("", "ai.onnx"):
+            continue
+        if opset < 13 and new.op_type in ("Split", "Squeeze", "Unsqueeze") and len(new.inputs) > 1:
+            return f"folded form needs opset 13 (model has {opset})"
+        if opset < 12 and new.op_type == "Constant" and "value" not in new.attributes:
+            return f"folded form needs opset 12 (model has {opset})"
+    return None
+
+
 class _CountingFolder(_constant_folding.FoldConstantsPass):
     """onnxscript's folder, counting the nodes it replaces."""
 
     def __init__(self, owner: QPass, **options: Any) -> None:
         super().__init__(**options)
         self._owner = owner
+
+    def process_node(self, node: ir.Node, is_function: bool) -> Any:
+        try:
+            replacement = super().process_node(node, is_function)
+        except Exception as exc:  # an evaluator's bug on one node must not lose the whole pass
+            cause = exc.__cause__ or exc
+            logger.info("not folding %s %r: %s: %s", node.op_type, node.name, type(cause).__name__, cause)
+            self._owner.skip(node, f"evaluation failed ({type(cause).__name__})")
+            return None
+        if replacement is not None:
+            reason = _unfit_replacement(node, replacement.new_nodes, self._opset_imports.get("", 0))
+            if reason is not None:
+                self._owner.skip(node, reason)
+                return None
+        return replacement
 
     def replace_node(self, node: ir.Node, replacement: Any, root: ir.Graph | ir.Function) -> None:
         self._owner.count("folded_nodes")

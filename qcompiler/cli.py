@@ -143,6 +143,8 @@ def _compile(args: argparse.Namespace) -> int:
     report_path = Path(args.report) if args.report else None
     if report_path is not None and report_path.suffix not in (".json", ".md"):
         raise UsageError(f"--report {args.report}: the report file must end in .json or .md")
+    if report_path is not None and not report_path.parent.is_dir():  # fail before compiling, not after writing
+        raise UsageError(f"--report {args.report}: folder {report_path.parent} does not exist")
 
     start = time.perf_counter()
     result = compile_model(
@@ -169,12 +171,20 @@ def _demo(argv: Sequence[str]) -> int:
                      description="Compile the shipped digits CNN with the int8 recipes and compare it with fp32.")
     parser.add_argument("--workdir", help="keep the demo's models in this folder (default: a temporary one)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
     from qcompiler.demo import run_demo
 
     result = run_demo(Path(args.workdir) if args.workdir else None)
     print(result.to_table())
-    return 0
+    return 0 if result.ok else 1
+
+
+def _one_line(text: str) -> str:
+    """Join a possibly multi-line message into one line (the CLI prints exactly one line per error)."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,7 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0] == "demo":
             _setup_logging(False, 0)
             return _demo(argv[1:])
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help / --version: return the code instead of exiting the caller's process
+            return exc.code if isinstance(exc.code, int) else 0
         _setup_logging(args.quiet, args.verbose)
         if args.list_passes:
             _list_passes()
@@ -197,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QCompileError as exc:
         if debug:
             traceback.print_exc()
-        print(f"qcompile: error: {exc}", file=sys.stderr)
+        print(f"qcompile: error: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("qcompile: interrupted; no output written", file=sys.stderr)
@@ -205,9 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an internal error: one line, and the traceback under --debug
         if debug:
             traceback.print_exc()
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"qcompile: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"qcompile: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -15,7 +15,7 @@ A recipe file looks like::
     [calibration]                       # read by the calibrate pass
     max_samples = 256
     [pass-options.fold-constants]       # keyword options for one pass, by its registry name
-    size_limit_mb = 64
+    output_size_limit = 262144
 
 An unknown key anywhere is a :class:`~qcompiler.errors.ConfigError` naming it. Built-in recipes are TOML files in
 ``qcompiler/recipes``; CLI flags override a recipe through :func:`override`.
@@ -111,7 +111,8 @@ class CalibrationOptions:
         if self.calibrator not in CALIBRATORS:
             raise ConfigError(f"calibration.calibrator must be one of {', '.join(CALIBRATORS)}, "
                               f"got {self.calibrator!r}")
-        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
+        if self.max_samples is not None and (not isinstance(self.max_samples, int) or isinstance(self.max_samples, bool)
+                                             or self.max_samples < 1):
             raise ConfigError(f"calibration.max_samples must be a positive integer, got {self.max_samples!r}")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise ConfigError(f"calibration.batch_size must be a positive integer, got {self.batch_size!r}")
@@ -159,8 +160,10 @@ def _section(cls: type, data: Any, section: str, base: Any) -> Any:
             raise ConfigError(f"unknown recipe key '{section}.{key}' (known: {', '.join(sorted(fields))})")
     values = {}
     for key, value in data.items():
-        if isinstance(value, list):
+        if isinstance(getattr(base, key), tuple) or isinstance(value, list):
             value = _tuple_of_str(value, f"{section}.{key}")
+        elif isinstance(getattr(base, key), bool) != isinstance(value, bool) and getattr(base, key) is not None:
+            raise ConfigError(f"recipe key '{section}.{key}' has the wrong type: {value!r}")
         values[key] = value
     return dataclasses.replace(base, **values)
 
@@ -173,7 +176,13 @@ def recipe_from_dict(data: Mapping[str, Any], *, source: str = "<dict>", _depth:
     if "extends" in data:
         if _depth > 8:
             raise ConfigError(f"recipe {source}: 'extends' chain is too deep (a cycle?)")
-        base = load_recipe(data["extends"], _depth=_depth + 1)
+        parent = data["extends"]
+        if not isinstance(parent, str):
+            raise ConfigError(f"recipe key 'extends' must be a string in {source}")
+        looks_like_path = parent.endswith(".toml") or "/" in parent
+        if looks_like_path and not Path(parent).is_absolute() and Path(source).is_file():
+            parent = str(Path(source).parent / parent)  # a relative path is relative to the recipe's own folder
+        base = load_recipe(parent, _depth=_depth + 1)
     else:
         base = None
     name = data.get("name", base.name if base else Path(source).stem)

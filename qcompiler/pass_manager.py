@@ -114,7 +114,8 @@ class QPass(ir.passes.InPlacePass):
 
     def record_layer(self, node: ir.Node, **figures: Any) -> None:
         """Record per-layer figures (e.g. ``weight_sqnr_db``) for the report's layer table."""
-        self.stats.layers.setdefault(node.name or node.op_type, {"op_type": node.op_type}).update(figures)
+        key = node.name or (node.outputs[0].name if node.outputs and node.outputs[0].name else node.op_type)
+        self.stats.layers.setdefault(key, {"op_type": node.op_type}).update(figures)
 
     def skip(self, node: ir.Node, reason: str) -> None:
         """Record that ``node`` was left alone and why (skips are reported, never raised)."""

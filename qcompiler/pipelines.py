@@ -19,7 +19,7 @@ from typing import Any
 from qcompiler.config import Recipe
 from qcompiler.errors import ConfigError, PluginError
 from qcompiler.pass_manager import STAGES, PassInstrument, PassPipeline, QPass
-from qcompiler.plugins import load_pass_class
+from qcompiler.plugins import discover_passes, load_pass_class
 
 __all__ = ["BuildContext", "resolve_pass_classes", "build_pipeline"]
 
@@ -33,17 +33,18 @@ class BuildContext:
     model_dir: str | None = None
 
 
-def _place(order: list[type[QPass]], plugin: type[QPass]) -> None:
+def _place(order: list[type[QPass]], plugin: type[QPass], origin: str = "") -> None:
     names = [c.name for c in order]
+    origin = origin or plugin.__module__
     if plugin.after is not None:
         if plugin.after not in names:
-            raise PluginError(f"plugin pass '{plugin.name}' asks to run after '{plugin.after}', "
+            raise PluginError(f"plugin pass '{plugin.name}' (from {origin}) asks to run after '{plugin.after}', "
                               f"which is not in the pipeline ({', '.join(names)})")
         order.insert(names.index(plugin.after) + 1, plugin)
         return
     if plugin.before is not None:
         if plugin.before not in names:
-            raise PluginError(f"plugin pass '{plugin.name}' asks to run before '{plugin.before}', "
+            raise PluginError(f"plugin pass '{plugin.name}' (from {origin}) asks to run before '{plugin.before}', "
                               f"which is not in the pipeline ({', '.join(names)})")
         order.insert(names.index(plugin.before), plugin)
         return
@@ -61,7 +62,8 @@ def resolve_pass_classes(recipe: Recipe) -> list[type[QPass]]:
     for plugin_name in recipe.plugins:
         if plugin_name in recipe.passes:
             continue
-        _place(order, load_pass_class(plugin_name))
+        plugin = load_pass_class(plugin_name)  # raises a PluginError for an unknown or invalid name
+        _place(order, plugin, f"distribution {discover_passes()[plugin_name][0].distribution}")
     names = [c.name for c in order]
     for name in recipe.disable:
         if name not in names:

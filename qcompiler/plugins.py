@@ -9,9 +9,14 @@ only installed distributions are searched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import importlib
 import logging
+import os
+import sys
+from collections.abc import Iterator
 from importlib import metadata
 
 from qcompiler.errors import PluginError
@@ -38,13 +43,35 @@ class PassEntry:
         return self.distribution == _BUILTIN_DIST
 
 
+def _search_path() -> list[str]:
+    """``sys.path`` without the current folder: plugins come from installed distributions only."""
+    cwd = os.path.realpath(os.getcwd())
+    return [p for p in sys.path if p and os.path.realpath(p) != cwd]
+
+
+@contextlib.contextmanager
+def _without_current_folder() -> Iterator[None]:
+    saved = sys.path[:]
+    sys.path[:] = _search_path()
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def _entries() -> list[PassEntry]:
+    return _entries_on(tuple(_search_path()))
+
+
+@functools.lru_cache(maxsize=8)
+def _entries_on(search_path: tuple[str, ...]) -> list[PassEntry]:
+    """The registered passes on one search path (cached: a changed ``sys.path`` is a new key)."""
     found: list[PassEntry] = []
-    for dist in metadata.distributions():
-        dist_name = dist.metadata["Name"] or "?"
-        for ep in dist.entry_points:
-            if ep.group == GROUP:
-                found.append(PassEntry(ep.name, ep.value, dist_name, dist.version))
+    for dist in metadata.distributions(path=list(search_path)):
+        eps = [ep for ep in dist.entry_points if ep.group == GROUP]  # reads entry_points.txt only
+        if eps:
+            dist_name = dist.metadata["Name"] or "?"
+            found.extend(PassEntry(ep.name, ep.value, dist_name, dist.version) for ep in eps)
     # the same distribution may be visible twice on sys.path (e.g. an editable install beside a build folder)
     unique = {(e.name, e.target, e.distribution): e for e in found}
     return sorted(unique.values(), key=lambda e: (not e.builtin, e.name))
@@ -72,7 +99,8 @@ def load_pass_class(name: str) -> type:
     entry = entries[0]
     module_name, _, attr = entry.target.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        with _without_current_folder():
+            module = importlib.import_module(module_name)
         cls = module
         for part in attr.split("."):
             cls = getattr(cls, part)

@@ -223,3 +223,23 @@ def test_dead_code_nodes_initializers_and_opsets() -> None:
     assert op_counts(model) == {"Relu": 1} and not model.graph.initializers
     assert dict(model.opset_imports) == {"": 21}
     assert RemoveDeadCodePass()(model).modified is False
+
+
+def test_fold_constants_keeps_castlike_saturate() -> None:
+    nodes = [helper.make_node("CastLike", ["x", "like"], ["y"], name="castlike", saturate=0)]
+    model = make_model(nodes, [_vi("x", [3])], [_vi("y", [3], TensorProto.FLOAT16)],
+                       [init("like", np.zeros((), np.float16))])
+    result = FoldConstantsPass()(model)
+    assert op_counts(model) == {"CastLike": 1}
+    assert result.stats.skip_reasons() == {"CastLike with saturate is kept": 1}
+
+
+def test_fold_constants_respects_an_old_opset() -> None:
+    nodes = [helper.make_node("SplitToSequence", ["x", "split"], ["seq"], name="split", axis=0),
+             helper.make_node("ConcatFromSequence", ["seq"], ["y"], name="concat", axis=0)]
+    model = make_model(nodes, [_vi("x", [6])], [_vi("y", [6])], [init("split", np.array([2, 4], np.int64))], opset=11)
+    feeds = random_feeds(model)
+    expected = run_ort(model, feeds)
+    result = FoldConstantsPass()(model)
+    assert result.stats.skip_reasons() == {"folded form needs opset 13 (model has 11)": 1}
+    assert_close(run_ort(model, feeds), expected)

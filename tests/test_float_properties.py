@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompiler.pass_manager import PassPipeline
 
 IMAGE_OPS = ("conv", "conv_bn", "conv_bn", "bn", "relu", "clip", "add_other", "mul_const_expr", "identity", "transpose", "to_matrix")
-MATRIX_OPS = ("matmul", "matmul_add", "matmul3_add", "gemm", "gemm_bn", "matmul_bn", "bn", "relu", "clip", "add_bias", "add_other",
+MATRIX_OPS = ("matmul", "matmul_add", "matmul3_add", "gemm", "gemm_bn", "matmul_bn", "matmul_add_bn", "bn", "relu", "clip", "add_bias", "add_other",
               "mul_const_expr", "identity", "transpose")
 
 
@@ -76,8 +76,8 @@ def _apply(b: _Builder, op: str, x: str, draw) -> str:
         if draw(st.booleans()):
             inputs.append(b.weight(c))
         return b.node("Conv", inputs, shape, group=group, pads=[k // 2] * 4)
-    if op in ("conv_bn", "gemm_bn", "matmul_bn"):
-        y = _apply(b, op.split("_")[0], x, draw)
+    if op in ("conv_bn", "gemm_bn", "matmul_bn", "matmul_add_bn"):
+        y = _apply(b, op.rsplit("_", 1)[0], x, draw)
         return b.bn(y, b.shapes[y][1])
     if op == "bn":
         return b.bn(x, shape[1])
@@ -157,7 +157,7 @@ def float_graphs(draw) -> onnx.ModelProto:
     return model
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(proto=float_graphs())
 def test_float_pipeline_keeps_outputs_and_is_idempotent(proto: onnx.ModelProto) -> None:
     model = ir.serde.deserialize_model(proto)

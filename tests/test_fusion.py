@@ -79,11 +79,45 @@ def test_gemm_bn_folds(trans_b: int) -> None:
     assert "beta" not in gemm.attributes and gemm.attributes["alpha"].as_float() == pytest.approx(0.7)
 
 
-def test_matmul_bn_folds_into_matmul_add() -> None:
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"), _bn("mm", "y")]
-    model = make_model(nodes, [_vi("x", [3, 4])], [_vi("y", [3, 6])], [init("W", _randn(4, 6))] + _bn_inits(6))
+def test_matmul_bn_bn_folds_into_one_gemm() -> None:
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"), _bn("mm", "y1"), _bn("y1", "y", "bn2")]
+    model = make_model(nodes, [_vi("x", [3, 4])], [_vi("y", [3, 6])],
+                       [init("W", _randn(4, 6))] + _bn_inits(6) + _bn_inits(6, "bn2"))
+    result = _check_pass(FuseConvBatchNormPass, model)
+    assert op_counts(model) == {"Gemm": 1}
+    assert result.stats.counters["folded"] == 2
+    assert model.graph.node(0).name == "mm"
+
+
+@pytest.mark.parametrize("bias_shape", [[6], [1, 6], [], [3, 6], [3, 1]])
+def test_matmul_add_bn_folds_into_gemm(bias_shape: list) -> None:
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"),
+             helper.make_node("Add", ["c", "mm"], ["a"], name="add"), _bn("a", "y")]
+    model = make_model(nodes, [_vi("x", [3, 4])], [_vi("y", [3, 6])],
+                       [init("W", _randn(4, 6)), init("c", _randn(*bias_shape))] + _bn_inits(6))
     _check_pass(FuseConvBatchNormPass, model)
+    assert op_counts(model) == {"Gemm": 1}
+    assert len(model.graph.initializers) == 2
+
+
+def test_bn_after_other_add_is_not_a_candidate() -> None:
+    nodes = [helper.make_node("Add", ["x", "x"], ["a"], name="add"), _bn("a", "y")]
+    model = make_model(nodes, [_vi("x", [3, 6])], [_vi("y", [3, 6])], _bn_inits(6))
+    result = FuseConvBatchNormPass()(model)
+    assert result.modified is False and result.stats.skips == []
+
+
+def test_float16_matmul_bn_folds_into_matmul_add() -> None:
+    f16 = TensorProto.FLOAT16
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"), _bn("mm", "y")]
+    inits = [init("W", _randn(4, 6).astype(np.float16))] + [
+        init(t.name, np.frombuffer(t.raw_data, np.float32).astype(np.float16)) for t in _bn_inits(6)]
+    model = make_model(nodes, [_vi("x", [3, 4], f16)], [_vi("y", [3, 6], f16)], inits)
+    feeds = random_feeds(model)
+    expected = run_ort(model, feeds)
+    assert FuseConvBatchNormPass()(model).modified
     assert op_counts(model) == {"MatMul": 1, "Add": 1}
+    assert_close(run_ort(model, feeds), expected, rtol=5e-3)  # float16 rounding of the new weights
 
 
 def test_bn_with_two_consumers_of_conv_is_skipped() -> None:
