@@ -46,6 +46,7 @@ from qcompiler.passes.lower._weights import (
     quantize_weight,
     take_over_output,
 )
+from qcompiler.progress import track
 from qcompiler.qspec import get_qspec
 
 if TYPE_CHECKING:
@@ -72,8 +73,9 @@ class LowerInt8DynamicPass(QPass):
     stage = "lower"
     preserves_float = False
 
-    def __init__(self, *, reduce_range: bool = True) -> None:
+    def __init__(self, *, reduce_range: bool = True, progress: bool = False) -> None:
         super().__init__()
+        self.progress = progress
         if not isinstance(reduce_range, bool):
             raise ConfigError(f"{self.name}: reduce_range must be true or false, got {reduce_range!r}")
         self.reduce_range = reduce_range
@@ -82,7 +84,7 @@ class LowerInt8DynamicPass(QPass):
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> LowerInt8DynamicPass:
         """Options: ``reduce_range`` (pass-options); the scheme comes from the annotations."""
-        return cls(**options)
+        return cls(progress=bool(getattr(context, "progress", False)), **options)
 
     def _why_not(self, node: ir.Node) -> str | None:
         if node.op_type == "Conv":
@@ -109,7 +111,8 @@ class LowerInt8DynamicPass(QPass):
         weights: dict[tuple[ir.Value, bool], tuple[ir.Value, ir.Value, ir.Value, QuantizedWeight]] = {}
         old_weights: list[ir.Value] = []
         modified = False
-        for node in candidates:
+        for node in track(candidates, enabled=self.progress and len(candidates) > 8, desc="quantize weights",
+                          unit="tensor"):
             reason = self._why_not(node)
             if reason is not None:
                 self.skip(node, reason)
