@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from _cli import qcompile_exe as _qcompile_exe
+from _cli import run_main as _main
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.config import load_recipe
@@ -29,27 +29,12 @@ STATIC_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMu
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
-def _qcompile_exe() -> list[str]:
-    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
-        exe = Path(folder) / "qcompile"
-        if exe.exists():
-            return [str(exe)]
-    found = shutil.which("qcompile")
-    if found is None:
-        pytest.skip("the qcompile console script is not installed")
-    return [found]
 
 
 def _run_cli(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(_qcompile_exe() + args, capture_output=True, text=True, timeout=120, **kwargs)
 
 
-def _main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from qcompiler.cli import main
-
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _one_line(err: str, prefix: str = "qcompile: error:") -> str:

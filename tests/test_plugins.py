@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from _cli import one_error_line as _one_error_line
+from _cli import qcompile_exe as _qcompile_exe
+from _cli import run_main as _main
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,15 +33,6 @@ PLUGIN_MODULE = "qcompiler_example_plugin"
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
-def _qcompile_exe() -> list[str]:
-    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
-        exe = Path(folder) / "qcompile"
-        if exe.exists():
-            return [str(exe)]
-    found = shutil.which("qcompile")
-    if found is None:
-        pytest.skip("the qcompile console script is not installed")
-    return [found]
 
 
 def _env(*paths: Path) -> dict[str, str]:
@@ -56,20 +49,8 @@ def _run_cli(args: list[str], *, paths: tuple[Path, ...] = (), cwd: Path | None 
                           timeout=timeout)
 
 
-def _main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from qcompiler.cli import main
-
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def _one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("qcompile: error:"), lines[0]
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _ort_run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

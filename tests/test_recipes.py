@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from _cli import one_error_line as _one_error_line
+from _cli import run_main as _main
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.config import (
@@ -29,19 +31,8 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from qcompiler.cli import main
-
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def _one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("qcompile: error:") and "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
