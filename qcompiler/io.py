@@ -33,12 +33,12 @@ import re
 import secrets
 import signal
 import stat
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -619,40 +619,82 @@ def _commit(temps: list[Path], destinations: list[Path]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # ONNX Runtime and the checker
 # ---------------------------------------------------------------------------------------------------------------
-def ort_session(model: ir.Model, *, intra_op_threads: int | None = None,
-                optimization_level: Any = None) -> Any:
-    """A CPU ``onnxruntime.InferenceSession`` for an in-memory IR model.
+_SHARED_LOCATION = "qcompiler-shared-weight"
+_SHARE_MIN_BYTES = 1024
 
-    Small self-contained models go to ORT as bytes. When the model's external tensors all live in one folder and
-    the rest fits a protobuf, the bytes keep the references and ORT reads the weights from that folder. Otherwise
-    the model is saved with external data into a temporary folder that is removed once the session exists.
+
+def _shareable(tensor: Any) -> bool:
+    """A tensor ORT can take as an OrtValue over our own buffer (plain numpy dtype, not tiny)."""
+    if tensor.dtype in (ir.DataType.STRING, ir.DataType.BFLOAT16):
+        return False
+    try:
+        np.dtype(tensor.dtype.numpy())
+    except Exception:  # float8/int4 and friends have no plain numpy dtype
+        return False
+    return _tensor_nbytes(tensor) >= _SHARE_MIN_BYTES
+
+
+def ort_session(model: ir.Model, *, extra_outputs: Iterable[ir.Value] = (), intra_op_threads: int | None = None,
+                optimization_level: Any = None) -> Any:
+    """A CPU ``onnxruntime.InferenceSession`` for an in-memory IR model, sharing its weights.
+
+    The session runs a clone of the model (the model itself is not modified) whose protobuf carries no weight
+    bytes: every main-graph initializer of at least 1 KiB with a plain numpy dtype is handed to ORT with
+    ``SessionOptions.add_external_initializers`` as an ``OrtValue`` over the same buffer (memory-mapped for external
+    data), so nothing is copied or written to disk and models over 2 GB work too. Smaller or exotic external tensors
+    are read into the clone.
 
     Args:
         model: the model (not modified).
+        extra_outputs: values of the main graph to expose as additional session outputs (by their names), e.g. the
+            activations calibration observes.
         intra_op_threads: ORT's intra-op thread count (None: ORT's default).
         optimization_level: an ``onnxruntime.GraphOptimizationLevel`` (None: ORT's default).
     """
     import onnxruntime as ort
+
+    clone = model.clone()
+    by_name = {v.name: v for v in clone.graph.inputs}
+    for node in clone.graph:
+        by_name.update((out.name, out) for out in node.outputs)
+    present = {v.name for v in clone.graph.outputs}
+    for value in extra_outputs:
+        if value.name is None or value.name not in by_name:
+            raise ValueError(f"cannot expose value {value!r} as an output: it has no name in the main graph")
+        if value.name not in present:
+            exposed = by_name[value.name]
+            if exposed.dtype is None:
+                exposed.dtype = value.dtype or ir.DataType.FLOAT
+            clone.graph.outputs.append(exposed)
+            present.add(value.name)
 
     options = ort.SessionOptions()
     if intra_op_threads is not None:
         options.intra_op_num_threads = intra_op_threads
     if optimization_level is not None:
         options.graph_optimization_level = optimization_level
-    providers = ["CPUExecutionProvider"]
-    slots = _tensor_slots(model)
-    external_dirs = {os.path.abspath(t.base_dir) for t, _, _ in slots if isinstance(t, ir.ExternalTensor)}
-    inline = sum(_tensor_nbytes(t) for t, _, _ in slots if not isinstance(t, ir.ExternalTensor))
-    if len(external_dirs) <= 1 and inline <= EXTERNAL_DATA_THRESHOLD:
-        if external_dirs:
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                             external_dirs.pop())
-        blob = ir.serde.serialize_model(model).SerializeToString()
-        return ort.InferenceSession(blob, options, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="qcompiler-ort-") as folder:
-        path = Path(folder) / "model.onnx"
-        _save(model, path, external=True)
-        return ort.InferenceSession(str(path), options, providers=providers)
+    names: list[str] = []
+    arrays: list[np.ndarray] = []
+    for value in clone.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or not _shareable(tensor):
+            continue
+        array = np.ascontiguousarray(tensor.numpy())
+        value.const_value = ir.ExternalTensor(_SHARED_LOCATION, 0, array.nbytes, tensor.dtype,
+                                              shape=ir.Shape(array.shape), name=value.name)
+        names.append(value.name)
+        arrays.append(array)
+    ort_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    if names:
+        options.add_external_initializers(names, ort_values)
+    rest = [(setter, t, _in_memory(t)) for t, setter, _ in _tensor_slots(clone)
+            if isinstance(t, ir.ExternalTensor) and t.location != _SHARED_LOCATION]
+    with _swapped(rest):
+        blob = ir.serde.serialize_model(clone).SerializeToString()
+    session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    session._qcompiler_shared_weights = (arrays, ort_values)  # ORT reads these buffers for the session's life
+    logger.debug("ORT session: %d shared weights, %d protobuf bytes", len(names), len(blob))
+    return session
 
 
 def check_model(model: ir.Model, *, full_check: bool = False) -> None:
