@@ -187,3 +187,40 @@ def test_depthwise_conv_keeps_full_range_weights_under_reduce_range(tmp_path):
     optimized = optimized_op_counts(model)
     assert optimized.get("QLinearConv", 0) == 3 and "Conv" not in optimized, optimized
     assert rel_l2(actual, expected) < 0.1  # activations calibrated on N(0, 1), fed |N(0, 1)|: a sanity bound
+
+
+def _three_convs() -> ir.Model:
+    """x -> [Conv+Relu] x3 (ca, cb, cc), 8 channels, 8x8."""
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i, name in enumerate(["ca", "cb", "cc"]):
+        nodes += [helper.make_node("Conv", [prev, f"{name}_w", f"{name}_b"], [f"{name}_o"], name=name,
+                                   pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"{name}_o"], [f"{name}_r"], name=f"{name}_relu")]
+        inits += [helper.make_tensor(f"{name}_w", TensorProto.FLOAT, [8, 8 if i else 3, 3, 3],
+                                     (rng.standard_normal((8, 8 if i else 3, 3, 3)) / 6).astype(np.float32).ravel()),
+                  helper.make_tensor(f"{name}_b", TensorProto.FLOAT, [8], (rng.standard_normal(8) * 0.1).ravel())]
+        prev = f"{name}_r"
+    graph = helper.make_graph(nodes, "three", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", 8, 8, 8])], inits)
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_excluded_layer_between_quantized_layers_really_stays_float(tmp_path):
+    """DQ -> float Conv -> Q would be turned by ONNX Runtime into a QLinearConv with its own per-tensor weights."""
+    from qcompiler.config import load_recipe, override
+    from qcompiler.pipelines import BuildContext, build_pipeline
+
+    model = _three_convs()
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32))
+    recipe = override(load_recipe("int8"), quantization={"exclude_nodes": ("cb",)})
+    data = load_calibration_data(tmp_path / "calib.npz", model)
+    report = build_pipeline(recipe, BuildContext(calibration_data=data)).run(model)
+    lower = next(p for p in report.passes if p.name == "lower-int8-qdq")
+    assert lower.stats.counters["lowered_Conv"] == 2
+    assert lower.stats.counters["activation_left_float_for_float_layers"] == 1
+    cb = next(n for n in model.graph if n.name == "cb")
+    assert cb.inputs[0].producer().op_type == "Relu"  # reads ca's float output, not a DequantizeLinear
+    assert cb.inputs[1].const_value is not None  # float weight kept
+    optimized = optimized_op_counts(model)
+    assert optimized.get("QLinearConv", 0) == 1 and optimized.get("Conv", 0) == 1, optimized

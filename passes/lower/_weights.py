@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -157,10 +158,14 @@ def add_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def take_over_output(graph: ir.Graph, old: ir.Value, new: ir.Value, *, skip: ir.Node | None = None) -> None:
-    """Route every use of ``old`` (except by ``skip``) to ``new``; a graph output keeps its name on ``new``."""
+def take_over_output(graph: ir.Graph, old: ir.Value, new: ir.Value, *, skip: ir.Node | None = None,
+                     keep: Callable[[ir.Node], bool] | None = None) -> None:
+    """Route every use of ``old`` (except by ``skip`` and users for which ``keep`` is true) to ``new``.
+
+    A graph output keeps its name on ``new``.
+    """
     for user, index in list(old.uses()):
-        if user is not skip:
+        if user is not skip and (keep is None or not keep(user)):
             user.replace_input_with(index, new)
     if old.is_graph_output():
         name = old.name

@@ -33,6 +33,11 @@ sums), so it cannot saturate, and 7-bit steps are what hurt most there: a few-ta
 depthwise conv alone take top-1 agreement with fp32 to 69% (KL 0.17); 8-bit depthwise weights lift the whole model
 from 55% to 74%, and ORT's fused kernels match the float emulation of the same QDQ model.
 
+A layer left in float (excluded, or skipped) reads the float tensor, not a DequantizeLinear, also through
+data-movement ops (Pad, Reshape, Transpose, ...): ONNX Runtime would otherwise turn DQ -> float Conv -> Q into a
+QLinearConv with per-tensor weights of its own. A quantized layer whose output feeds only such float layers then
+gets no output Q/DQ (it runs as float Conv over dequantized weights).
+
 Nodes left in float are counted with their reason: no calibrated range, default opset below 13 (per-axis
 DequantizeLinear), missing constant weight. Per-layer weight SQNR is recorded. ``preserves_float = False``.
 """
@@ -73,6 +78,25 @@ def _attr(node: ir.Node, name: str, default: Any) -> Any:
     return default if attr is None else attr.value
 
 
+#: ops that only move or select activation values: a float layer behind them still reads float
+_PASS_THROUGH = frozenset({"Pad", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool"})
+_LAYERS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+
+
+def _feeds_only_float_layers(node: ir.Node, lowered: set[ir.Node], depth: int = 0) -> bool:
+    """True if ``node`` is a layer left in float, or only moves data into such layers.
+
+    Such a consumer must read the float tensor, not a DequantizeLinear: ONNX Runtime turns DQ -> float Conv -> Q
+    into a QLinearConv with per-tensor weights of its own, so an excluded layer would silently run in int8.
+    """
+    if node.op_type in _LAYERS:
+        return node not in lowered
+    if node.op_type not in _PASS_THROUGH or depth > 8 or any(out.is_graph_output() for out in node.outputs):
+        return False
+    users = [user for out in node.outputs for user, _ in out.uses()]
+    return bool(users) and all(_feeds_only_float_layers(user, lowered, depth + 1) for user in users)
+
+
 def _is_depthwise(node: ir.Node, weight: np.ndarray) -> bool:
     """A Conv with one input and one output channel per group (ORT's integer depthwise kernel)."""
     if node.op_type != "Conv" or weight.ndim < 3:
@@ -95,6 +119,7 @@ class LowerInt8QDQPass(QPass):
 
     def __init__(self, *, reduce_range: bool = True) -> None:
         super().__init__()
+        self._lowered: set[ir.Node] = set()
         if not isinstance(reduce_range, bool):
             raise ConfigError(f"{self.name}: reduce_range must be true or false, got {reduce_range!r}")
         self.reduce_range = reduce_range
@@ -119,6 +144,12 @@ class LowerInt8QDQPass(QPass):
             return done[value]
         if value in done.values():  # already the dequantized stand-in of a tensor
             return value
+        def keeps_float(user: ir.Node) -> bool:
+            return _feeds_only_float_layers(user, self._lowered)
+
+        if not value.is_graph_output() and all(keeps_float(user) for user, _ in value.uses()):
+            self.count("activation_left_float_for_float_layers")
+            return value
         scale, zp, spec = self._act_params(value)
         base = value.name or "activation"
         s = add_constant(graph, namer(f"{base}_scale"), scale)
@@ -138,7 +169,7 @@ class LowerInt8QDQPass(QPass):
             graph.insert_before(graph[0], [q, dq])
         else:
             graph.extend([q, dq])
-        take_over_output(graph, value, dq.outputs[0], skip=q)
+        take_over_output(graph, value, dq.outputs[0], skip=q, keep=keeps_float)
         done[value] = dq.outputs[0]
         self.count("activation_qdq")
         return dq.outputs[0]
@@ -167,11 +198,15 @@ class LowerInt8QDQPass(QPass):
         namer = Namer(graph)
         done: dict[ir.Value, ir.Value] = {}
         lowered = [n for n in candidates if self._keep(n)]
+        self._lowered = set(lowered)  # read by _qdq; valid for this run only
         old_values: list[ir.Value] = []
-        for node in lowered:
-            old_values.extend(v for v in node.inputs[1:] if v is not None)
-            self._lower(graph, node, namer, done)
-            self.count(f"lowered_{node.op_type}")
+        try:
+            for node in lowered:
+                old_values.extend(v for v in node.inputs[1:] if v is not None)
+                self._lower(graph, node, namer, done)
+                self.count(f"lowered_{node.op_type}")
+        finally:
+            self._lowered = set()
         for value in old_values:
             if drop_if_unused(graph, value):
                 self.count("float_weights_removed")
