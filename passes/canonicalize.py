@@ -30,6 +30,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass, _c_api_utils
@@ -238,9 +239,20 @@ class FoldConstantsPass(QPass):
         self.input_size_limit = input_size_limit
         self.shape_inference = shape_inference
 
+    def _should_fold(self, node: ir.Node) -> bool | None:
+        """Fold a ConstantOfShape whose result is small (onnxscript never folds it, to keep big fills out of the
+        file); e.g. the computed pads of exported 'same' padding. Everything else: onnxscript's rules."""
+        if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
+            return None
+        shape = node.inputs[0].const_value if node.inputs and node.inputs[0] is not None else None
+        if shape is None:
+            return None
+        dims = shape.numpy().reshape(-1)
+        return bool(dims.size and (dims >= 0).all() and int(np.prod(dims, dtype=np.int64)) <= 1024) or None
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         folder = _CountingFolder(self, shape_inference=self.shape_inference, input_size_limit=self.input_size_limit,
-                                 output_size_limit=self.output_size_limit)
+                                 output_size_limit=self.output_size_limit, should_fold=self._should_fold)
         with paused_gc():
             result = folder(model)
         return ir.passes.PassResult(model, result.modified)

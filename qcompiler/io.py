@@ -669,6 +669,7 @@ def ort_session(model: ir.Model, *, extra_outputs: Iterable[ir.Value] = (), intr
             present.add(value.name)
 
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # intermediate models may hold unused initializers: ORT would warn about each
     if intra_op_threads is not None:
         options.intra_op_num_threads = intra_op_threads
     if optimization_level is not None:

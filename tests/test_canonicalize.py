@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from _models import assert_close, from_text, init, make_model, op_counts, random_feeds, run_ort
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.errors import ConfigError
 from qcompiler.passes.canonicalize import FoldConstantsPass, InferShapesPass, RemoveDeadCodePass, RemoveIdentityPass
@@ -19,8 +19,7 @@ def _vi(name: str, shape: list | None, elem: int = F):
 
 
 def _const(name: str, array: np.ndarray):
-    return helper.make_node("Constant", [], [name], name=f"const_{name}",
-                            value=helper.make_tensor(name, F, array.shape, array.flatten().tolist()))
+    return helper.make_node("Constant", [], [name], name=f"const_{name}", value=numpy_helper.from_array(array, name))
 
 
 def _if_model() -> ir.Model:
@@ -120,6 +119,29 @@ def test_fold_constants_folds_a_constant_chain() -> None:
     assert_close(run_ort(model, feeds), expected)
     assert [v.name for v in model.graph.inputs] == ["x"] and [v.name for v in model.graph.outputs] == ["y"]
     assert FoldConstantsPass()(model).modified is False
+
+
+def test_fold_constants_folds_small_computed_pads() -> None:
+    """Exported 'same' padding: pads = Concat(c, ConstantOfShape(n)) -> Pad. Small fills fold; big ones stay."""
+    nodes = [_const("n", np.array([4], np.int64)), _const("c", np.array([1, 1, 1, 1], np.int64)),
+             helper.make_node("ConstantOfShape", ["n"], ["zeros"], name="fill",
+                              value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
+             helper.make_node("Concat", ["c", "zeros"], ["pads"], name="concat", axis=0),
+             helper.make_node("Pad", ["x", "pads"], ["y"], name="pad")]
+    model = make_model(nodes, [_vi("x", [1, 2, 3, 3])], [_vi("y", [2, 3, 3, 3])])
+    feeds = random_feeds(model)
+    expected = run_ort(model, feeds)
+    assert FoldConstantsPass()(model).modified
+    RemoveDeadCodePass()(model)
+    assert op_counts(model) == {"Pad": 1}
+    assert_close(run_ort(model, feeds), expected)
+    big = [_const("shape", np.array([512, 512], np.int64)),
+           helper.make_node("ConstantOfShape", ["shape"], ["fill"], name="fill",
+                            value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+           helper.make_node("Add", ["x", "fill"], ["y"], name="add")]
+    model = make_model(big, [_vi("x", [512, 512])], [_vi("y", [512, 512])])
+    FoldConstantsPass()(model)
+    assert op_counts(model).get("ConstantOfShape") == 1  # a 256k-element fill is not written into the file
 
 
 def test_fold_constants_respects_the_output_size_limit() -> None:
