@@ -52,9 +52,11 @@ import onnx_ir as ir
 
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass, iter_nodes
+from qcompiler.passes.algorithms.bias_correction import get_channel_mean, mean_shift
 from qcompiler.passes.annotate import SCHEME_KEY, quantized_output
 from qcompiler.passes.lower._weights import (
     Namer,
+    QuantizedWeight,
     add_constant,
     drop_if_unused,
     quantize_weight,
@@ -97,6 +99,14 @@ def _feeds_only_float_layers(node: ir.Node, lowered: set[ir.Node], depth: int = 
     return bool(users) and all(_feeds_only_float_layers(user, lowered, depth + 1) for user in users)
 
 
+def _broadcast_scale(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    if axis is None or scale.ndim == 0:
+        return scale
+    shape = [1] * ndim
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
 def _is_depthwise(node: ir.Node, weight: np.ndarray) -> bool:
     """A Conv with one input and one output channel per group (ORT's integer depthwise kernel)."""
     if node.op_type != "Conv" or weight.ndim < 3:
@@ -111,17 +121,21 @@ class LowerInt8QDQPass(QPass):
     Args:
         reduce_range: 7-bit weights (``[-63, 63]``) that ORT's u8s8 kernels cannot saturate on AVX2 CPUs
             (depthwise Conv keeps ``[-127, 127]``: its kernel cannot saturate).
+        bias_correction: add the mean output shift of weight rounding to the bias where the input's channel
+            means were measured (``collect-input-means``); see :mod:`qcompiler.passes.algorithms.bias_correction`.
     """
 
     name = "lower-int8-qdq"
     stage = "lower"
     preserves_float = False
 
-    def __init__(self, *, reduce_range: bool = True) -> None:
+    def __init__(self, *, reduce_range: bool = True, bias_correction: bool = True) -> None:
         super().__init__()
         self._lowered: set[ir.Node] = set()
-        if not isinstance(reduce_range, bool):
-            raise ConfigError(f"{self.name}: reduce_range must be true or false, got {reduce_range!r}")
+        for key, value in (("reduce_range", reduce_range), ("bias_correction", bias_correction)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{self.name}: {key} must be true or false, got {value!r}")
+        self.bias_correction = bias_correction
         self.reduce_range = reduce_range
         self.qmax = 63 if reduce_range else 127
 
@@ -212,6 +226,38 @@ class LowerInt8QDQPass(QPass):
                 self.count("float_weights_removed")
         return ir.passes.PassResult(model, bool(lowered))
 
+    def _corrected_bias(self, graph: ir.Graph, node: ir.Node, x: ir.Value, weight: np.ndarray,
+                        qw: QuantizedWeight, bias: np.ndarray | None, int_bias: bool,
+                        namer: Namer) -> tuple[np.ndarray, ir.Value, bool] | None:
+        """The bias plus the weight-rounding mean shift (see bias_correction), or None when not applicable.
+
+        A Conv or Gemm without a bias gets one; a MatMul without one is counted and left alone.
+        """
+        mean = get_channel_mean(x)
+        if mean is None:
+            return None
+        dequantized = qw.q.astype(np.float32) * _broadcast_scale(qw.scale, weight.ndim, qw.axis)
+        shift = mean_shift(node, weight, dequantized, mean)
+        if shift is None:
+            self.skip(node, "bias correction: channel mean does not fit the weight")
+            return None
+        if bias is None:
+            if node.op_type == "MatMul":
+                self.count("bias_correction_no_bias")
+                return None
+            new_bias = shift.astype(np.float32)
+            value = add_constant(graph, namer(f"{node.name or node.op_type}_bias"), new_bias)
+            if len(node.inputs) < 3:
+                node.resize_inputs(3)
+            node.replace_input_with(2, value)
+            self.count("bias_correction_bias_added")
+            return new_bias, value, True
+        if not int_bias:
+            self.skip(node, "bias correction: bias is not per output channel")
+            return None
+        self.count("bias_corrected")
+        return (bias.astype(np.float64) + shift).astype(np.float32), node.inputs[2], True
+
     def _keep(self, node: ir.Node) -> bool:
         reason = self._why_not(node)
         if reason is not None:
@@ -258,6 +304,11 @@ class LowerInt8QDQPass(QPass):
                 scale = scale.astype(np.float32)
                 self.count("weight_scale_widened_for_bias", int(np.count_nonzero(wider)))
         qw = quantize_weight(weight, axis, scale=scale, qmax=qmax)
+        if self.bias_correction:
+            corrected = self._corrected_bias(graph, node, x, weight, qw, bias, int_bias, namer)
+            if corrected is not None:
+                bias, bias_value, int_bias = corrected
+                bias_changed = True
         wq = add_constant(graph, namer(f"{w.name}_quantized"), qw.q)
         ws = add_constant(graph, namer(f"{w.name}_scale"), qw.scale)
         wz = add_constant(graph, namer(f"{w.name}_zero_point"), np.zeros(qw.scale.shape, dtype=np.int8))
