@@ -6,6 +6,8 @@
   collected when the collector resumes.
 * :class:`NameScope`: fresh value names, unique in the whole model, derived deterministically from a base name.
 * :func:`const_array`, :func:`drop_unused_initializers`: constant lookup and cleanup after a rewrite.
+* :func:`clone_with_meta`: ``ir.Model.clone`` (weights shared, metadata copied) with node references held in node
+  metadata (e.g. the Relu paired by ``fuse-conv-activation``) pointed at the clone's nodes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["NameScope", "const_array", "drop_unused_initializers", "paused_gc"]
+__all__ = ["NameScope", "clone_with_meta", "const_array", "drop_unused_initializers", "paused_gc"]
 
 
 @contextlib.contextmanager
@@ -84,3 +86,19 @@ def drop_unused_initializers(values: Iterable[ir.Value | None]) -> int:
             value.graph.initializers.pop(value.name)
             removed += 1
     return removed
+
+
+def clone_with_meta(model: ir.Model) -> ir.Model:
+    """A clone of ``model`` (main graph nodes in the same order, weights shared) whose node metadata refers to the
+    clone's own nodes: ``Model.clone`` copies metadata values as they are, so a node stored in metadata would
+    still be the original's."""
+    clone = model.clone()
+    counterpart = dict(zip(model.graph, clone.graph, strict=True))
+    for node in clone.graph:
+        for key, value in list(node.meta.items()):
+            if isinstance(value, ir.Node):
+                if value in counterpart:
+                    node.meta[key] = counterpart[value]
+                else:
+                    del node.meta[key]
+    return clone

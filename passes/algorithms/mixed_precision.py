@@ -1,0 +1,216 @@
+"""Automatic mixed precision: measure how much each quantized layer hurts the model's output, and leave the fewest
+layers in float that meet an accuracy budget.
+
+Sensitivity of a layer ``L``: the signal-to-quantization-noise ratio of the model's outputs when *only* ``L`` is
+quantized, measured on evaluation samples (the first ``eval_samples`` of the calibration data)::
+
+    SQNR(L) = 10 log10( sum y^2 / sum (y - y_L)^2 )     (dB; y: fp32 outputs, y_L: outputs with only L quantized)
+
+summed over every float output and sample. Each measurement lowers a weight-sharing clone of the annotated,
+calibrated model with the pipeline's own lowering pass (same options) after removing the annotation of every other
+node, and runs it in ONNX Runtime, so it measures exactly what the compiled model will run.
+
+Budget, one or both: ``min_sqnr_db`` (the SQNR of the fully lowered model's outputs must reach it) and
+``max_accuracy_drop`` (the fraction of evaluation samples whose top-1 class, the argmax over the last axis of the
+first output, differs from fp32, must not exceed it). The layers are ranked from the most sensitive; the pass finds
+by bisection the smallest ``k`` such that leaving the first ``k`` in float meets the budget (it assumes that taking
+more layers out never hurts; the chosen set is measured again to confirm), then removes those nodes' annotation so
+the lowering leaves them in float. Without a budget the pass changes nothing and measures nothing.
+
+Cost: one lowering and one ORT session per quantized layer plus about ``log2(layers)`` full evaluations. Limits:
+the evaluation samples are calibration samples (no separate held-out set); the top-1 metric only makes sense for
+classifier-like outputs; layers are chosen whole (no per-layer bit widths other than int8 or float).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler import io
+from qcompiler.errors import CalibrationError, ConfigError
+from qcompiler.pass_manager import QPass
+from qcompiler.passes._common import clone_with_meta
+from qcompiler.passes.annotate import SCHEME_KEY
+
+if TYPE_CHECKING:
+    from qcompiler.config import Recipe
+
+__all__ = ["SelectPrecisionPass", "output_sqnr_db", "top1_disagreement"]
+
+logger = logging.getLogger(__name__)
+
+_LOWERINGS = {"int8-static": "lower-int8-qdq", "int8-dynamic": "lower-int8-dynamic"}
+_SQNR_CAP_DB = 300.0
+
+
+def output_sqnr_db(reference: list[np.ndarray], actual: list[np.ndarray]) -> float:
+    """SQNR in dB of ``actual`` against ``reference`` over every float array (capped for an exact match)."""
+    signal = noise = 0.0
+    for ref, out in zip(reference, actual, strict=True):
+        if not np.issubdtype(ref.dtype, np.floating):
+            continue
+        r = ref.astype(np.float64)
+        signal += float(np.vdot(r, r))
+        diff = r - out.astype(np.float64)
+        noise += float(np.vdot(diff, diff))
+    if noise <= 0.0:
+        return _SQNR_CAP_DB
+    if signal <= 0.0:
+        return -_SQNR_CAP_DB
+    return float(min(10.0 * math.log10(signal / noise), _SQNR_CAP_DB))
+
+
+def top1_disagreement(reference: np.ndarray, actual: np.ndarray) -> float:
+    """The fraction of rows whose argmax over the last axis differs."""
+    ref = reference.reshape(-1, reference.shape[-1]) if reference.ndim > 1 else reference.reshape(1, -1)
+    out = actual.reshape(ref.shape)
+    return float(np.mean(ref.argmax(axis=1) != out.argmax(axis=1)))
+
+
+class SelectPrecisionPass(QPass):
+    """Leave the most sensitive annotated layers in float until an accuracy budget is met.
+
+    Args:
+        calibration_data: the :class:`~qcompiler.calibration.data.CalibrationData` whose first samples evaluate.
+        min_sqnr_db: the model-output SQNR (dB) the lowered model must reach, or None.
+        max_accuracy_drop: the largest allowed fraction of top-1 changes (0..1), or None.
+        eval_samples: how many samples evaluate each candidate.
+        batch_size: samples per ONNX Runtime call.
+        lowering_options: options of each lowering pass by its name (the pipeline's own).
+    """
+
+    name = "select-precision"
+    stage = "lower"
+    preserves_float = True
+
+    def __init__(self, *, calibration_data: Any = None, min_sqnr_db: float | None = None,
+                 max_accuracy_drop: float | None = None, eval_samples: int = 64, batch_size: int = 16,
+                 lowering_options: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        if min_sqnr_db is not None and (isinstance(min_sqnr_db, bool) or not isinstance(min_sqnr_db, (int, float))
+                                        or not math.isfinite(min_sqnr_db)):
+            raise ConfigError(f"{self.name}: min_sqnr_db must be a number of dB, got {min_sqnr_db!r}")
+        if max_accuracy_drop is not None and (isinstance(max_accuracy_drop, bool)
+                                              or not isinstance(max_accuracy_drop, (int, float))
+                                              or not 0.0 <= max_accuracy_drop < 1.0):
+            raise ConfigError(f"{self.name}: max_accuracy_drop must be a fraction in [0, 1), got "
+                              f"{max_accuracy_drop!r}")
+        for key, value in (("eval_samples", eval_samples), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{self.name}: {key} must be a positive integer, got {value!r}")
+        self.calibration_data = calibration_data
+        self.min_sqnr_db = None if min_sqnr_db is None else float(min_sqnr_db)
+        self.max_accuracy_drop = None if max_accuracy_drop is None else float(max_accuracy_drop)
+        self.eval_samples = eval_samples
+        self.batch_size = batch_size
+        self.lowering_options = dict(lowering_options or {})
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> SelectPrecisionPass:
+        """The data from the build context; the lowering passes' options from the recipe's pass-options."""
+        kwargs: dict[str, Any] = {
+            "calibration_data": getattr(context, "calibration_data", None),
+            "lowering_options": {name: recipe.options_for(name) for name in _LOWERINGS.values()},
+        }
+        kwargs.update(options)
+        return cls(**kwargs)
+
+    @property
+    def has_budget(self) -> bool:
+        return self.min_sqnr_db is not None or self.max_accuracy_drop is not None
+
+    # -- measuring --------------------------------------------------------------------------------------------
+    def _lowering(self, scheme: str) -> QPass:
+        from qcompiler.plugins import load_pass_class
+
+        name = _LOWERINGS[scheme]
+        return load_pass_class(name)(**self.lowering_options.get(name, {}))
+
+    def _run(self, model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        session = io.ort_session(model)
+        batches = [session.run(None, feed) for feed in feeds]
+        return [np.concatenate([b[i] for b in batches]) for i in range(len(batches[0]))]
+
+    def _quantized_outputs(self, model: ir.Model, quantized: set[int], feeds: list[dict[str, np.ndarray]]
+                           ) -> list[np.ndarray]:
+        """The outputs of a clone of ``model`` in which only the nodes at the positions ``quantized`` are lowered."""
+        clone = clone_with_meta(model)  # same node order and metadata, shared weights
+        schemes = set()
+        for index, node in enumerate(clone.graph):
+            scheme = node.meta.get(SCHEME_KEY)
+            if scheme is None:
+                continue
+            if index in quantized:
+                schemes.add(scheme)
+            else:
+                del node.meta[SCHEME_KEY]
+        for scheme in sorted(schemes):
+            self._lowering(scheme)(clone)
+        return self._run(clone, feeds)
+
+    def _meets(self, reference: list[np.ndarray], outputs: list[np.ndarray]) -> tuple[bool, float, float]:
+        sqnr = output_sqnr_db(reference, outputs)
+        drop = top1_disagreement(reference[0], outputs[0])
+        ok = (self.min_sqnr_db is None or sqnr >= self.min_sqnr_db) and \
+             (self.max_accuracy_drop is None or drop <= self.max_accuracy_drop)
+        return ok, sqnr, drop
+
+    # -- the pass ---------------------------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.has_budget:
+            return ir.passes.PassResult(model, False)
+        if self.calibration_data is None:
+            raise CalibrationError(f"pass '{self.name}' needs calibration data to measure the accuracy budget")
+        position = {node: i for i, node in enumerate(model.graph)}
+        candidates = [n for n in model.graph if n.meta.get(SCHEME_KEY) in _LOWERINGS]
+        if not candidates:
+            return ir.passes.PassResult(model, False)
+        feeds = list(self.calibration_data.iter_batches(self.batch_size, self.eval_samples))
+        reference = self._run(model, feeds)
+        sensitivity = {node: output_sqnr_db(reference, self._quantized_outputs(model, {position[node]}, feeds))
+                       for node in candidates}
+        ranked = sorted(candidates, key=lambda n: (sensitivity[n], position[n]))
+
+        measured: dict[int, tuple[bool, float, float]] = {}
+
+        def measure(k: int) -> tuple[bool, float, float]:
+            if k not in measured:
+                kept = {position[n] for n in ranked[k:]}
+                measured[k] = self._meets(reference, self._quantized_outputs(model, kept, feeds))
+            return measured[k]
+
+        low, high = 0, len(ranked)  # leaving all in float always meets the budget
+        measured[high] = (True, _SQNR_CAP_DB, 0.0)
+        if not measure(0)[0]:
+            while high - low > 1:
+                mid = (low + high) // 2
+                if measure(mid)[0]:
+                    high = mid
+                else:
+                    low = mid
+            k = high
+        else:
+            k = 0
+        kept_float = set(ranked[:k])
+        ok, sqnr, drop = measure(k)
+        for node in candidates:
+            self.record_layer(node, sensitivity_sqnr_db=round(sensitivity[node], 3),
+                              sensitivity_rank=ranked.index(node) + 1, kept_float=node in kept_float)
+            if node in kept_float:
+                del node.meta[SCHEME_KEY]
+                self.skip(node, "left in float to meet the accuracy budget")
+        self.count("layers_measured", len(candidates))
+        self.count("layers_kept_float", len(kept_float))
+        self.count("evaluations", len(measured) - 1 + len(candidates))
+        samples = sum(len(next(iter(feed.values()))) for feed in feeds)
+        self.stats.layers["(whole model)"] = {
+            "op_type": "model", "output_sqnr_db": round(sqnr, 3), "top1_disagreement": round(drop, 4),
+            "all_quantized_sqnr_db": round(measure(0)[1], 3), "eval_samples": samples}
+        logger.info("select-precision: %d of %d layers left in float; output SQNR %.2f dB, top-1 changes %.3f",
+                    len(kept_float), len(candidates), sqnr, drop)
+        return ir.passes.PassResult(model, bool(kept_float))
