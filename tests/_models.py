@@ -26,8 +26,8 @@ __all__ = [
 OPSET = 21
 
 #: the float recipe's passes, in order (canonicalize, fuse, finalize)
-FLOAT_PASS_ORDER = ("infer-shapes", "fold-constants", "remove-identity", "remove-dead-code", "fuse-conv-bn",
-                    "fuse-matmul-add", "fuse-conv-activation", "finalize")
+FLOAT_PASS_ORDER = ("infer-shapes", "fold-constants", "remove-identity", "remove-dead-code", "fuse-pad-conv",
+                    "fuse-conv-bn", "fuse-matmul-add", "fuse-conv-activation", "finalize")
 
 
 def float_passes(*, finalize: bool = True) -> list:
@@ -42,9 +42,10 @@ def float_passes(*, finalize: bool = True) -> list:
     from qcompiler.passes.fusion.activation import FuseConvActivationPass
     from qcompiler.passes.fusion.batchnorm import FuseConvBatchNormPass
     from qcompiler.passes.fusion.gemm import FuseMatMulAddPass
+    from qcompiler.passes.fusion.pad import FusePadConvPass
 
     passes = [InferShapesPass(), FoldConstantsPass(), RemoveIdentityPass(), RemoveDeadCodePass(),
-              FuseConvBatchNormPass(), FuseMatMulAddPass(), FuseConvActivationPass()]
+              FusePadConvPass(), FuseConvBatchNormPass(), FuseMatMulAddPass(), FuseConvActivationPass()]
     if finalize:
         passes.append(FinalizePass())
     return passes

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.pass_manager import PassPipeline
 
-IMAGE_OPS = ("conv", "conv_bn", "conv_bn", "bn", "relu", "clip", "add_other", "mul_const_expr", "identity", "transpose", "to_matrix")
+IMAGE_OPS = ("conv", "pad_conv", "conv_bn", "conv_bn", "bn", "relu", "clip", "add_other", "mul_const_expr", "identity", "transpose", "to_matrix")
 MATRIX_OPS = ("matmul", "matmul_add", "matmul3_add", "gemm", "gemm_bn", "matmul_bn", "matmul_add_bn", "bn", "relu", "clip", "add_bias", "add_other",
               "mul_const_expr", "identity", "transpose")
 
@@ -76,6 +76,16 @@ def _apply(b: _Builder, op: str, x: str, draw) -> str:
         if draw(st.booleans()):
             inputs.append(b.weight(c))
         return b.node("Conv", inputs, shape, group=group, pads=[k // 2] * 4)
+    if op == "pad_conv":  # explicit "same" padding (exporters' static_padding), sometimes with a nonzero value
+        c, (n, _, h, w) = shape[1], shape
+        k = draw(st.sampled_from([1, 3]))
+        begin = [draw(st.integers(0, k - 1)) for _ in range(2)]
+        pads = [0, 0, *begin, 0, 0, *[k - 1 - p for p in begin]]
+        inputs = [x, b.const(np.array(pads, np.int64), "pads")]
+        if draw(st.booleans()):
+            inputs.append(b.const(np.float32(draw(st.sampled_from([0.0, 0.5]))), "fill"))
+        padded = b.node("Pad", inputs, (n, c, h + k - 1, w + k - 1))
+        return b.node("Conv", [padded, b.weight(c, c, k, k)], shape)
     if op in ("conv_bn", "gemm_bn", "matmul_bn", "matmul_add_bn"):
         y = _apply(b, op.rsplit("_", 1)[0], x, draw)
         return b.bn(y, b.shapes[y][1])
