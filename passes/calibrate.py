@@ -2,9 +2,12 @@
 
 Every main-graph value whose :class:`~qcompiler.qspec.QuantSpec` names an observer is exposed as an extra output of
 a weight-sharing clone (see :mod:`qcompiler.passes.observe`); ONNX Runtime runs the clone over
-``CalibrationData.iter_batches(batch_size, max_samples)`` and a running observer per value (MinMax: the exact
-``min``/``max`` over all samples) folds each batch in, so no activation is kept. The result is written as a
-:class:`~qcompiler.qspec.ValueRange` into ``value.meta["qcompiler.range"]``.
+``CalibrationData.iter_batches(batch_size, max_samples)`` and a running observer per value folds each batch in, so
+no activation is kept: MinMax keeps the exact ``min``/``max`` over all samples; "percentile", "entropy" and "mse"
+keep a bounded histogram and choose a clipping range inside ``[min, max]`` for the value's spec (its dtype and
+symmetric flag; see :mod:`qcompiler.calibration.estimators`). The result is written as a
+:class:`~qcompiler.qspec.ValueRange` into ``value.meta["qcompiler.range"]``. A histogram observer that had to fall
+back to the MinMax range (a constant tensor, too few distinct values) is counted (``minmax_fallback_<reason>``).
 
 Constant activations (``min == max``) are stored as they are; scale computation widens every range to include 0
 and floors the scale, so no NaN scale can come out. A value that never produced a finite element gets no range and
@@ -42,6 +45,7 @@ class CalibratePass(QPass):
         batch_size: samples per ONNX Runtime call.
         progress: show a tqdm progress bar over samples.
         intra_op_threads: ORT threads (None: ORT's default).
+        percentile: the percentile of the "percentile" observer, in ``(50, 100]``.
     """
 
     name = "calibrate"
@@ -49,17 +53,20 @@ class CalibratePass(QPass):
     preserves_float = True
 
     def __init__(self, *, calibration_data: Any = None, max_samples: int | None = None, batch_size: int = 16,
-                 progress: bool = False, intra_op_threads: int | None = None) -> None:
+                 progress: bool = False, intra_op_threads: int | None = None, percentile: float = 99.99) -> None:
         super().__init__()
         if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
             raise CalibrationError(f"calibrate: max_samples must be a positive integer, got {max_samples!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise CalibrationError(f"calibrate: batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50 < percentile <= 100:
+            raise CalibrationError(f"calibrate: percentile must be a number in (50, 100], got {percentile!r}")
         self.calibration_data = calibration_data
         self.max_samples = max_samples
         self.batch_size = batch_size
         self.progress = progress
         self.intra_op_threads = intra_op_threads
+        self.percentile = float(percentile)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> CalibratePass:
@@ -68,6 +75,7 @@ class CalibratePass(QPass):
             "calibration_data": getattr(context, "calibration_data", None),
             "max_samples": recipe.calibration.max_samples,
             "batch_size": recipe.calibration.batch_size,
+            "percentile": recipe.calibration.percentile,
             "progress": bool(getattr(context, "progress", False)),
         }
         kwargs.update(options)
@@ -97,21 +105,25 @@ class CalibratePass(QPass):
             bar = tqdm(total=total, desc="calibrate", unit="sample", leave=False)
         try:
             observers = run_observers(session, names, data.iter_batches(self.batch_size, self.max_samples),
-                                      kinds, on_batch=bar.update if bar is not None else None)
+                                      kinds, on_batch=bar.update if bar is not None else None,
+                                      options={"percentile": self.percentile})
         finally:
             if bar is not None:
                 bar.close()
         del session
         modified = False
         for value, name in zip(values, names, strict=True):
-            found = observers[name].range()
+            observer = observers[name]
+            found = observer.range(get_qspec(value))
             if found is None:
                 self.count("no_finite_values")
                 logger.warning("calibrate: value '%s' produced no finite element; it gets no range", name)
                 continue
             found = dataclasses.replace(found, num_samples=total)
-            if getattr(observers[name], "saw_nonfinite", False):
+            if getattr(observer, "saw_nonfinite", False):
                 self.count("nonfinite_values_clamped")
+            if getattr(observer, "fallback", None):
+                self.count(f"minmax_fallback_{observer.fallback}")
             if found.min == found.max:
                 self.count("constant_ranges")
             modified |= set_range(value, found)

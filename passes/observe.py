@@ -13,7 +13,7 @@ Limits: values inside subgraphs are not observed; unnamed values cannot be expos
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,7 +56,8 @@ def observer_session(model: ir.Model, values: Iterable[ir.Value], *,
 
 def run_observers(session: Any, output_names: list[str], batches: Iterable[dict[str, np.ndarray]],
                   observer: str | list[str] = "minmax",
-                  on_batch: Callable[[int], None] | None = None) -> dict[str, Observer]:
+                  on_batch: Callable[[int], None] | None = None,
+                  options: Mapping[str, Any] | None = None) -> dict[str, Observer]:
     """Feed every batch and fold each output in ``output_names`` into its observer.
 
     Args:
@@ -65,13 +66,14 @@ def run_observers(session: Any, output_names: list[str], batches: Iterable[dict[
         batches: feeds ``{input name: array}``.
         observer: the observer name, or one per output name.
         on_batch: called with the number of samples of each batch (progress).
+        options: keyword options of :func:`~qcompiler.calibration.observers.make_observer` (e.g. ``percentile``).
 
     Returns:
         the observers by output name.
     """
     kinds = [observer] * len(output_names) if isinstance(observer, str) else list(observer)
     unique = list(dict.fromkeys(output_names))
-    observers = {name: make_observer(kind) for name, kind in zip(output_names, kinds, strict=True)}
+    observers = {name: make_observer(kind, **(options or {})) for name, kind in zip(output_names, kinds, strict=True)}
     for feed in batches:
         results = session.run(unique, feed)
         for name, array in zip(unique, results, strict=True):

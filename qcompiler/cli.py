@@ -25,6 +25,8 @@ examples:
   qcompile model.onnx -o model.q.onnx                      int8 weights, dynamic activations (default recipe)
   qcompile cnn.onnx -o cnn.q.onnx --recipe int8 --calib calib.npz
                                                            static int8 QDQ calibrated on your data
+  qcompile cnn.onnx -o cnn.q.onnx --recipe int8 --calib calib.npz --calibrator entropy
+                                                           activation ranges by KL divergence (or percentile, mse)
   qcompile model.onnx -o clean.onnx --recipe float         cleanup and fusion only (exact)
   qcompile model.onnx -o m.q.onnx --report report.md       per-pass statistics and per-layer SQNR
   qcompile model.onnx -o m.q.onnx --recipe my.toml --plugin my-pass --disable-pass fuse-matmul-add
@@ -67,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input names, or a folder of them")
     p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
     p.add_argument("--calib-batch-size", type=int, metavar="N", help="calibration samples per ONNX Runtime call")
+    p.add_argument("--calibrator", choices=("minmax", "percentile", "entropy", "mse"),
+                   help="activation range estimator (default: the recipe's, minmax)")
+    p.add_argument("--percentile", type=float, metavar="P",
+                   help="percentile of --calibrator percentile, in (50, 100] (default 99.99)")
     p.add_argument("--activation-dtype", choices=("uint8", "int8"), help="static activation type")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p.add_argument("--op-types", metavar="OPS", help="comma-separated operator types to quantize, e.g. Conv,MatMul")
@@ -138,6 +144,10 @@ def _compile(args: argparse.Namespace) -> int:
         calibration["max_samples"] = args.calib_samples
     if args.calib_batch_size is not None:
         calibration["batch_size"] = args.calib_batch_size
+    if args.calibrator is not None:
+        calibration["calibrator"] = args.calibrator
+    if args.percentile is not None:
+        calibration["percentile"] = args.percentile
     recipe = args.recipe or DEFAULT_RECIPE
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not args.quiet)
     report_path = Path(args.report) if args.report else None

@@ -13,6 +13,7 @@ A recipe file looks like::
     [quantization]                      # read by the annotate/lower passes
     activation_dtype = "uint8"
     [calibration]                       # read by the calibrate pass
+    calibrator = "entropy"              # minmax, percentile, entropy or mse
     max_samples = 256
     [pass-options.fold-constants]       # keyword options for one pass, by its registry name
     output_size_limit = 262144
@@ -50,7 +51,7 @@ __all__ = [
 
 ACTIVATION_DTYPES = ("uint8", "int8")
 WEIGHT_DTYPES = ("int8",)
-CALIBRATORS = ("minmax",)
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
 
 
@@ -98,14 +99,17 @@ class CalibrationOptions:
     """How to run calibration: read by the calibrate pass.
 
     Attributes:
-        calibrator: range estimator ("minmax").
+        calibrator: range estimator: "minmax" (exact min/max), or on a histogram "percentile", "entropy" (KL
+            divergence) or "mse" (see :mod:`qcompiler.calibration.estimators`).
         max_samples: use at most this many samples (None: all).
         batch_size: samples per ONNX Runtime call (memory is bounded by one batch of activations).
+        percentile: the "percentile" calibrator's percentile, in ``(50, 100]``.
     """
 
     calibrator: str = "minmax"
     max_samples: int | None = None
     batch_size: int = 16
+    percentile: float = 99.99
 
     def __post_init__(self) -> None:
         if self.calibrator not in CALIBRATORS:
@@ -116,6 +120,9 @@ class CalibrationOptions:
             raise ConfigError(f"calibration.max_samples must be a positive integer, got {self.max_samples!r}")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise ConfigError(f"calibration.batch_size must be a positive integer, got {self.batch_size!r}")
+        p = self.percentile
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50.0 < p <= 100.0:
+            raise ConfigError(f"calibration.percentile must be a number in (50, 100], got {p!r}")
 
 
 @dataclasses.dataclass(frozen=True)

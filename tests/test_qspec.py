@@ -108,7 +108,7 @@ def test_minmax_observer_nonfinite_and_empty():
     found = observer.range()
     assert found.min == -2.0 and found.max == float(np.finfo(np.float32).max) and observer.saw_nonfinite
     with pytest.raises(ValueError):
-        make_observer("entropy")
+        make_observer("no-such-observer")
 
 
 def test_spec_validation_and_metadata_helpers():

@@ -4,17 +4,45 @@
 equals ``np.min``/``np.max`` of the concatenated batches. NaN is ignored in a batch that also holds finite values;
 a range is refused (``None``) until a finite element has been seen, and Inf is clamped to the largest finite float32
 so a range is always finite. Per-tensor only.
+
+The histogram observers (:class:`PercentileObserver`, :class:`EntropyObserver`, :class:`MSEObserver`) fold batches
+into a :class:`~qcompiler.calibration.histogram.Histogram` (bounded memory, exact re-binning, same NaN/Inf rules) and
+choose a clipping range at the end with the estimators of :mod:`qcompiler.calibration.estimators`, for the target
+grid of the value's :class:`~qcompiler.qspec.QuantSpec` (``range(spec)``: its dtype and symmetric flag; without a
+spec, uint8 asymmetric, the default activation type). Their ranges lie inside the MinMax range, and are the MinMax
+range for a constant tensor or a histogram with too few distinct values (``fallback`` then says why).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from qcompiler.calibration.estimators import (
+    DEFAULT_PERCENTILE,
+    entropy_range,
+    fallback_reason,
+    mse_range,
+    percentile_range,
+)
+from qcompiler.calibration.histogram import DEFAULT_BINS, Histogram
 from qcompiler.qspec import ValueRange
 
-__all__ = ["Observer", "MinMaxObserver", "OBSERVERS", "make_observer"]
+if TYPE_CHECKING:
+    from qcompiler.qspec import QuantSpec
+
+__all__ = [
+    "Observer",
+    "MinMaxObserver",
+    "HistogramObserver",
+    "PercentileObserver",
+    "EntropyObserver",
+    "MSEObserver",
+    "OBSERVERS",
+    "make_observer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +50,21 @@ _FMAX = float(np.finfo(np.float32).max)
 
 
 class Observer:
-    """Base class: ``update(array)`` per batch, ``range()`` at the end."""
+    """Base class: ``update(array)`` per batch, ``range(spec)`` at the end."""
 
     name: str = ""
+    saw_nonfinite: bool = False
+
+    @classmethod
+    def create(cls, *, percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS) -> Observer:
+        """A new observer from the calibration options; each class takes the ones it uses."""
+        return cls()
 
     def update(self, array: np.ndarray) -> None:
         raise NotImplementedError
 
-    def range(self) -> ValueRange | None:
+    def range(self, spec: QuantSpec | None = None) -> ValueRange | None:
+        """The range for quantizing with ``spec`` (its dtype and symmetric flag), or None without data."""
         raise NotImplementedError
 
 
@@ -69,19 +104,117 @@ class MinMaxObserver(Observer):
         self._min = min(self._min, lo)
         self._max = max(self._max, hi)
 
-    def range(self) -> ValueRange | None:
-        """The range seen so far, or None before any finite element."""
+    def range(self, spec: QuantSpec | None = None) -> ValueRange | None:
+        """The range seen so far, or None before any finite element (``spec`` is not needed)."""
         if not (np.isfinite(self._min) and np.isfinite(self._max)):
             return None
         return ValueRange(self._min, self._max, self._batches)
 
 
-OBSERVERS: dict[str, type[Observer]] = {"minmax": MinMaxObserver}
+class HistogramObserver(Observer):
+    """Base of the histogram observers: a running histogram, and a range estimator applied at the end.
+
+    Args:
+        bins: histogram bins (even, at least 16).
+
+    Attributes:
+        fallback: after :meth:`range`, why the MinMax range was returned (``"constant"``, ``"few_bins"``) or None.
+    """
+
+    def __init__(self, *, bins: int = DEFAULT_BINS) -> None:
+        self.histogram = Histogram(bins)
+        self.fallback: str | None = None
+
+    @classmethod
+    def create(cls, *, percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS) -> Observer:
+        return cls(bins=bins)
+
+    @property
+    def saw_nonfinite(self) -> bool:
+        """Whether a NaN or an Inf was seen."""
+        return self.histogram.saw_nonfinite
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold one batch into the histogram (the array is not kept)."""
+        self.histogram.update(array)
+
+    def range(self, spec: QuantSpec | None = None) -> ValueRange | None:
+        """The estimated clipping range for ``spec``'s grid (uint8 asymmetric without a spec), or None."""
+        hist = self.histogram
+        if hist.count == 0:
+            return None
+        dtype, symmetric = (spec.dtype, spec.symmetric) if spec is not None else ("uint8", False)
+        found = self._estimate(dtype, symmetric)
+        self.fallback = fallback_reason(hist)
+        return ValueRange(found.min, found.max, hist.num_batches)
+
+    def _estimate(self, dtype: str, symmetric: bool) -> ValueRange:
+        raise NotImplementedError
 
 
-def make_observer(name: str) -> Observer:
-    """A new observer by its name (as in ``QuantSpec.observer``)."""
+class PercentileObserver(HistogramObserver):
+    """Clip at a percentile of the data (of ``|x|`` for a symmetric grid).
+
+    Args:
+        percentile: in ``(50, 100]`` (default 99.99).
+        bins: histogram bins.
+    """
+
+    name = "percentile"
+
+    def __init__(self, *, percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS) -> None:
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50 < percentile <= 100:
+            raise ValueError(f"percentile must be a number in (50, 100], got {percentile!r}")
+        super().__init__(bins=bins)
+        self.percentile = float(percentile)
+
+    @classmethod
+    def create(cls, *, percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS) -> Observer:
+        return cls(percentile=percentile, bins=bins)
+
+    def _estimate(self, dtype: str, symmetric: bool) -> ValueRange:
+        return percentile_range(self.histogram, dtype, symmetric, percentile=self.percentile)
+
+
+class EntropyObserver(HistogramObserver):
+    """The clipping range minimizing the KL divergence between the data and its quantized form (TensorRT)."""
+
+    name = "entropy"
+
+    def _estimate(self, dtype: str, symmetric: bool) -> ValueRange:
+        return entropy_range(self.histogram, dtype, symmetric)
+
+
+class MSEObserver(HistogramObserver):
+    """The clipping range minimizing the expected squared quantization error (rounding plus clipping)."""
+
+    name = "mse"
+
+    def _estimate(self, dtype: str, symmetric: bool) -> ValueRange:
+        return mse_range(self.histogram, dtype, symmetric)
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "percentile": PercentileObserver,
+    "entropy": EntropyObserver,
+    "mse": MSEObserver,
+}
+
+
+def make_observer(name: str, *, percentile: float = DEFAULT_PERCENTILE, bins: int = DEFAULT_BINS) -> Observer:
+    """A new observer by its name (as in ``QuantSpec.observer``).
+
+    Args:
+        name: a key of :data:`OBSERVERS`.
+        percentile: the percentile observer's percentile (ignored by the others).
+        bins: histogram bins of the histogram observers (ignored by MinMax).
+
+    Raises:
+        ValueError: for an unknown name or a bad option.
+    """
     try:
-        return OBSERVERS[name]()
+        cls = OBSERVERS[name]
     except KeyError:
         raise ValueError(f"unknown observer {name!r} (known: {', '.join(OBSERVERS)})") from None
+    return cls.create(percentile=percentile, bins=bins)
