@@ -85,6 +85,7 @@ def _apply(b: _Builder, op: str, x: str, draw) -> str:
         if draw(st.booleans()):
             inputs.append(b.const(np.float32(draw(st.sampled_from([0.0, 0.5]))), "fill"))
         padded = b.node("Pad", inputs, (n, c, h + k - 1, w + k - 1))
+        del b.shapes[padded]  # the other ops assume the input's spatial size: only the Conv reads the Pad
         return b.node("Conv", [padded, b.weight(c, c, k, k)], shape)
     if op in ("conv_bn", "gemm_bn", "matmul_bn", "matmul_add_bn"):
         y = _apply(b, op.rsplit("_", 1)[0], x, draw)

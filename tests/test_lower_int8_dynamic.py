@@ -85,7 +85,7 @@ def test_full_range_weights_option():
     _lower(model, reduce_range=False)
     assert np.abs(model.graph.initializers["w1_quantized"].const_value.numpy()).max() == 127
     reduced = mlp()
-    _lower(reduced)
+    _lower(reduced, reduce_range=True)
     assert np.abs(reduced.graph.initializers["w1_quantized"].const_value.numpy()).max() == 63
     with pytest.raises(ConfigError):
         LowerInt8DynamicPass(reduce_range="yes")

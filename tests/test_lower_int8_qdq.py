@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 from _int8_models import (
     cnn,
     mark_fused_activations,
@@ -38,9 +39,9 @@ def test_cnn_exact_ops_no_qdq_inside_conv_relu_and_qlinear_kernels(tmp_path):
     result = _quantize(model, tmp_path, (3, 16, 16))
     assert result.modified
     counters = dict(result.stats.counters)
-    assert counters == {"lowered_Conv": 2, "lowered_Gemm": 1, "activation_qdq": 5, "int32_bias": 3,
-                        "float_weights_removed": 6}
-    assert op_counts(model) == {"QuantizeLinear": 5, "DequantizeLinear": 11, "Conv": 2, "Relu": 2,
+    assert counters == {"lowered_Conv": 2, "lowered_Gemm": 1, "activation_qdq": 4, "int32_bias": 3,
+                        "float_weights_removed": 6, "matmul_output_left_float": 1}
+    assert op_counts(model) == {"QuantizeLinear": 4, "DequantizeLinear": 10, "Conv": 2, "Relu": 2,
                                 "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
     for conv in (n for n in model.graph if n.op_type == "Conv"):
         users = [u.op_type for u, _ in conv.outputs[0].uses()]
@@ -56,13 +57,17 @@ def test_cnn_exact_ops_no_qdq_inside_conv_relu_and_qlinear_kernels(tmp_path):
     assert all(layer["weight_sqnr_db"] > 30 for layer in result.stats.layers.values())
 
 
-def test_mlp_uses_qlinear_matmul(tmp_path):
+@pytest.mark.parametrize(("matmul_outputs", "kernels"), [(False, {"QGemm": 2}),  # MatMul+Add: QGemm, float output
+                                                          (True, {"QLinearMatMul": 1, "QGemm": 1})])
+def test_mlp_runs_integer_matmul_kernels(tmp_path, matmul_outputs, kernels):
     model = mlp()
     x = np.random.default_rng(10).standard_normal((8, 64)).astype(np.float32)
     expected = run(model, {"x": x})[0]
-    _quantize(model, tmp_path, (64,))
+    result = _quantize(model, tmp_path, (64,), matmul_outputs=matmul_outputs)
+    assert ("matmul_output_left_float" in result.stats.counters) is not matmul_outputs
     optimized = optimized_op_counts(model)
-    assert optimized.get("QLinearMatMul", 0) == 1 and "MatMul" not in optimized, optimized
+    assert {k: optimized.get(k, 0) for k in kernels} == kernels, optimized
+    assert "MatMul" not in optimized and "Gemm" not in optimized, optimized
     assert rel_l2(run(model, {"x": x})[0], expected) < 0.03
 
 
@@ -80,7 +85,9 @@ def test_one_shared_qdq_per_activation(tmp_path):
     quantized = [n.inputs[0] for n in model.graph if n.op_type == "QuantizeLinear"]
     assert len(quantized) == len(set(quantized)) == op_counts(model)["QuantizeLinear"]
     optimized = optimized_op_counts(model)
-    assert optimized.get("QLinearMatMul", 0) == 5 and "MatMul" not in optimized, optimized
+    # float outputs: MatMulIntegerToFloat; the FFN's first MatMul feeds the second through Relu: QLinearMatMul
+    assert optimized.get("MatMulIntegerToFloat", 0) + optimized.get("QLinearMatMul", 0) == 5, optimized
+    assert "MatMul" not in optimized, optimized
     assert rel_l2(run(model, {"x": x})[0], expected) < 0.05
 
 
@@ -177,7 +184,7 @@ def test_depthwise_conv_keeps_full_range_weights_under_reduce_range(tmp_path):
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     x = np.abs(rng.standard_normal((4, 8, 6, 6))).astype(np.float32)
     expected = run(model, {"x": x})[0]
-    result = _quantize(model, tmp_path, (8, 6, 6))  # reduce_range=True by default
+    result = _quantize(model, tmp_path, (8, 6, 6), reduce_range=True)
     assert result.stats.counters["depthwise_full_range"] == 1
     qmax = {}
     for conv in (n for n in model.graph if n.op_type == "Conv"):

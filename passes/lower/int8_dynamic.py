@@ -14,13 +14,13 @@ with ``w_s[n] = max_k |W[k, n]| / qmax`` (``qmax`` 63 or 127, see below; symmetr
 consumer of the same activation; a weight used by several nodes is quantized once. Rank-3 activations
 (``[B, S, K] x [K, N]``) work as they are (MatMulInteger broadcasts like MatMul).
 
-Range of the weights: ``[-63, 63]`` by default (``reduce_range=True``, ORT's "reduce_range"), ``[-127, 127]`` with
-``reduce_range=False``. On x86 CPUs without VNNI (AVX2 only) ONNX Runtime's u8s8 kernels add pairs of
+Range of the weights: ``[-63, 63]`` with ``reduce_range=True`` (ORT's "reduce_range"), ``[-127, 127]`` with
+``reduce_range=False``; the default ``"auto"`` picks by the compiling CPU (:mod:`qcompiler.passes.lower._target`). On x86 CPUs without VNNI (AVX2 only) ONNX Runtime's u8s8 kernels add pairs of
 ``uint8 * int8`` products in int16 with saturation (``vpmaddubsw``), so full-range weights make some outputs clip:
 measured on an AVX2 EPYC, 3.5% of the outputs of a 256x1024 MatMul differ from exact integer arithmetic, and small
 random MLPs/transformer blocks end 4-10% (relative L2) from fp32 instead of about 2% with 7-bit weights
 (``quantize_dynamic``'s default behaves the same). 7-bit weights cannot saturate (``2 * 255 * 63 < 2^15``) and cost
-6 dB of weight SQNR; on VNNI/AMX CPUs ``reduce_range=False`` (pass-options) gains those 6 dB back.
+6 dB of weight SQNR; on VNNI/AMX CPUs ``reduce_range=False`` gains those 6 dB back.
 
 Skipped with a counted reason: Conv (no dynamic int8 kernel in ORT), Gemm with ``transA = 1``, nodes without an
 annotation, models whose default opset is below 11. Per-layer weight SQNR is recorded. The float function changes
@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes.annotate import SCHEME_KEY
+from qcompiler.passes.lower._target import resolve_reduce_range
 from qcompiler.passes.lower._weights import (
     Namer,
     QuantizedWeight,
@@ -66,20 +66,19 @@ class LowerInt8DynamicPass(QPass):
     """Rewrite annotated MatMul/Gemm nodes into the DynamicQuantizeLinear + MatMulInteger pattern.
 
     Args:
-        reduce_range: 7-bit weights (``[-63, 63]``) that ORT's u8s8 kernels cannot saturate on AVX2 CPUs.
+        reduce_range: 7-bit weights (``[-63, 63]``) that ORT's u8s8 kernels cannot saturate on AVX2 CPUs; "auto"
+            decides by this CPU (see :mod:`qcompiler.passes.lower._target`).
     """
 
     name = "lower-int8-dynamic"
     stage = "lower"
     preserves_float = False
 
-    def __init__(self, *, reduce_range: bool = True, progress: bool = False) -> None:
+    def __init__(self, *, reduce_range: bool | str = "auto", progress: bool = False) -> None:
         super().__init__()
         self.progress = progress
-        if not isinstance(reduce_range, bool):
-            raise ConfigError(f"{self.name}: reduce_range must be true or false, got {reduce_range!r}")
-        self.reduce_range = reduce_range
-        self.qmax = 63 if reduce_range else 127
+        self.reduce_range = resolve_reduce_range(reduce_range, self.name)
+        self.qmax = 63 if self.reduce_range else 127
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> LowerInt8DynamicPass:

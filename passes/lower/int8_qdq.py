@@ -18,13 +18,13 @@ For each node annotated ``int8-static`` (see :mod:`qcompiler.passes.annotate`)::
   (``node.meta["qcompiler.fused_activation"]``), so nothing is quantized between the pair and ORT fuses the
   activation into QLinearConv/QLinearMatMul.
 
-Range of the weights: ``[-63, 63]`` by default (``reduce_range=True``, ORT's "reduce_range"), ``[-127, 127]`` with
-``reduce_range=False``. On x86 CPUs without VNNI (AVX2 only) ONNX Runtime's u8s8 kernels add pairs of
+Range of the weights: ``[-63, 63]`` with ``reduce_range=True`` (ORT's "reduce_range"), ``[-127, 127]`` with
+``reduce_range=False``; the default ``"auto"`` picks by the compiling CPU (:mod:`qcompiler.passes.lower._target`). On x86 CPUs without VNNI (AVX2 only) ONNX Runtime's u8s8 kernels add pairs of
 ``uint8 * int8`` products in int16 with saturation (``vpmaddubsw``), so full-range weights make some outputs clip:
 measured on an AVX2 EPYC, 3.5% of the outputs of a 256x1024 MatMul differ from exact integer arithmetic, and small
 random MLPs/transformer blocks end 4-10% (relative L2) from fp32 instead of about 2% with 7-bit weights
 (``quantize_dynamic``'s default behaves the same). 7-bit weights cannot saturate (``2 * 255 * 63 < 2^15``) and cost
-6 dB of weight SQNR; on VNNI/AMX CPUs ``reduce_range=False`` (pass-options) gains those 6 dB back.
+6 dB of weight SQNR; on VNNI/AMX CPUs ``reduce_range=False`` gains those 6 dB back.
 Depthwise Conv (``group == C_out`` and one input channel per group, weight ``[C, 1, k...]``) always gets
 ``[-127, 127]`` weights (counted as ``depthwise_full_range``): ORT runs it with its own depthwise kernel
 (``MlasConvDepthwise``), which widens both operands to int16 and accumulates in int32 (no ``vpmaddubsw`` pair
@@ -54,6 +54,7 @@ from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes.algorithms.bias_correction import get_channel_mean, mean_shift
 from qcompiler.passes.annotate import SCHEME_KEY, quantized_output
+from qcompiler.passes.lower._target import resolve_reduce_range
 from qcompiler.passes.lower._weights import (
     Namer,
     QuantizedWeight,
@@ -120,7 +121,12 @@ class LowerInt8QDQPass(QPass):
 
     Args:
         reduce_range: 7-bit weights (``[-63, 63]``) that ORT's u8s8 kernels cannot saturate on AVX2 CPUs
-            (depthwise Conv keeps ``[-127, 127]``: its kernel cannot saturate).
+            (depthwise Conv keeps ``[-127, 127]``: its kernel cannot saturate); "auto" decides by this CPU
+            (see :mod:`qcompiler.passes.lower._target`).
+        matmul_outputs: also quantize the outputs of MatMul/Gemm (ORT then runs ``QLinearMatMul``/``QGemm`` with
+            an int8 output). Off by default: ORT runs ``DQ -> MatMul`` as ``MatMulIntegerToFloat`` (``QGemm`` with a
+            float output) at the same speed, and a consumer that is quantized quantizes its own input anyway; on a
+            BERT encoder, quantizing those outputs (the FFN's residual outliers) costs most of the accuracy.
         bias_correction: add the mean output shift of weight rounding to the bias where the input's channel
             means were measured (``collect-input-means``); see :mod:`qcompiler.passes.algorithms.bias_correction`.
     """
@@ -129,15 +135,17 @@ class LowerInt8QDQPass(QPass):
     stage = "lower"
     preserves_float = False
 
-    def __init__(self, *, reduce_range: bool = True, bias_correction: bool = True) -> None:
+    def __init__(self, *, reduce_range: bool | str = "auto", bias_correction: bool = True,
+                 matmul_outputs: bool = False) -> None:
         super().__init__()
         self._lowered: set[ir.Node] = set()
-        for key, value in (("reduce_range", reduce_range), ("bias_correction", bias_correction)):
+        for key, value in (("bias_correction", bias_correction), ("matmul_outputs", matmul_outputs)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{self.name}: {key} must be true or false, got {value!r}")
         self.bias_correction = bias_correction
-        self.reduce_range = reduce_range
-        self.qmax = 63 if reduce_range else 127
+        self.matmul_outputs = matmul_outputs
+        self.reduce_range = resolve_reduce_range(reduce_range, self.name)
+        self.qmax = 63 if self.reduce_range else 127
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> LowerInt8QDQPass:
@@ -195,7 +203,7 @@ class LowerInt8QDQPass(QPass):
         if self._act_params(node.inputs[0]) is None:
             return f"no calibrated range for input '{node.inputs[0].name}'"
         out = quantized_output(node)
-        if self._act_params(out) is None:
+        if self._quantizes_output(node) and self._act_params(out) is None:
             return f"no calibrated range for output '{out.name}'"
         return None
 
@@ -257,6 +265,10 @@ class LowerInt8QDQPass(QPass):
             return None
         self.count("bias_corrected")
         return (bias.astype(np.float64) + shift).astype(np.float32), node.inputs[2], True
+
+    def _quantizes_output(self, node: ir.Node) -> bool:
+        """Conv outputs always (ORT needs the Q to run QLinearConv); MatMul/Gemm outputs only on request."""
+        return node.op_type == "Conv" or self.matmul_outputs
 
     def _keep(self, node: ir.Node) -> bool:
         reason = self._why_not(node)
@@ -344,6 +356,9 @@ class LowerInt8QDQPass(QPass):
                     node.replace_input_with(2, add_constant(graph, namer(f"{bias_value.name}_scaled"), bias))
         graph.insert_before(node, new_nodes)
         node.replace_input_with(0, self._qdq(graph, x, namer, done))
-        self._qdq(graph, quantized_output(node), namer, done)
+        if self._quantizes_output(node):
+            self._qdq(graph, quantized_output(node), namer, done)
+        else:
+            self.count("matmul_output_left_float")
         self.record_layer(node, weight_sqnr_db=round(qw.sqnr_db, 3), scheme="int8-static",
                           weight_shape=list(weight.shape), per_channel=axis is not None)
