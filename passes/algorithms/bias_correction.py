@@ -35,12 +35,16 @@ from qcompiler.passes.annotate import SCHEME_KEY
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
 
-__all__ = ["CollectInputMeansPass", "CHANNEL_MEAN_KEY", "channel_axis", "get_channel_mean", "mean_shift"]
+__all__ = ["CollectInputMeansPass", "CHANNEL_MEAN_KEY", "BIAS_SHIFT_KEY", "channel_axis", "get_channel_mean",
+           "mean_shift"]
 
 logger = logging.getLogger(__name__)
 
 #: value metadata key of the per-channel mean of an activation (float64 numpy array)
 CHANNEL_MEAN_KEY = "qcompiler.channel_mean"
+#: node metadata key of a mean output shift an earlier pass caused and the lowering's bias correction adds
+#: (e.g. GPTQ moves the float weight onto its grid: the lowering then sees no rounding of its own)
+BIAS_SHIFT_KEY = "qcompiler.pending_bias_shift"
 
 
 def _int_attr(node: ir.Node, name: str, default: int) -> int:

@@ -28,13 +28,15 @@ import onnx_ir as ir
 
 from qcompiler.qspec import MIN_SCALE
 
-__all__ = ["SQNR_CAP_DB", "QuantizedWeight", "symmetric_scales", "quantize_symmetric", "quantize_weight",
-           "sqnr_db", "Namer", "add_constant", "take_over_output", "drop_if_unused"]
+__all__ = ["SQNR_CAP_DB", "PINNED_SCALE_KEY", "QuantizedWeight", "symmetric_scales", "quantize_symmetric",
+           "quantize_weight", "pinned_scale", "sqnr_db", "Namer", "add_constant", "take_over_output", "drop_if_unused"]
 
 logger = logging.getLogger(__name__)
 
 #: SQNR reported for an exact round trip
 SQNR_CAP_DB = 300.0
+#: value metadata key of weight scales fixed by an earlier pass (GPTQ rounds onto a grid the lowering must keep)
+PINNED_SCALE_KEY = "qcompiler.pinned_weight_scale"
 _QMAX = 127
 _CHUNK = 1 << 22
 
@@ -130,6 +132,15 @@ def quantize_weight(w: np.ndarray, axis: int | None, *, scale: np.ndarray | None
     s = symmetric_scales(w, axis, qmax) if scale is None else np.asarray(scale, dtype=np.float32)
     q = quantize_symmetric(w, s, axis, qmax)
     return QuantizedWeight(q, s, axis, sqnr_db(w, q, s, axis))
+
+
+def pinned_scale(value: ir.Value, weight: np.ndarray, axis: int | None) -> np.ndarray | None:
+    """The weight scales an earlier pass fixed for ``value`` (float32), or None when absent or of the wrong shape."""
+    scale = value.meta.get(PINNED_SCALE_KEY)
+    if not isinstance(scale, np.ndarray):
+        return None
+    expected = () if axis is None else (weight.shape[axis],)
+    return scale.astype(np.float32) if scale.shape == expected else None
 
 
 # -- graph helpers shared by the int8 lowerings ---------------------------------------------------------------------

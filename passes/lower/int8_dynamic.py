@@ -43,6 +43,7 @@ from qcompiler.passes.lower._weights import (
     QuantizedWeight,
     add_constant,
     drop_if_unused,
+    pinned_scale,
     quantize_weight,
     take_over_output,
 )
@@ -134,8 +135,9 @@ class LowerInt8DynamicPass(QPass):
         spec = get_qspec(w)
         key = (w, transposed)
         if key not in weights:
-            qw = quantize_weight(w.const_value.numpy(), spec.axis if spec.granularity == "per_channel" else None,
-                                 qmax=self.qmax)
+            array = w.const_value.numpy()
+            axis = spec.axis if spec.granularity == "per_channel" else None
+            qw = quantize_weight(array, axis, scale=pinned_scale(w, array, axis), qmax=self.qmax)
             q = np.ascontiguousarray(qw.q.T) if transposed else qw.q
             wq = add_constant(graph, namer(f"{w.name}_quantized"), q)
             wz = add_constant(graph, namer(f"{w.name}_zero_point"), np.zeros((), dtype=np.int8))

@@ -52,7 +52,7 @@ import onnx_ir as ir
 
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass, iter_nodes
-from qcompiler.passes.algorithms.bias_correction import get_channel_mean, mean_shift
+from qcompiler.passes.algorithms.bias_correction import BIAS_SHIFT_KEY, get_channel_mean, mean_shift
 from qcompiler.passes.annotate import SCHEME_KEY, quantized_output
 from qcompiler.passes.lower._target import resolve_reduce_range
 from qcompiler.passes.lower._weights import (
@@ -60,6 +60,7 @@ from qcompiler.passes.lower._weights import (
     QuantizedWeight,
     add_constant,
     drop_if_unused,
+    pinned_scale,
     quantize_weight,
     symmetric_scales,
     take_over_output,
@@ -69,7 +70,7 @@ from qcompiler.qspec import QuantSpec, get_qspec, get_range, onnx_dtype, scale_z
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
 
-__all__ = ["LowerInt8QDQPass"]
+__all__ = ["LowerInt8QDQPass", "layer_qmax"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,11 @@ def _is_depthwise(node: ir.Node, weight: np.ndarray) -> bool:
         return False
     group = int(_attr(node, "group", 1))
     return group > 1 and weight.shape[1] == 1 and weight.shape[0] == group
+
+
+def layer_qmax(node: ir.Node, weight: np.ndarray, qmax: int) -> int:
+    """The weight range this lowering gives ``node``: ``qmax``, or 127 for a depthwise Conv (see above)."""
+    return 127 if _is_depthwise(node, weight) else qmax
 
 
 class LowerInt8QDQPass(QPass):
@@ -249,6 +255,9 @@ class LowerInt8QDQPass(QPass):
         if shift is None:
             self.skip(node, "bias correction: channel mean does not fit the weight")
             return None
+        earlier = node.meta.get(BIAS_SHIFT_KEY)  # the shift of an earlier rounding pass (GPTQ) on this weight
+        if isinstance(earlier, np.ndarray) and earlier.shape == shift.shape:
+            shift = shift + earlier
         if bias is None:
             if node.op_type == "MatMul":
                 self.count("bias_correction_no_bias")
@@ -303,11 +312,14 @@ class LowerInt8QDQPass(QPass):
         int_bias = bias is not None and bias.ndim == 1 and (n_out is None or bias.shape[0] == n_out)
         if bias is not None and not int_bias:
             self.skip(node, "bias left float (not 1-D per output channel)")
-        qmax = self.qmax
-        if qmax < 127 and _is_depthwise(node, weight):
-            qmax = 127
+        qmax = layer_qmax(node, weight, self.qmax)
+        if qmax != self.qmax:
             self.count("depthwise_full_range")
-        scale = symmetric_scales(weight, axis, qmax)
+        scale = pinned_scale(w, weight, axis)
+        if scale is None:
+            scale = symmetric_scales(weight, axis, qmax)
+        else:
+            self.count("pinned_weight_scales")
         if int_bias:
             needed = np.abs(bias.astype(np.float64)) / (x_scale * _INT32_LIMIT)
             wider = needed > scale.astype(np.float64)
