@@ -27,6 +27,9 @@ examples:
                                                            static int8 QDQ calibrated on your data
   qcompile cnn.onnx -o cnn.q.onnx --recipe int8 --calib calib.npz --calibrator entropy
                                                            activation ranges by KL divergence (or percentile, mse)
+  qcompile cnn.onnx -o cnn.q.onnx --recipe int8 --calib calib.npz --max-accuracy-drop 0.01 --report r.md
+                                                           leave the most sensitive layers float until at most
+                                                           1% of top-1 answers change (r.md: per-layer SQNR)
   qcompile model.onnx -o clean.onnx --recipe float         cleanup and fusion only (exact)
   qcompile model.onnx -o m.q.onnx --report report.md       per-pass statistics and per-layer SQNR
   qcompile model.onnx -o m.q.onnx --recipe my.toml --plugin my-pass --disable-pass fuse-matmul-add
@@ -77,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p.add_argument("--op-types", metavar="OPS", help="comma-separated operator types to quantize, e.g. Conv,MatMul")
     p.add_argument("--exclude-node", action="append", default=[], metavar="NAME", help="leave this node in float")
+    p.add_argument("--max-accuracy-drop", type=float, metavar="F",
+                   help="accuracy budget: at most this fraction of top-1 changes vs fp32 on the calibration samples "
+                        "(e.g. 0.01); the most sensitive layers stay float until it holds")
+    p.add_argument("--min-sqnr", type=float, metavar="DB",
+                   help="accuracy budget: the model outputs' SQNR vs fp32 must reach DB decibels")
     p.add_argument("--plugin", action="append", default=[], metavar="NAME", help="load an installed plugin pass")
     p.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="drop a pass from the pipeline")
     p.add_argument("--dump-after", action="append", default=[], metavar="PASS",
@@ -139,6 +147,10 @@ def _compile(args: argparse.Namespace) -> int:
         quantization["op_types"] = tuple(t.strip() for t in args.op_types.split(",") if t.strip())
     if args.exclude_node:
         quantization["exclude_nodes"] = tuple(args.exclude_node)
+    if args.max_accuracy_drop is not None:
+        quantization["max_accuracy_drop"] = args.max_accuracy_drop
+    if args.min_sqnr is not None:
+        quantization["min_sqnr_db"] = args.min_sqnr
     calibration: dict[str, object] = {}
     if args.calib_samples is not None:
         calibration["max_samples"] = args.calib_samples

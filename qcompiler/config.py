@@ -71,6 +71,9 @@ class QuantizationOptions:
         per_channel: per-output-channel weight scales (otherwise one scale per tensor).
         op_types: operator types to quantize.
         exclude_nodes: node names to leave in float.
+        min_sqnr_db: accuracy budget: the model-output SQNR (dB) to reach by leaving the most sensitive layers in
+            float (the ``select-precision`` pass), or None.
+        max_accuracy_drop: accuracy budget: the largest fraction of top-1 changes against fp32, or None.
     """
 
     weight_dtype: str = "int8"
@@ -78,6 +81,8 @@ class QuantizationOptions:
     per_channel: bool = True
     op_types: tuple[str, ...] = QUANTIZABLE_OPS
     exclude_nodes: tuple[str, ...] = ()
+    min_sqnr_db: float | None = None
+    max_accuracy_drop: float | None = None
 
     def __post_init__(self) -> None:
         if self.weight_dtype not in WEIGHT_DTYPES:
@@ -92,6 +97,12 @@ class QuantizationOptions:
         if unknown:
             raise ConfigError(f"quantization.op_types: cannot quantize {', '.join(unknown)} "
                               f"(supported: {', '.join(QUANTIZABLE_OPS)})")
+        sqnr = self.min_sqnr_db
+        if sqnr is not None and (isinstance(sqnr, bool) or not isinstance(sqnr, (int, float)) or not -1e3 < sqnr < 1e3):
+            raise ConfigError(f"quantization.min_sqnr_db must be a number of dB, got {sqnr!r}")
+        drop = self.max_accuracy_drop
+        if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 1):
+            raise ConfigError(f"quantization.max_accuracy_drop must be a fraction in [0, 1), got {drop!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -343,6 +343,22 @@ def test_int8_static_on_cnn(models: dict[str, Path], tmp_path: Path, capsys: pyt
     assert _rel_err(_ort(models["cnn"], {"x": x}), _ort(out, {"x": x})) < 0.05
 
 
+def test_accuracy_budget_flags(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, _, err = _main([str(models["cnn"]), "-o", str(out), "--recipe", "int8", "--calib", str(models["calib"]),
+                          "--min-sqnr", "200", "--max-accuracy-drop", "0", "--report", str(report), "-q"], capsys)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    record = next(p for p in data["passes"] if p["name"] == "select-precision")
+    # an impossible SQNR budget leaves every layer in float: the output equals fp32's
+    assert record["counters"]["layers_kept_float"] == record["counters"]["layers_measured"] > 0
+    assert not set(_ops(out)) & STATIC_OPS
+    assert all("sensitivity_sqnr_db" in data["layers"][name] for name in data["layers"] if name != "(whole model)")
+    code, _, err = _main([str(models["cnn"]), "-o", str(out), "--recipe", "int8", "--calib", str(models["calib"]),
+                          "--max-accuracy-drop", "2"], capsys)
+    assert code == 2 and "max_accuracy_drop" in _one_line(err)
+
+
 def test_int8_without_calib(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _main([str(models["cnn"]), "-o", str(tmp_path / "o.onnx"), "--recipe", "int8"], capsys)
     assert code == 2

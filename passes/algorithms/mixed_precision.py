@@ -112,10 +112,12 @@ class SelectPrecisionPass(QPass):
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> SelectPrecisionPass:
-        """The data from the build context; the lowering passes' options from the recipe's pass-options."""
+        """Data from the build context; the budget from ``[quantization]``; the lowerings' options from the recipe."""
         kwargs: dict[str, Any] = {
             "calibration_data": getattr(context, "calibration_data", None),
             "lowering_options": {name: recipe.options_for(name) for name in _LOWERINGS.values()},
+            "min_sqnr_db": recipe.quantization.min_sqnr_db,
+            "max_accuracy_drop": recipe.quantization.max_accuracy_drop,
         }
         kwargs.update(options)
         return cls(**kwargs)
