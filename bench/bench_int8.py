@@ -13,10 +13,14 @@ Variants (each compile job runs in its own child process: wall time of the quant
 - ``fp32``: the exported model.
 - ``qcompile int8-dynamic``: ``compile_model(recipe="int8-dynamic")``; its peer ``ORT quantize_dynamic``:
   ``quant_pre_process`` then ``quantize_dynamic(per_channel=True, weight_type=QInt8, op_types=[MatMul, Gemm])``.
+- ``qcompile int8-dynamic --calib``: the same recipe given the calibration data (SmoothQuant and GPTQ run).
+- ``qcompile int8 --calibrator mse`` (MSE activation ranges) and ``... --max-accuracy-drop 0`` (the most
+  sensitive layers left float until no calibration sample's top-1 changes; ``select-precision``).
 - ``qcompile int8``: ``compile_model(recipe="int8", calib=calib.npz)``; its peer ``ORT quantize_static``:
   ``quant_pre_process`` then ``quantize_static(QDQ, per_channel=True, activation_type=QUInt8,
   weight_type=QInt8, MinMax, op_types=[Conv, MatMul, Gemm])`` on the same calibration data.
-- ``ORT quantize_static (all ops)``: the same with ONNX Runtime's default op list (what a user gets by default).
+- ``ORT quantize_static (all ops)``: the same with ONNX Runtime's default op list (what a user gets by default),
+  also with ONNX Runtime's Entropy and Percentile calibrators (its best calibrator is the one to beat).
 
 Latency: batch 1 (the first evaluation image; one sentence padded to 128 tokens), 2 intra-op threads, median of
 interleaved runs after warm-up (see ``bench/_common.py``); ratios to fp32 and to the ORT peer of the same kind.
@@ -66,10 +70,21 @@ MODELS: dict[str, dict[str, Any]] = {
 VARIANTS: dict[str, tuple[dict[str, Any] | None, str | None]] = {
     "fp32": (None, None),
     "qcompile int8-dynamic": ({"tool": "qcompile", "recipe": "int8-dynamic"}, "ORT quantize_dynamic"),
+    "qcompile int8-dynamic --calib": ({"tool": "qcompile", "recipe": "int8-dynamic", "calib": True},
+                                      "ORT quantize_dynamic"),
     "ORT quantize_dynamic": ({"tool": "ort-dynamic", "ops": ["MatMul", "Gemm"]}, None),
     "qcompile int8": ({"tool": "qcompile", "recipe": "int8", "calib": True}, "ORT quantize_static"),
+    "qcompile int8 --calibrator mse": ({"tool": "qcompile", "recipe": "int8", "calib": True,
+                                        "calibration": {"calibrator": "mse"}}, "ORT quantize_static"),
+    "qcompile int8 --calibrator mse --max-accuracy-drop 0": (
+        {"tool": "qcompile", "recipe": "int8", "calib": True, "calibration": {"calibrator": "mse"},
+         "quantization": {"max_accuracy_drop": 0.0}}, "ORT quantize_static"),
     "ORT quantize_static": ({"tool": "ort-static", "ops": ["Conv", "MatMul", "Gemm"], "calib": True}, None),
     "ORT quantize_static (all ops)": ({"tool": "ort-static", "ops": None, "calib": True}, None),
+    "ORT quantize_static (all ops, Entropy)": ({"tool": "ort-static", "ops": None, "calib": True,
+                                                "method": "Entropy"}, None),
+    "ORT quantize_static (all ops, Percentile)": ({"tool": "ort-static", "ops": None, "calib": True,
+                                                   "method": "Percentile"}, None),
 }
 
 
@@ -102,7 +117,8 @@ def _job(payload: dict[str, Any]) -> dict[str, Any]:
         from qcompiler.api import compile_model
 
         start = time.perf_counter()
-        compile_model(src, dst, recipe=payload["recipe"], calib=payload.get("calib"))
+        compile_model(src, dst, recipe=payload["recipe"], calib=payload.get("calib"),
+                      calibration=payload.get("calibration"), quantization=payload.get("quantization"))
         return {"seconds": time.perf_counter() - start}
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationMethod
@@ -121,7 +137,8 @@ def _job(payload: dict[str, Any]) -> dict[str, Any]:
     elif tool == "ort-static":
         quantize_static(pre, dst, _ort_reader(payload["calib"], payload["batch"]), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=payload["ops"], per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                        weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, payload.get("method", "MinMax")))
     else:
         raise ValueError(f"unknown tool {tool!r}")
     extra["seconds"] = time.perf_counter() - start

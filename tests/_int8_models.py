@@ -121,13 +121,17 @@ def op_counts(model: ir.Model) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in model.graph))
 
 
-def optimized_op_counts(model: ir.Model) -> dict[str, int]:
-    """Op counts of the graph ORT actually runs (``SessionOptions.optimized_model_filepath``)."""
+def optimized_model(model: ir.Model) -> onnx.ModelProto:
+    """The graph ORT actually runs (``SessionOptions.optimized_model_filepath``)."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "optimized.onnx")
         _session(model, path)
-        proto = onnx.load(path)
-    return dict(collections.Counter(n.op_type for n in proto.graph.node))
+        return onnx.load(path)
+
+
+def optimized_op_counts(model: ir.Model) -> dict[str, int]:
+    """Op counts of the graph ORT actually runs."""
+    return dict(collections.Counter(n.op_type for n in optimized_model(model).graph.node))
 
 
 def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:

@@ -360,6 +360,8 @@ class LowerInt8QDQPass(QPass):
                 bdq.outputs[0].shape = ir.Shape(bias.shape)
                 new_nodes.append(bdq)
                 node.replace_input_with(2, bdq.outputs[0])
+                if drop_if_unused(graph, bias_value):  # e.g. a bias the correction made: read by nothing else
+                    self.count("float_weights_removed")
                 self.count("int32_bias")
             else:
                 if int_bias:
