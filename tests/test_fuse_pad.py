@@ -53,6 +53,23 @@ def test_folds_exactly(case) -> None:
     assert FusePadConvPass()(model).modified is False
 
 
+def test_constant_nodes_feeding_only_the_pad_go_with_it() -> None:
+    rng = np.random.default_rng(1)
+    zero = helper.make_tensor("zero", F, [], [0.0])
+    nodes = [helper.make_node("Constant", [], ["fill"], value=zero, name="fill_const"),
+             helper.make_node("Pad", ["x", "pads", "fill"], ["p"], name="pad"),
+             helper.make_node("Conv", ["p", "w"], ["y"], name="conv")]
+    inits = [init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)),
+             init("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32))]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 3, 9, 9])],
+                       [helper.make_tensor_value_info("y", F, [1, 4, 9, 9])], inits)
+    feeds = random_feeds(model)
+    expected = run_ort(model, feeds)
+    assert FusePadConvPass()(model).modified
+    assert op_counts(model) == {"Conv": 1}
+    assert_close(run_ort(model, feeds), expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize(("case", "reason"), [
     ({"pads": [0, 0, 1, 1, 0, 0, 1, 1], "fill": 0.5}, "Pad value is not a constant 0"),
     ({"pads": [0, 0, 1, 1, 0, 0, 1, 1], "mode": "reflect"}, "Pad mode is not constant"),

@@ -132,7 +132,12 @@ class FusePadConvPass(QPass):
             new = np.concatenate([conv_pads[:spatial] + begin, conv_pads[spatial:] + end])
             user.attributes["pads"] = ir.AttrInt64s("pads", [int(v) for v in new])
             user.replace_input_with(0, x)
-        constants = list(pad.inputs[1:])
+        constants = [v for v in pad.inputs[1:] if v is not None]
         graph.remove(pad, safe=True)
         drop_unused_initializers(constants)
+        for value in constants:  # Constant nodes that fed only the Pad (exporters write the fill value that way)
+            producer = value.producer()
+            if producer is not None and producer.op_type == "Constant" and not value.uses() \
+                    and not value.is_graph_output() and producer.graph is graph:
+                graph.remove(producer, safe=True)
         return True
