@@ -47,6 +47,9 @@ __all__ = ["GPTQPass", "conv_patches"]
 
 logger = logging.getLogger(__name__)
 
+#: the most bytes of conv input patches built at once (several images per BLAS call)
+_PATCH_BYTES = 64 << 20
+
 
 def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
     attr = node.attributes.get(name)
@@ -118,9 +121,15 @@ class _Layer:
             c = x.shape[1]
             cg = c // self.groups
             h = 0.0
-            for image in x.astype(np.float32):
-                p = conv_patches(image, self.kernel, self.pads, self.strides, self.dilations)  # [C, T, P]
-                p = p.reshape(self.groups, cg * p.shape[1], p.shape[2])  # [g, K, P]
+            x = x.astype(np.float32)
+            taps = self.kernel[0] * self.kernel[1]
+            per_image = max(1, x[0].size * taps * 4)
+            step = max(1, _PATCH_BYTES // per_image)  # images per matmul: few large BLAS calls, bounded memory
+            for start in range(0, x.shape[0], step):
+                chunk = [conv_patches(image, self.kernel, self.pads, self.strides, self.dilations)
+                         for image in x[start:start + step]]  # each [C, T, P]
+                p = np.concatenate(chunk, axis=2) if len(chunk) > 1 else chunk[0]
+                p = p.reshape(self.groups, cg * p.shape[1], p.shape[2])  # [g, K, P * images]
                 h = h + np.matmul(p, np.swapaxes(p, 1, 2)).astype(np.float64)
                 self.rows_seen += p.shape[2]
         self.hessian = h if self.hessian is None else self.hessian + h
