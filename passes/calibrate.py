@@ -13,16 +13,27 @@ Constant activations (``min == max``) are stored as they are; scale computation 
 and floors the scale, so no NaN scale can come out. A value that never produced a finite element gets no range and
 is reported (``no_finite_values``); lowering then leaves its consumers in float. ``modified`` is True when a range
 was added or changed. Without calibration data the pass raises :class:`~qcompiler.errors.CalibrationError`.
+
+With ``cache_dir`` (``[calibration] cache_dir``, ``--calib-cache DIR``) the raw statistics of every observed value
+(exact min/max *and* a histogram, whatever the calibrator, so that any calibrator can be served later) are stored in
+that folder under a key over the graph, the weights, the calibration batches and the observed names (see
+:mod:`qcompiler.calibration.cache`). A later run with the same key loads them instead of running ONNX Runtime
+(counted ``cache_hits``; a run that had to compute them counts ``cache_misses``); its ranges are bit-identical to a
+fresh run's with the same calibrator. An unusable cache file is recomputed with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
+from qcompiler.calibration import cache
 from qcompiler.errors import CalibrationError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes.observe import observer_session, run_observers, values_to_observe
@@ -46,6 +57,7 @@ class CalibratePass(QPass):
         progress: show a tqdm progress bar over samples.
         intra_op_threads: ORT threads (None: ORT's default).
         percentile: the percentile of the "percentile" observer, in ``(50, 100]``.
+        cache_dir: a folder for cached calibration statistics (created when missing), or None for no cache.
     """
 
     name = "calibrate"
@@ -53,7 +65,8 @@ class CalibratePass(QPass):
     preserves_float = True
 
     def __init__(self, *, calibration_data: Any = None, max_samples: int | None = None, batch_size: int = 16,
-                 progress: bool = False, intra_op_threads: int | None = None, percentile: float = 99.99) -> None:
+                 progress: bool = False, intra_op_threads: int | None = None, percentile: float = 99.99,
+                 cache_dir: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
         if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
             raise CalibrationError(f"calibrate: max_samples must be a positive integer, got {max_samples!r}")
@@ -61,12 +74,15 @@ class CalibratePass(QPass):
             raise CalibrationError(f"calibrate: batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50 < percentile <= 100:
             raise CalibrationError(f"calibrate: percentile must be a number in (50, 100], got {percentile!r}")
+        if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not os.fspath(cache_dir)):
+            raise CalibrationError(f"calibrate: cache_dir must be a folder path, got {cache_dir!r}")
         self.calibration_data = calibration_data
         self.max_samples = max_samples
         self.batch_size = batch_size
         self.progress = progress
         self.intra_op_threads = intra_op_threads
         self.percentile = float(percentile)
+        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> CalibratePass:
@@ -76,6 +92,7 @@ class CalibratePass(QPass):
             "max_samples": recipe.calibration.max_samples,
             "batch_size": recipe.calibration.batch_size,
             "percentile": recipe.calibration.percentile,
+            "cache_dir": recipe.calibration.cache_dir,
             "progress": bool(getattr(context, "progress", False)),
         }
         kwargs.update(options)
@@ -96,21 +113,13 @@ class CalibratePass(QPass):
             return ir.passes.PassResult(model, False)
         data = self.calibration_data
         total = data.num_samples if self.max_samples is None else min(self.max_samples, data.num_samples)
-        session, names = observer_session(model, values, intra_op_threads=self.intra_op_threads)
+        names = [v.name for v in values]
         kinds = [get_qspec(v).observer for v in values]
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, desc="calibrate", unit="sample", leave=False)
-        try:
-            observers = run_observers(session, names, data.iter_batches(self.batch_size, self.max_samples),
-                                      kinds, on_batch=bar.update if bar is not None else None,
-                                      options={"percentile": self.percentile})
-        finally:
-            if bar is not None:
-                bar.close()
-        del session
+        if self.cache_dir is None:
+            fold = functools.partial(run_observers, observer=kinds, options={"percentile": self.percentile})
+            observers = self._observe(model, values, total, fold)
+        else:
+            observers = self._observe_cached(model, values, names, kinds, total)
         modified = False
         for value, name in zip(values, names, strict=True):
             observer = observers[name]
@@ -130,3 +139,40 @@ class CalibratePass(QPass):
             self.count("ranges")
         self.count("samples", total)
         return ir.passes.PassResult(model, modified)
+
+    def _observe(self, model: ir.Model, values: list[ir.Value], total: int, fold: Callable[..., Any]) -> Any:
+        """Run ONNX Runtime over the calibration batches and fold the observed outputs in.
+
+        ``fold(session, output_names, batches, on_batch=...)`` is :func:`run_observers` or
+        :func:`~qcompiler.calibration.cache.collect_statistics`.
+        """
+        session, names = observer_session(model, values, intra_op_threads=self.intra_op_threads)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="calibrate", unit="sample", leave=False)
+        try:
+            return fold(session, names, self.calibration_data.iter_batches(self.batch_size, self.max_samples),
+                        on_batch=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+            del session
+
+    def _observe_cached(self, model: ir.Model, values: list[ir.Value], names: list[str], kinds: list[str],
+                        total: int) -> dict[str, Any]:
+        """The observers from the cache when it holds this run's statistics, else from a run that fills it."""
+        folder = cache.open_cache_dir(self.cache_dir)
+        key, manifest = cache.cache_key(model, names, self.calibration_data, batch_size=self.batch_size,
+                                        max_samples=self.max_samples)
+        stats = cache.load_statistics(folder, key, names)
+        if stats is None:
+            self.count("cache_misses")
+            logger.info("calibrate: no cached statistics for key %s; running ONNX Runtime", key[:16])
+            stats = self._observe(model, values, total, cache.collect_statistics)
+            cache.save_statistics(folder, key, names, stats, manifest)
+        else:
+            self.count("cache_hits")
+        return {name: stats[name].observer(kind, percentile=self.percentile)
+                for name, kind in zip(names, kinds, strict=True)}

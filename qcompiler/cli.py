@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input names, or a folder of them")
     p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
     p.add_argument("--calib-batch-size", type=int, metavar="N", help="calibration samples per ONNX Runtime call")
+    p.add_argument("--calib-cache", metavar="DIR",
+                   help="cache calibration statistics in DIR (created if missing): a rerun with the same model and "
+                        "data, even with another --calibrator/--percentile/--activation-dtype, skips the ONNX "
+                        "Runtime calibration run")
     p.add_argument("--calibrator", choices=("minmax", "percentile", "entropy", "mse"),
                    help="activation range estimator (default: the recipe's, minmax)")
     p.add_argument("--percentile", type=float, metavar="P",
@@ -156,6 +160,8 @@ def _compile(args: argparse.Namespace) -> int:
         calibration["max_samples"] = args.calib_samples
     if args.calib_batch_size is not None:
         calibration["batch_size"] = args.calib_batch_size
+    if args.calib_cache is not None:
+        calibration["cache_dir"] = args.calib_cache
     if args.calibrator is not None:
         calibration["calibrator"] = args.calibrator
     if args.percentile is not None:

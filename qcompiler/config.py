@@ -25,6 +25,7 @@ An unknown key anywhere is a :class:`~qcompiler.errors.ConfigError` naming it. B
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Mapping
 from importlib import resources
@@ -115,12 +116,17 @@ class CalibrationOptions:
         max_samples: use at most this many samples (None: all).
         batch_size: samples per ONNX Runtime call (memory is bounded by one batch of activations).
         percentile: the "percentile" calibrator's percentile, in ``(50, 100]``.
+        cache_dir: a folder (created when missing) where the raw calibration statistics are cached, keyed by the
+            graph, weights, data and observed values, so another calibrator, percentile or activation dtype reuses
+            them without running ONNX Runtime again (see :mod:`qcompiler.calibration.cache`); None: no cache. A
+            relative path is relative to the current folder.
     """
 
     calibrator: str = "minmax"
     max_samples: int | None = None
     batch_size: int = 16
     percentile: float = 99.99
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.calibrator not in CALIBRATORS:
@@ -134,6 +140,11 @@ class CalibrationOptions:
         p = self.percentile
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50.0 < p <= 100.0:
             raise ConfigError(f"calibration.percentile must be a number in (50, 100], got {p!r}")
+        folder = self.cache_dir
+        if folder is not None:
+            if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder) or "\0" in os.fspath(folder):
+                raise ConfigError(f"calibration.cache_dir must be a folder path, got {folder!r}")
+            object.__setattr__(self, "cache_dir", os.fspath(folder))  # a Path from the API becomes a str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,9 @@ ignored; ``+-Inf`` is clamped to ``+-`` the largest float32 (as :class:`~qcompil
 does) and counted, so one Inf stretches the histogram over the float32 range. While every element seen is 0 the
 histogram has no width yet (``width`` is None) and only counts zeros.
 
+:meth:`Histogram.to_arrays` / :meth:`Histogram.from_arrays` save and restore the whole state as plain arrays (the
+on-disk calibration cache, :mod:`qcompiler.calibration.cache`).
+
 Limits: per tensor only; memory is ``bins`` int64 counts plus a chunk of at most 2**20 elements of float64 scratch
 during :meth:`Histogram.update`. Resolution: a bin is at most about ``2 * (max(x_max, 0) - min(x_min, 0)) / bins``
 wide (the width before the last doubling did not fit), so data far from 0 (``[100, 101]``) occupies few bins; the
@@ -119,6 +122,53 @@ class Histogram:
         if self._exp is None:
             raise ValueError("the histogram has no bins yet (only zeros were seen)")
         return (self._j0 + np.arange(self._bins + 1, dtype=np.float64)) * self.width
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The complete state as plain numeric arrays (storable in an ``.npz`` without pickle).
+
+        Returns:
+            ``counts`` (int64, ``bins``), ``ints`` (int64: bins, has width, exponent, first cell, count, zeros,
+            batches, saw non-finite) and ``floats`` (float64: exact min, max). :meth:`from_arrays` inverts it.
+        """
+        ints = [self._bins, int(self._exp is not None), self._exp or 0, self._j0, self._count, self._zeros,
+                self.num_batches, int(self.saw_nonfinite)]
+        return {"counts": self._counts.copy(), "ints": np.array(ints, dtype=np.int64),
+                "floats": np.array([self._min, self._max], dtype=np.float64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Histogram:
+        """Rebuild a histogram from :meth:`to_arrays`; it continues exactly as the original would.
+
+        Raises:
+            ValueError: when the arrays are not a consistent histogram state (wrong keys, dtypes, shapes or counts).
+        """
+        try:
+            counts, ints, floats = arrays["counts"], arrays["ints"], arrays["floats"]
+        except KeyError as exc:
+            raise ValueError(f"histogram state lacks {exc}") from None
+        if ints.dtype != np.int64 or ints.shape != (8,) or floats.dtype != np.float64 or floats.shape != (2,):
+            raise ValueError("histogram state: bad 'ints' or 'floats' array")
+        bins, has_width, exp, j0, count, zeros, batches, nonfinite = (int(v) for v in ints)
+        hist = cls(bins)
+        if counts.dtype != np.int64 or counts.shape != (bins,) or (counts < 0).any():
+            raise ValueError("histogram state: bad 'counts' array")
+        lo, hi = float(floats[0]), float(floats[1])
+        total = int(counts.sum())
+        consistent = (count >= 0 and batches >= 0 and 0 <= zeros <= count and nonfinite in (0, 1)
+                      and has_width in (0, 1) and not math.isnan(lo) and not math.isnan(hi)
+                      and (total == count if has_width else total == 0 and zeros == count)
+                      and (count == 0 or lo <= hi) and (count > 0 or (lo, hi) == (math.inf, -math.inf)))
+        if not consistent:
+            raise ValueError("histogram state: inconsistent counts, min/max or flags")
+        hist._counts = counts.copy()
+        hist._exp = exp if has_width else None
+        hist._j0 = j0
+        hist._min, hist._max = lo, hi
+        hist._count, hist._zeros = count, zeros
+        hist.num_batches = batches
+        hist.saw_nonfinite = bool(nonfinite)
+        return hist
 
     # -- update ---------------------------------------------------------------------------------------------------
     def update(self, array: np.ndarray) -> None:

@@ -3,7 +3,8 @@
 :class:`MinMaxObserver` keeps the running ``min`` and ``max`` over every element it has seen (float64), so its range
 equals ``np.min``/``np.max`` of the concatenated batches. NaN is ignored in a batch that also holds finite values;
 a range is refused (``None``) until a finite element has been seen, and Inf is clamped to the largest finite float32
-so a range is always finite. Per-tensor only.
+so a range is always finite. Per-tensor only. Its state round-trips through plain arrays
+(:meth:`MinMaxObserver.to_arrays` / :meth:`MinMaxObserver.from_arrays`) for the on-disk calibration cache.
 
 The histogram observers (:class:`PercentileObserver`, :class:`EntropyObserver`, :class:`MSEObserver`) fold batches
 into a :class:`~qcompiler.calibration.histogram.Histogram` (bounded memory, exact re-binning, same NaN/Inf rules) and
@@ -103,6 +104,35 @@ class MinMaxObserver(Observer):
                 lo = _FMAX
         self._min = min(self._min, lo)
         self._max = max(self._max, hi)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The state as plain arrays: ``floats`` (float64: min, max) and ``ints`` (int64: batches, saw non-finite)."""
+        return {"floats": np.array([self._min, self._max], dtype=np.float64),
+                "ints": np.array([self._batches, int(self.saw_nonfinite)], dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> MinMaxObserver:
+        """Rebuild an observer from :meth:`to_arrays`.
+
+        Raises:
+            ValueError: when the arrays are not a consistent MinMax state.
+        """
+        try:
+            floats, ints = arrays["floats"], arrays["ints"]
+        except KeyError as exc:
+            raise ValueError(f"minmax state lacks {exc}") from None
+        if floats.dtype != np.float64 or floats.shape != (2,) or ints.dtype != np.int64 or ints.shape != (2,):
+            raise ValueError("minmax state: bad 'floats' or 'ints' array")
+        lo, hi = float(floats[0]), float(floats[1])
+        batches, nonfinite = int(ints[0]), int(ints[1])
+        seen = np.isfinite(lo) and np.isfinite(hi) and lo <= hi
+        if batches < 0 or nonfinite not in (0, 1) or not (seen or (lo, hi) == (np.inf, -np.inf)):
+            raise ValueError("minmax state: inconsistent min/max or flags")
+        observer = cls()
+        observer._min, observer._max = lo, hi
+        observer._batches = batches
+        observer.saw_nonfinite = bool(nonfinite)
+        return observer
 
     def range(self, spec: QuantSpec | None = None) -> ValueRange | None:
         """The range seen so far, or None before any finite element (``spec`` is not needed)."""
