@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-dir", metavar="DIR", help="folder for --dump-after models (default: OUTPUT.dumps/)")
     p.add_argument("--verify-each", action="store_true",
                    help="check the model after each pass and compare outputs across float-preserving passes")
-    p.add_argument("--report", metavar="FILE", help="write a report: .json or .md (per-pass stats, per-layer SQNR)")
+    p.add_argument("--report", action="append", default=[], metavar="FILE",
+                   help="write a report: .json or .md (per-pass stats, per-layer SQNR), or .png (the per-layer SQNR "
+                        "plot, needs matplotlib); repeatable")
     p.add_argument("--list-passes", action="store_true", help="list built-in and plugin passes, then exit")
     p.add_argument("--list-recipes", action="store_true", help="list built-in recipes, then exit")
     p.add_argument("--progress", dest="progress", action="store_true", default=None, help="force progress bars")
@@ -168,11 +170,12 @@ def _compile(args: argparse.Namespace) -> int:
         calibration["percentile"] = args.percentile
     recipe = args.recipe or DEFAULT_RECIPE
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not args.quiet)
-    report_path = Path(args.report) if args.report else None
-    if report_path is not None and report_path.suffix not in (".json", ".md"):
-        raise UsageError(f"--report {args.report}: the report file must end in .json or .md")
-    if report_path is not None and not report_path.parent.is_dir():  # fail before compiling, not after writing
-        raise UsageError(f"--report {args.report}: folder {report_path.parent} does not exist")
+    report_paths = [Path(r) for r in args.report]
+    for report_path in report_paths:  # fail before compiling, not after writing
+        if report_path.suffix not in (".json", ".md", ".png"):
+            raise UsageError(f"--report {report_path}: the report file must end in .json, .md or .png")
+        if not report_path.parent.is_dir():
+            raise UsageError(f"--report {report_path}: folder {report_path.parent} does not exist")
 
     start = time.perf_counter()
     result = compile_model(
@@ -181,12 +184,18 @@ def _compile(args: argparse.Namespace) -> int:
         dump_dir=args.dump_dir, verify_each=args.verify_each, progress=progress,
     )
     seconds = time.perf_counter() - start
-    if report_path is not None:
-        from qcompiler.report import write_report
+    for report_path in report_paths:
+        from qcompiler.report import report_dict, write_report
 
-        write_report(result, report_path, seconds=seconds)
+        if report_path.suffix == ".png":
+            from qcompiler.report_plot import plot_layers
+
+            plot_layers(report_dict(result, seconds=seconds), report_path)
+        else:
+            write_report(result, report_path, seconds=seconds)
     if not args.quiet:
-        layers = sum(len(p.stats.layers) for p in result.report.passes)
+        layers = len({name for p in result.report.passes for name, figures in p.stats.layers.items()
+                      if "scheme" in figures})  # recorded by the lowering passes
         ratio = result.output_bytes / max(result.input_bytes, 1)
         print(f"wrote {result.output_path} with recipe {result.recipe.name} in {seconds:.2f} s: "
               f"{result.input_bytes / 1e6:.2f} MB -> {result.output_bytes / 1e6:.2f} MB ({ratio:.2f}x), "

@@ -354,6 +354,12 @@ def test_accuracy_budget_flags(models: dict[str, Path], tmp_path: Path, capsys: 
     assert record["counters"]["layers_kept_float"] == record["counters"]["layers_measured"] > 0
     assert not set(_ops(out)) & STATIC_OPS
     assert all("sensitivity_sqnr_db" in data["layers"][name] for name in data["layers"] if name != "(whole model)")
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "layers.png"
+    code, _, err = _main([str(models["cnn"]), "-o", str(out), "--recipe", "int8", "--calib", str(models["calib"]),
+                          "--min-sqnr", "10", "--report", str(png), "--report", str(report), "-q"], capsys)
+    assert code == 0, err
+    assert png.read_bytes()[:4] == b"\x89PNG" and report.is_file()
     code, _, err = _main([str(models["cnn"]), "-o", str(out), "--recipe", "int8", "--calib", str(models["calib"]),
                           "--max-accuracy-drop", "2"], capsys)
     assert code == 2 and "max_accuracy_drop" in _one_line(err)
