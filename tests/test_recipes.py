@@ -300,7 +300,7 @@ def test_cli_flags_override_the_recipe(cnn: tuple[Path, Path], tmp_path: Path,
     (["--activation-dtype", "int4"], "invalid choice"),
     (["--calib-samples", "many"], "invalid int value"),
     (["--recipe", "int8"], "needs calibration data"),
-    (["--report", "r.txt"], "must end in .json or .md"),
+    (["--report", "r.txt"], "must end in .json, .md or .png"),
     (["--frobnicate"], "unrecognized arguments"),
 ])
 def test_cli_recipe_errors(cnn: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
