@@ -35,7 +35,7 @@ from qcompiler.pass_manager import QPass
 from qcompiler.passes.algorithms._gptq_core import gptq_round
 from qcompiler.passes.algorithms.bias_correction import BIAS_SHIFT_KEY, get_channel_mean, mean_shift
 from qcompiler.passes.annotate import SCHEME_KEY
-from qcompiler.passes.lower._target import resolve_reduce_range
+from qcompiler.passes.lower._target import recipe_reduce_range, resolve_reduce_range
 from qcompiler.passes.lower._weights import PINNED_SCALE_KEY, sqnr_db, symmetric_scales
 from qcompiler.passes.lower.int8_qdq import layer_qmax
 from qcompiler.qspec import get_qspec
@@ -171,15 +171,11 @@ class GPTQPass(QPass):
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> GPTQPass:
         """Data from the build context, sample limits from ``[calibration]``, ``reduce_range`` from the lowering."""
-        reduce_range: Any = "auto"
-        for lowering in ("lower-int8-qdq", "lower-int8-dynamic"):
-            if lowering in recipe.passes:
-                reduce_range = recipe.options_for(lowering).get("reduce_range", "auto")
         kwargs: dict[str, Any] = {
             "calibration_data": getattr(context, "calibration_data", None),
             "max_samples": recipe.calibration.max_samples,
             "batch_size": recipe.calibration.batch_size,
-            "reduce_range": reduce_range,
+            "reduce_range": recipe_reduce_range(recipe, cls.name),
         }
         kwargs.update(options)
         return cls(**kwargs)

@@ -44,7 +44,7 @@ from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, const_array
 from qcompiler.passes.annotate import SCHEME_KEY, quantized_output
-from qcompiler.passes.lower._target import resolve_reduce_range
+from qcompiler.passes.lower._target import recipe_reduce_range
 from qcompiler.qspec import QSPEC_KEY, get_qspec, set_qspec
 
 if TYPE_CHECKING:
@@ -159,11 +159,7 @@ class SmoothQuantPass(QPass):
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> SmoothQuantPass:
         """Data from the build context, sample limits from ``[calibration]``, ``qmax`` from the lowering's options."""
-        reduce_range: object = "auto"
-        for lowering in ("lower-int8-qdq", "lower-int8-dynamic"):
-            if lowering in recipe.passes:
-                reduce_range = recipe.options_for(lowering).get("reduce_range", "auto")
-        reduce_range = resolve_reduce_range(reduce_range, cls.name)
+        reduce_range = recipe_reduce_range(recipe, cls.name)
         kwargs: dict[str, Any] = {
             "calibration_data": getattr(context, "calibration_data", None),
             "max_samples": recipe.calibration.max_samples,

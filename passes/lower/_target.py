@@ -22,7 +22,7 @@ from pathlib import Path
 
 from qcompiler.errors import ConfigError
 
-__all__ = ["saturating_int8_kernels", "resolve_reduce_range"]
+__all__ = ["saturating_int8_kernels", "resolve_reduce_range", "recipe_reduce_range"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,3 +55,15 @@ def resolve_reduce_range(value: object, owner: str) -> bool:
         logger.info("%s: reduce_range=auto -> %s (%s-bit weights for this CPU)", owner, reduce, 7 if reduce else 8)
         return reduce
     raise ConfigError(f"{owner}: reduce_range must be true, false or \"auto\", got {value!r}")
+
+
+def recipe_reduce_range(recipe: object, owner: str) -> bool:
+    """The ``reduce_range`` of the recipe's int8 lowering (its pass-options, else "auto"), resolved.
+
+    Passes that round weights before the lowering (SmoothQuant's error model, GPTQ) must use the same grid.
+    """
+    value: object = "auto"
+    for lowering in ("lower-int8-qdq", "lower-int8-dynamic"):
+        if lowering in recipe.passes:
+            value = recipe.options_for(lowering).get("reduce_range", "auto")
+    return resolve_reduce_range(value, owner)

@@ -29,7 +29,7 @@ import onnx_ir as ir
 from qcompiler.qspec import MIN_SCALE
 
 __all__ = ["SQNR_CAP_DB", "PINNED_SCALE_KEY", "QuantizedWeight", "symmetric_scales", "quantize_symmetric",
-           "quantize_weight", "pinned_scale", "sqnr_db", "Namer", "add_constant", "take_over_output", "drop_if_unused"]
+           "quantize_weight", "pinned_scale", "broadcast_scale", "sqnr_db", "Namer", "add_constant", "take_over_output", "drop_if_unused"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def _slices(n: int, row_elems: int) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _broadcast(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+def broadcast_scale(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    """``scale`` shaped to broadcast against a tensor of rank ``ndim`` along ``axis`` (as is when per tensor)."""
     if axis is None or scale.ndim == 0:
         return scale
     shape = [1] * ndim
@@ -82,7 +83,7 @@ def symmetric_scales(w: np.ndarray, axis: int | None, qmax: int = _QMAX) -> np.n
 def quantize_symmetric(w: np.ndarray, scale: np.ndarray, axis: int | None, qmax: int = _QMAX) -> np.ndarray:
     """``clip(rint(w / scale), -qmax, qmax)`` as int8, slice by slice along the first axis."""
     w = np.asarray(w)
-    s = _broadcast(np.asarray(scale, dtype=np.float64), w.ndim, axis)
+    s = broadcast_scale(np.asarray(scale, dtype=np.float64), w.ndim, axis)
     out = np.empty(w.shape, dtype=np.int8)
     if w.ndim == 0:
         return np.clip(np.rint(w / s), -qmax, qmax).astype(np.int8)
@@ -96,7 +97,7 @@ def quantize_symmetric(w: np.ndarray, scale: np.ndarray, axis: int | None, qmax:
 def sqnr_db(w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int | None) -> float:
     """Signal-to-quantization-noise ratio of ``w`` against ``q * scale`` in dB (float64 sums, sliced)."""
     w = np.asarray(w)
-    s = _broadcast(np.asarray(scale, dtype=np.float64), w.ndim, axis)
+    s = broadcast_scale(np.asarray(scale, dtype=np.float64), w.ndim, axis)
     signal = noise = 0.0
     if w.ndim == 0:
         err = float(w) - float(q) * float(s)

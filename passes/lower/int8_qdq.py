@@ -59,6 +59,7 @@ from qcompiler.passes.lower._weights import (
     Namer,
     QuantizedWeight,
     add_constant,
+    broadcast_scale,
     drop_if_unused,
     pinned_scale,
     quantize_weight,
@@ -99,14 +100,6 @@ def _feeds_only_float_layers(node: ir.Node, lowered: set[ir.Node], depth: int = 
         return False
     users = [user for out in node.outputs for user, _ in out.uses()]
     return bool(users) and all(_feeds_only_float_layers(user, lowered, depth + 1) for user in users)
-
-
-def _broadcast_scale(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
-    if axis is None or scale.ndim == 0:
-        return scale
-    shape = [1] * ndim
-    shape[axis] = -1
-    return scale.reshape(shape)
 
 
 def _is_depthwise(node: ir.Node, weight: np.ndarray) -> bool:
@@ -250,7 +243,7 @@ class LowerInt8QDQPass(QPass):
         mean = get_channel_mean(x)
         if mean is None:
             return None
-        dequantized = qw.q.astype(np.float32) * _broadcast_scale(qw.scale, weight.ndim, qw.axis)
+        dequantized = qw.q.astype(np.float32) * broadcast_scale(qw.scale, weight.ndim, qw.axis)
         shift = mean_shift(node, weight, dequantized, mean)
         if shift is None:
             self.skip(node, "bias correction: channel mean does not fit the weight")
