@@ -3,11 +3,12 @@
 For each Conv, MatMul and Gemm in the main graph (of the configured ``op_types``, not excluded by name) whose
 weight is a constant float32 tensor:
 
-- the weight value gets a symmetric int8 spec, per channel along the output-channel axis (Conv: axis 0 of
+- the weight value gets a symmetric ``weight_dtype`` spec (int8, or float8e4m3fn), per channel along the output-channel axis (Conv: axis 0 of
   ``[M, C/g, k...]``; MatMul: axis 1 of ``[K, N]``; Gemm: axis 0 of ``B`` when ``transB=1``, else axis 1) or per
   tensor when ``per_channel`` is off;
 - the activation input (input 0) gets a per-tensor spec: static (``activation_dtype``, asymmetric, observed by the
-  calibrator) or dynamic (uint8 asymmetric, computed at run time, no calibration);
+  calibrator; uint8/int8/uint16 asymmetric, int16/float8e4m3fn symmetric) or dynamic (uint8 asymmetric, computed at
+  run time, no calibration; int8 weights only);
 - with static activations, the output gets the same kind of spec. When a fusion pass marked the node with
   ``node.meta["qcompiler.fused_activation"]`` (a single-consumer Relu/Clip), the spec goes on that activation's
   output instead, so nothing is quantized between the pair;
@@ -27,7 +28,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qcompiler.config import ACTIVATION_DTYPES, QUANTIZABLE_OPS, Recipe
+from qcompiler.config import ACTIVATION_DTYPES, QUANTIZABLE_OPS, WEIGHT_DTYPES, Recipe
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.qspec import QuantSpec, get_qspec, set_qspec
@@ -76,9 +77,10 @@ class AnnotateInt8Pass(QPass):
         op_types: operator types to annotate.
         exclude_nodes: node names to leave in float.
         per_channel: per-output-channel weight scales (else per tensor).
-        activation_dtype: "uint8" or "int8" for static activations.
+        activation_dtype: static activation type ("uint8", "int8", "uint16", "int16", "float8e4m3fn").
         static_activations: calibrated activation ranges (QDQ) when True, run-time quantization when False.
         observer: the calibration observer of static activations.
+        weight_dtype: "int8" or "float8e4m3fn" (static activations only).
     """
 
     name = "annotate-int8"
@@ -87,13 +89,19 @@ class AnnotateInt8Pass(QPass):
 
     def __init__(self, *, op_types: Sequence[str] = QUANTIZABLE_OPS, exclude_nodes: Sequence[str] = (),
                  per_channel: bool = True, activation_dtype: str = "uint8", static_activations: bool = True,
-                 observer: str = "minmax") -> None:
+                 observer: str = "minmax", weight_dtype: str = "int8") -> None:
         super().__init__()
         unknown = sorted(set(op_types) - set(QUANTIZABLE_OPS))
         if unknown:
             raise ConfigError(f"annotate-int8: cannot quantize {', '.join(unknown)}")
         if activation_dtype not in ACTIVATION_DTYPES:
             raise ConfigError(f"annotate-int8: activation_dtype must be one of {', '.join(ACTIVATION_DTYPES)}")
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ConfigError(f"annotate-int8: weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}")
+        if weight_dtype != "int8" and not static_activations:
+            raise ConfigError(f"annotate-int8: weight_dtype {weight_dtype!r} needs static activations "
+                              "(dynamic quantization lowers int8 weights only)")
+        self.weight_dtype = weight_dtype
         self.op_types = tuple(op_types)
         self.exclude_nodes = frozenset(exclude_nodes)
         self.per_channel = bool(per_channel)
@@ -109,7 +117,7 @@ class AnnotateInt8Pass(QPass):
         kwargs: dict[str, Any] = {
             "op_types": q.op_types, "exclude_nodes": q.exclude_nodes, "per_channel": q.per_channel,
             "activation_dtype": q.activation_dtype, "static_activations": not dynamic,
-            "observer": recipe.calibration.calibrator,
+            "observer": recipe.calibration.calibrator, "weight_dtype": q.weight_dtype,
         }
         kwargs.update(options)
         return cls(**kwargs)
@@ -117,14 +125,15 @@ class AnnotateInt8Pass(QPass):
     # -- specs ------------------------------------------------------------------------------------------------
     def _activation_spec(self) -> QuantSpec:
         if self.static_activations:
-            return QuantSpec(dtype=self.activation_dtype, granularity="per_tensor", symmetric=False,
+            symmetric = self.activation_dtype in ("int16", "float8e4m3fn")  # int8 stays asymmetric, as before
+            return QuantSpec(dtype=self.activation_dtype, granularity="per_tensor", symmetric=symmetric,
                              observer=self.observer)
         return QuantSpec(dtype="uint8", granularity="per_tensor", symmetric=False, dynamic=True)
 
     def _weight_spec(self, axis: int) -> QuantSpec:
         if self.per_channel:
-            return QuantSpec(dtype="int8", granularity="per_channel", axis=axis, symmetric=True)
-        return QuantSpec(dtype="int8", granularity="per_tensor", symmetric=True)
+            return QuantSpec(dtype=self.weight_dtype, granularity="per_channel", axis=axis, symmetric=True)
+        return QuantSpec(dtype=self.weight_dtype, granularity="per_tensor", symmetric=True)
 
     def _check(self, model: ir.Model, node: ir.Node) -> str | None:
         """Why the node cannot be annotated, or None."""

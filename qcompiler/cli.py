@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation range estimator (default: the recipe's, minmax)")
     p.add_argument("--percentile", type=float, metavar="P",
                    help="percentile of --calibrator percentile, in (50, 100] (default 99.99)")
-    p.add_argument("--activation-dtype", choices=("uint8", "int8"), help="static activation type")
+    p.add_argument("--activation-dtype", choices=("uint8", "int8", "uint16", "int16", "float8e4m3fn"),
+                   help="static activation type (16-bit needs opset 21, float8e4m3fn opset 19)")
+    p.add_argument("--weight-dtype", choices=("int8", "float8e4m3fn"), help="weight type")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p.add_argument("--op-types", metavar="OPS", help="comma-separated operator types to quantize, e.g. Conv,MatMul")
     p.add_argument("--exclude-node", action="append", default=[], metavar="NAME", help="leave this node in float")
@@ -147,6 +149,8 @@ def _compile(args: argparse.Namespace) -> int:
     quantization: dict[str, object] = {}
     if args.activation_dtype:
         quantization["activation_dtype"] = args.activation_dtype
+    if args.weight_dtype:
+        quantization["weight_dtype"] = args.weight_dtype
     if args.per_tensor:
         quantization["per_channel"] = False
     if args.op_types:

@@ -50,8 +50,8 @@ __all__ = [
     "override",
 ]
 
-ACTIVATION_DTYPES = ("uint8", "int8")
-WEIGHT_DTYPES = ("int8",)
+ACTIVATION_DTYPES = ("uint8", "int8", "uint16", "int16", "float8e4m3fn")
+WEIGHT_DTYPES = ("int8", "float8e4m3fn")
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
 
@@ -67,8 +67,9 @@ class QuantizationOptions:
     """What to quantize and how: read by the annotate and lower passes.
 
     Attributes:
-        weight_dtype: element type of quantized weights (symmetric, zero point 0).
-        activation_dtype: element type of activations for static quantization ("uint8" asymmetric, or "int8").
+        weight_dtype: element type of quantized weights (symmetric, zero point 0): "int8" or "float8e4m3fn".
+        activation_dtype: element type of activations for static quantization: "uint8"/"uint16" (asymmetric),
+            "int8"/"int16" (symmetric) or "float8e4m3fn" (symmetric; 16-bit needs opset 21, FP8 opset 19).
         per_channel: per-output-channel weight scales (otherwise one scale per tensor).
         op_types: operator types to quantize.
         exclude_nodes: node names to leave in float.

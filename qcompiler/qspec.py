@@ -11,12 +11,18 @@ The math (``r`` real, ``q`` integer, ``s`` scale, ``z`` zero point; ``r = s * (q
   ``rmin' = min(rmin, 0)``, ``rmax' = max(rmax, 0)``; ``s = (rmax' - rmin') / (qmax - qmin)`` and
   ``z = clip(round(qmin - rmin' / s), qmin, qmax)``. Because ``z`` is an integer, the real 0 is represented exactly
   (padding and ReLU zeros stay exact).
-- symmetric activations (int8 only): ``s = max(|rmin|, |rmax|) / 127``, ``z = 0``.
+- symmetric activations (int8, int16): ``s = max(|rmin|, |rmax|) / qmax``, ``z = 0``.
+- 16-bit integers: uint16 is asymmetric over ``[0, 65535]`` (``s = (rmax' - rmin') / 65535``), int16 symmetric
+  over ``[-32767, 32767]`` (``s = max|r| / 32767``); the formulas above apply unchanged.
+- FP8 E4M3FN (``"float8e4m3fn"``): symmetric only, ``s = max(|rmin|, |rmax|) / 448`` (448 is the largest finite
+  E4M3FN value), zero point the FP8 zero. :func:`quantize` computes ``x / s`` in float64, saturates to
+  ``[-448, 448]`` and rounds to the nearest FP8 value (ties to even) like ONNX ``QuantizeLinear`` with
+  ``saturate=1``; the relative rounding error of a normal value is at most ``2^-4`` (3 mantissa bits).
 
 Limits: scales are computed in float64 and stored as float32. A zero range (all values 0) or a range whose scale
 would fall below :data:`MIN_SCALE` (1e-12) gets ``s = MIN_SCALE``: never 0, NaN or Inf, and the product of two such
 scales (an int32 bias scale) is still a normal float32. Non-finite ranges are rejected with ``ValueError``.
-Only 8-bit integer types (int8, uint8) are supported here.
+Supported element types: int8, uint8, int16, uint16 and float8e4m3fn (numpy arrays of ``ml_dtypes.float8_e4m3fn``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import dataclasses
 import logging
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -42,6 +49,8 @@ __all__ = [
     "qrange",
     "onnx_dtype",
     "numpy_dtype",
+    "FP8_DTYPES",
+    "is_float_dtype",
     "scale_zero_point",
     "quantize",
     "dequantize",
@@ -57,7 +66,20 @@ RANGE_KEY = "qcompiler.range"
 MIN_SCALE = 1e-12
 
 Granularity = Literal["per_tensor", "per_channel", "block"]
-_DTYPES = {"int8": (-128, 127, np.int8, ir.DataType.INT8), "uint8": (0, 255, np.uint8, ir.DataType.UINT8)}
+_DTYPES = {
+    "int8": (-128, 127, np.int8, ir.DataType.INT8),
+    "uint8": (0, 255, np.uint8, ir.DataType.UINT8),
+    "int16": (-32768, 32767, np.int16, ir.DataType.INT16),
+    "uint16": (0, 65535, np.uint16, ir.DataType.UINT16),
+    "float8e4m3fn": (-448, 448, ml_dtypes.float8_e4m3fn, ir.DataType.FLOAT8E4M3FN),
+}
+#: floating-point quantized element types (symmetric only, zero point 0, no integer grid)
+FP8_DTYPES = frozenset({"float8e4m3fn"})
+
+
+def is_float_dtype(dtype: str) -> bool:
+    """True for a floating-point quantized type (FP8), False for an integer one."""
+    return dtype in FP8_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +87,7 @@ class QuantSpec:
     """How one tensor is to be quantized.
 
     Attributes:
-        dtype: integer element type, "int8" or "uint8".
+        dtype: element type: "int8", "uint8", "int16", "uint16" or "float8e4m3fn" (symmetric only).
         granularity: "per_tensor", "per_channel" (one scale per index of ``axis``) or "block" (``block_size``
             consecutive elements along ``axis`` share a scale).
         axis: the channel or block axis (non-negative), None for per-tensor.
@@ -98,8 +120,13 @@ class QuantSpec:
                 raise ValueError("a block QuantSpec needs a non-negative axis and a positive block_size")
         else:
             raise ValueError(f"unknown granularity {self.granularity!r}")
-        if self.symmetric and self.dtype == "uint8":
-            raise ValueError("a symmetric QuantSpec needs a signed dtype (int8)")
+        if self.symmetric and self.dtype in ("uint8", "uint16"):
+            raise ValueError(f"a symmetric QuantSpec needs a signed dtype, got {self.dtype!r}")
+        if self.dtype in FP8_DTYPES:
+            if not self.symmetric:
+                raise ValueError(f"a {self.dtype} QuantSpec must be symmetric")
+            if self.granularity == "block":
+                raise ValueError(f"a {self.dtype} QuantSpec is per tensor or per channel")
         if self.dynamic and self.observer is not None:
             raise ValueError("a dynamic QuantSpec needs no observer")
 
@@ -148,7 +175,7 @@ def set_range(value: ir.Value, value_range: ValueRange) -> bool:
 
 
 def qrange(dtype: str, symmetric: bool = False) -> tuple[int, int]:
-    """``(qmin, qmax)`` of an integer type; symmetric int8 is ``(-127, 127)``."""
+    """``(qmin, qmax)`` of a type; symmetric int8 is ``(-127, 127)``, float8e4m3fn is ``(-448, 448)``."""
     qmin, qmax = _DTYPES[dtype][:2]
     if symmetric:
         qmin = -qmax
@@ -156,12 +183,12 @@ def qrange(dtype: str, symmetric: bool = False) -> tuple[int, int]:
 
 
 def numpy_dtype(dtype: str) -> np.dtype:
-    """The numpy dtype of "int8"/"uint8"."""
+    """The numpy dtype of a quantized type (``ml_dtypes.float8_e4m3fn`` for "float8e4m3fn")."""
     return np.dtype(_DTYPES[dtype][2])
 
 
 def onnx_dtype(dtype: str) -> ir.DataType:
-    """The ONNX element type of "int8"/"uint8"."""
+    """The ONNX element type of a quantized type."""
     return _DTYPES[dtype][3]
 
 
@@ -191,15 +218,20 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, dtype: st
              symmetric: bool = False) -> np.ndarray:
     """``clip(rint(x / scale) + z, qmin, qmax)`` as ONNX ``QuantizeLinear`` computes it (half to even).
 
+    For "float8e4m3fn": ``fp8(clip(x / scale, -448, 448))`` (``saturate=1``; ``zero_point`` is 0).
+
     ``scale``/``zero_point`` are scalars, or 1-D along ``axis``. The division is done in float64.
     """
     qmin, qmax = qrange(dtype, symmetric)
     s = np.asarray(scale, dtype=np.float64)
+    fp8 = is_float_dtype(dtype)
     z = np.asarray(zero_point, dtype=np.float64)
     if axis is not None and s.ndim == 1:
         shape = [1] * x.ndim
         shape[axis] = -1
         s, z = s.reshape(shape), z.reshape(shape)
+    if fp8:  # saturate, then round to nearest even in FP8 (ml_dtypes casts float64 directly)
+        return np.clip(np.asarray(x, dtype=np.float64) / s, qmin, qmax).astype(numpy_dtype(dtype))
     q = np.rint(np.asarray(x, dtype=np.float64) / s) + z
     return np.clip(q, qmin, qmax).astype(numpy_dtype(dtype))
 

@@ -184,6 +184,8 @@ class GPTQPass(QPass):
         spec = get_qspec(node.inputs[1])
         if spec is None or not spec.symmetric or spec.granularity == "block":
             return "weight spec is not symmetric per channel or per tensor"
+        if spec.dtype != "int8":
+            return f"weight dtype {spec.dtype} has no integer grid (GPTQ here rounds onto int8)"
         if len(node.inputs[1].uses()) != 1:
             return "weight is shared by several nodes"
         if node.op_type == "Conv":

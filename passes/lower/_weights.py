@@ -9,8 +9,12 @@ For a weight ``w`` and a channel axis ``a`` (or the whole tensor):
 - ``SQNR = 10 log10(sum w^2 / sum (w - s q)^2)`` in dB, accumulated in float64. An exact round trip (zero noise)
   reports :data:`SQNR_CAP_DB` so reports stay finite JSON.
 
+FP8 E4M3FN weights (:func:`quantize_weight_fp8`): ``s[c] = max(max|w[..c..]| / 448, MIN_SCALE)`` and
+``q = fp8(clip(w / s[c], -448, 448))`` (round to nearest even, saturating, like ``QuantizeLinear`` with
+``saturate=1``), so ``|w - s[c] q| <= 2^-4 |w|`` for values in the normal FP8 range (E4M3 has 3 mantissa bits).
+
 Weights are handled one tensor at a time, in slices along the first axis of at most :data:`_CHUNK` elements, so
-peak extra memory is a few slices, not a float64 copy of the tensor. Only 8-bit symmetric weights live here.
+peak extra memory is a few slices, not a float64 copy of the tensor. Only symmetric weights (int8, FP8) live here.
 
 The module also holds the small graph-editing helpers both int8 lowerings share (:class:`Namer` for fresh value
 names, :func:`add_constant` for a new initializer, :func:`take_over_output` to make a new value stand in for an old
@@ -23,13 +27,14 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from qcompiler.qspec import MIN_SCALE
 
 __all__ = ["SQNR_CAP_DB", "PINNED_SCALE_KEY", "QuantizedWeight", "symmetric_scales", "quantize_symmetric",
-           "quantize_weight", "pinned_scale", "broadcast_scale", "sqnr_db", "Namer", "add_constant", "take_over_output", "drop_if_unused"]
+           "quantize_weight", "quantize_weight_fp8", "FP8_MAX", "pinned_scale", "broadcast_scale", "sqnr_db", "Namer", "add_constant", "take_over_output", "drop_if_unused"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,8 @@ SQNR_CAP_DB = 300.0
 #: value metadata key of weight scales fixed by an earlier pass (GPTQ rounds onto a grid the lowering must keep)
 PINNED_SCALE_KEY = "qcompiler.pinned_weight_scale"
 _QMAX = 127
+#: the largest finite float8e4m3fn value
+FP8_MAX = 448.0
 _CHUNK = 1 << 22
 
 
@@ -65,7 +72,7 @@ def broadcast_scale(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarra
     return scale.reshape(shape)
 
 
-def symmetric_scales(w: np.ndarray, axis: int | None, qmax: int = _QMAX) -> np.ndarray:
+def symmetric_scales(w: np.ndarray, axis: int | None, qmax: float = _QMAX) -> np.ndarray:
     """Float32 scales ``max|w| / qmax`` per index of ``axis`` (a 0-d array for per-tensor), at least MIN_SCALE."""
     if w.size == 0:
         raise ValueError("cannot quantize an empty weight")
@@ -133,6 +140,30 @@ def quantize_weight(w: np.ndarray, axis: int | None, *, scale: np.ndarray | None
     s = symmetric_scales(w, axis, qmax) if scale is None else np.asarray(scale, dtype=np.float32)
     q = quantize_symmetric(w, s, axis, qmax)
     return QuantizedWeight(q, s, axis, sqnr_db(w, q, s, axis))
+
+
+def quantize_weight_fp8(w: np.ndarray, axis: int | None, *, scale: np.ndarray | None = None) -> QuantizedWeight:
+    """Quantize one weight tensor to FP8 E4M3FN (``q`` of ``ml_dtypes.float8_e4m3fn``), scale ``max|w| / 448``.
+
+    Args:
+        w: the float weight (any float dtype; a memory map is fine).
+        axis: the channel axis (non-negative), or None for one scale.
+        scale: use these scales instead of ``max|w| / 448``.
+    """
+    w = np.asarray(w)
+    if axis is not None and not 0 <= axis < w.ndim:
+        raise ValueError(f"axis {axis} is out of range for a weight of rank {w.ndim}")
+    s = symmetric_scales(w, axis, FP8_MAX) if scale is None else np.asarray(scale, dtype=np.float32)
+    sb = broadcast_scale(s.astype(np.float64), w.ndim, axis)
+    out = np.empty(w.shape, dtype=ml_dtypes.float8_e4m3fn)
+    if w.ndim == 0:
+        out = np.asarray(np.clip(w / sb, -FP8_MAX, FP8_MAX)).astype(ml_dtypes.float8_e4m3fn)
+    else:
+        row = w[0].size if w.shape[0] else 1
+        for sl in _slices(w.shape[0], row):
+            s_part = sb[sl] if (axis == 0 and sb.ndim) else sb
+            out[sl] = np.clip(w[sl].astype(np.float64) / s_part, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    return QuantizedWeight(out, s, axis, sqnr_db(w, out, s, axis))
 
 
 def pinned_scale(value: ir.Value, weight: np.ndarray, axis: int | None) -> np.ndarray | None:

@@ -38,8 +38,27 @@ data-movement ops (Pad, Reshape, Transpose, ...): ONNX Runtime would otherwise t
 QLinearConv with per-tensor weights of its own. A quantized layer whose output feeds only such float layers then
 gets no output Q/DQ (it runs as float Conv over dequantized weights).
 
+Other element types (``activation_dtype``/``weight_dtype`` of the annotations):
+
+- A16W8 (``uint16`` asymmetric ``s = (max' - min') / 65535``, or ``int16`` symmetric ``s = max|r| / 32767``
+  activations, int8 weights): 16-bit QuantizeLinear/DequantizeLinear exist from opset 21; a node of a model whose
+  default opset is below 21 stays float (counted). The int32 bias keeps the scale ``x_s w_s``; since ``x_s`` is
+  about 257 times smaller than with 8 bits, ``|b| / (x_s w_s)`` is 257 times larger and the widening guard above
+  fires sooner (still counted as ``weight_scale_widened_for_bias``). ONNX Runtime has no 16-bit integer Conv/MatMul
+  kernel: it runs DQ -> op -> Q in float (the model is an accuracy emulation, not faster), which is expected.
+- FP8 E4M3FN (``float8e4m3fn``, weights and/or activations): symmetric, zero point the FP8 zero, ``s = max|x| / 448``
+  (activations per tensor from the calibrated range, which the histogram calibrators may have clipped; weights per
+  channel or per tensor, :func:`~qcompiler.passes.lower._weights.quantize_weight_fp8`), stored as FLOAT8E4M3FN
+  initializers feeding DequantizeLinear (opset 19 or newer, else the node stays float, counted). Rounding is
+  QuantizeLinear's ``saturate=1``: nearest even FP8 value, saturating to +-448. There is no integer bias: when the
+  weights or activations are FP8 the bias stays a float input (bias correction still adds its float mean shift).
+  FP8 weights ignore scales pinned by GPTQ (an integer grid), counted as ``pinned_scale_ignored_fp8``; the depthwise
+  and ``reduce_range`` weight-range rules apply to int8 weights only. An FP8 output Q/DQ with a fused Relu goes
+  before the Relu (exactly equivalent for FP8): ONNX Runtime's ``ReluQuantFusion`` removes a Relu feeding an FP8
+  QuantizeLinear with zero point 0 as if the type were unsigned (ORT 1.2x/1.32), which breaks the model.
+
 Nodes left in float are counted with their reason: no calibrated range, default opset below 13 (per-axis
-DequantizeLinear), missing constant weight. Per-layer weight SQNR is recorded. ``preserves_float = False``.
+DequantizeLinear), below 21 (16-bit types) or below 19 (FP8), missing constant weight. Per-layer weight SQNR is recorded. ``preserves_float = False``.
 """
 
 from __future__ import annotations
@@ -63,10 +82,11 @@ from qcompiler.passes.lower._weights import (
     drop_if_unused,
     pinned_scale,
     quantize_weight,
+    quantize_weight_fp8,
     symmetric_scales,
     take_over_output,
 )
-from qcompiler.qspec import QuantSpec, get_qspec, get_range, onnx_dtype, scale_zero_point
+from qcompiler.qspec import QuantSpec, get_qspec, get_range, is_float_dtype, onnx_dtype, scale_zero_point
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -76,6 +96,8 @@ __all__ = ["LowerInt8QDQPass", "layer_qmax"]
 logger = logging.getLogger(__name__)
 
 _INT32_LIMIT = float(2**31 - 1)
+#: the first default opset whose QuantizeLinear/DequantizeLinear accept each non-8-bit type
+_MIN_OPSET = {"int16": 21, "uint16": 21, "float8e4m3fn": 19}
 
 
 def _attr(node: ir.Node, name: str, default: Any) -> Any:
@@ -138,6 +160,7 @@ class LowerInt8QDQPass(QPass):
                  matmul_outputs: bool = False) -> None:
         super().__init__()
         self._lowered: set[ir.Node] = set()
+        self._opset = 0
         for key, value in (("bias_correction", bias_correction), ("matmul_outputs", matmul_outputs)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{self.name}: {key} must be true or false, got {value!r}")
@@ -159,8 +182,9 @@ class LowerInt8QDQPass(QPass):
         scale, zp = scale_zero_point(found.min, found.max, spec.dtype, spec.symmetric)
         return scale, zp, spec
 
-    def _qdq(self, graph: ir.Graph, value: ir.Value, namer: Namer, done: dict[ir.Value, ir.Value]) -> ir.Value:
-        """The dequantized stand-in of an activation (created once per tensor)."""
+    def _qdq(self, graph: ir.Graph, value: ir.Value, namer: Namer, done: dict[ir.Value, ir.Value],
+             params: tuple[np.ndarray, np.ndarray, QuantSpec] | None = None) -> ir.Value:
+        """The dequantized stand-in of an activation (created once per tensor; ``params`` default to its own)."""
         if value in done:
             return done[value]
         if value in done.values():  # already the dequantized stand-in of a tensor
@@ -171,7 +195,20 @@ class LowerInt8QDQPass(QPass):
         if not value.is_graph_output() and all(keeps_float(user) for user, _ in value.uses()):
             self.count("activation_left_float_for_float_layers")
             return value
-        scale, zp, spec = self._act_params(value)
+        params = params if params is not None else self._act_params(value)
+        scale, zp, spec = params
+        producer = value.producer()
+        if is_float_dtype(spec.dtype) and producer is not None and producer.op_type == "Relu":
+            before = producer.inputs[0]
+            if (before is not None and before not in done and len(before.uses()) == 1
+                    and not before.is_graph_output()):
+                # fp8(relu(x) / s) == relu(fp8(x / s)) exactly (sign-symmetric rounding and saturation), so the
+                # pair goes before the Relu: ORT's ReluQuantFusion drops a Relu in front of an FP8 QuantizeLinear
+                # with zero point 0 as if the type were unsigned (measured: rel. L2 0.04 -> 0.72 on a CNN).
+                self._qdq(graph, before, namer, done, params)
+                done[value] = value  # the Relu of a dequantized FP8 tensor is already on the FP8 grid
+                self.count("fp8_qdq_before_relu")
+                return value
         base = value.name or "activation"
         s = add_constant(graph, namer(f"{base}_scale"), scale)
         z = add_constant(graph, namer(f"{base}_zero_point"), zp)
@@ -204,6 +241,13 @@ class LowerInt8QDQPass(QPass):
         out = quantized_output(node)
         if self._quantizes_output(node) and self._act_params(out) is None:
             return f"no calibrated range for output '{out.name}'"
+        specs = [get_qspec(w), get_qspec(node.inputs[0])]
+        if self._quantizes_output(node):
+            specs.append(get_qspec(out))
+        for spec in specs:
+            need = _MIN_OPSET.get(spec.dtype, 13) if spec is not None else 13
+            if self._opset < need:
+                return f"default opset below {need} ({spec.dtype} QuantizeLinear/DequantizeLinear)"
         return None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -216,6 +260,7 @@ class LowerInt8QDQPass(QPass):
             for node in candidates:
                 self.skip(node, "default opset below 13 (per-axis DequantizeLinear)")
             return ir.passes.PassResult(model, False)
+        self._opset = model.opset_imports.get("", 0)
         namer = Namer(graph)
         done: dict[ir.Value, ir.Value] = {}
         lowered = [n for n in candidates if self._keep(n)]
@@ -285,7 +330,10 @@ class LowerInt8QDQPass(QPass):
         base = node.name or w.name or node.op_type
         wspec = get_qspec(w)
         axis = wspec.axis if wspec.granularity == "per_channel" else None
-        x_scale = float(self._act_params(x)[0])
+        x_params = self._act_params(x)
+        x_scale = float(x_params[0])
+        fp8_weight = is_float_dtype(wspec.dtype)
+        float_bias = fp8_weight or is_float_dtype(x_params[2].dtype)  # no integer grid: keep the bias float
         weight = w.const_value.numpy()
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None
         bias = None if bias_value is None else bias_value.const_value.numpy()
@@ -305,6 +353,42 @@ class LowerInt8QDQPass(QPass):
         int_bias = bias is not None and bias.ndim == 1 and (n_out is None or bias.shape[0] == n_out)
         if bias is not None and not int_bias:
             self.skip(node, "bias left float (not 1-D per output channel)")
+        if fp8_weight:
+            qw, bias, bias_value, bias_changed = self._fp8_weight(graph, node, x, w, weight, axis, bias, bias_value,
+                                                                  int_bias, bias_changed, namer)
+            int_bias = False
+            wz_dtype = onnx_dtype(wspec.dtype)
+        else:
+            qw, bias, bias_value, int_bias, bias_changed = self._int8_weight(
+                graph, node, x, w, weight, axis, x_scale, bias, bias_value, int_bias, bias_changed, namer)
+            if float_bias:
+                int_bias = False
+                self.count("bias_left_float_fp8")
+            wz_dtype = ir.DataType.INT8
+        self._emit(graph, node, x, w, weight, axis, qw, bias, bias_value, int_bias, bias_changed, x_scale,
+                   wz_dtype, base, namer, done)
+
+    def _fp8_weight(self, graph: ir.Graph, node: ir.Node, x: ir.Value, w: ir.Value, weight: np.ndarray,
+                    axis: int | None, bias: np.ndarray | None, bias_value: ir.Value | None, per_channel_bias: bool,
+                    bias_changed: bool, namer: Namer) -> tuple[QuantizedWeight, Any, Any, bool]:
+        """FP8 weight scales and values (pinned integer-grid scales ignored) and the float bias correction."""
+        if pinned_scale(w, weight, axis) is not None:
+            self.count("pinned_scale_ignored_fp8")
+        qw = quantize_weight_fp8(weight, axis)
+        if bias is not None:
+            self.count("bias_left_float_fp8")
+        if self.bias_correction:
+            corrected = self._corrected_bias(graph, node, x, weight, qw, bias, per_channel_bias, namer)
+            if corrected is not None:
+                bias, bias_value, _ = corrected
+                bias_changed = True
+        return qw, bias, bias_value, bias_changed
+
+    def _int8_weight(self, graph: ir.Graph, node: ir.Node, x: ir.Value, w: ir.Value, weight: np.ndarray,
+                     axis: int | None, x_scale: float, bias: np.ndarray | None, bias_value: ir.Value | None,
+                     int_bias: bool, bias_changed: bool,
+                     namer: Namer) -> tuple[QuantizedWeight, Any, Any, bool, bool]:
+        """Int8 weight scales (depthwise/reduce-range rule, pinned scales, bias widening) and bias correction."""
         qmax = layer_qmax(node, weight, self.qmax)
         if qmax != self.qmax:
             self.count("depthwise_full_range")
@@ -326,9 +410,17 @@ class LowerInt8QDQPass(QPass):
             if corrected is not None:
                 bias, bias_value, int_bias = corrected
                 bias_changed = True
+        return qw, bias, bias_value, int_bias, bias_changed
+
+    def _emit(self, graph: ir.Graph, node: ir.Node, x: ir.Value, w: ir.Value, weight: np.ndarray,
+              axis: int | None, qw: QuantizedWeight, bias: np.ndarray | None, bias_value: ir.Value | None,
+              int_bias: bool, bias_changed: bool, x_scale: float, wz_dtype: ir.DataType, base: str, namer: Namer,
+              done: dict[ir.Value, ir.Value]) -> None:
+        """Write the weight (and bias) DequantizeLinear and the activation Q/DQ pairs around ``node``."""
         wq = add_constant(graph, namer(f"{w.name}_quantized"), qw.q)
         ws = add_constant(graph, namer(f"{w.name}_scale"), qw.scale)
-        wz = add_constant(graph, namer(f"{w.name}_zero_point"), np.zeros(qw.scale.shape, dtype=np.int8))
+        wz = add_constant(graph, namer(f"{w.name}_zero_point"),
+                          np.zeros(qw.scale.shape, dtype=ir.DataType(wz_dtype).numpy()))
         attrs = {"axis": axis} if axis is not None else {}
         wdq = ir.node("DequantizeLinear", [wq, ws, wz], attributes=attrs, name=namer(f"{base}_weight_dq"))
         wdq.outputs[0].name = namer(f"{w.name}_dequantized")
@@ -361,6 +453,8 @@ class LowerInt8QDQPass(QPass):
                     self.skip(node, "bias left float (bias scale underflows float32)")
                 if bias_changed:
                     node.replace_input_with(2, add_constant(graph, namer(f"{bias_value.name}_scaled"), bias))
+                    if drop_if_unused(graph, bias_value):  # e.g. a bias the correction made
+                        self.count("float_weights_removed")
         graph.insert_before(node, new_nodes)
         node.replace_input_with(0, self._qdq(graph, x, namer, done))
         if self._quantizes_output(node):
@@ -368,4 +462,5 @@ class LowerInt8QDQPass(QPass):
         else:
             self.count("matmul_output_left_float")
         self.record_layer(node, weight_sqnr_db=round(qw.sqnr_db, 3), scheme="int8-static",
+                          weight_dtype=str(wz_dtype.name).lower(),
                           weight_shape=list(weight.shape), per_channel=axis is not None)
