@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import io
-from qcompiler.calibration.observers import Observer, make_observer
+from qcompiler.calibration.observers import Observer, fold_batches, make_observer
 from qcompiler.qspec import get_qspec
 
 __all__ = ["values_to_observe", "observer_session", "run_observers"]
@@ -72,14 +72,6 @@ def run_observers(session: Any, output_names: list[str], batches: Iterable[dict[
         the observers by output name.
     """
     kinds = [observer] * len(output_names) if isinstance(observer, str) else list(observer)
-    unique = list(dict.fromkeys(output_names))
     observers = {name: make_observer(kind, **(options or {})) for name, kind in zip(output_names, kinds, strict=True)}
-    for feed in batches:
-        results = session.run(unique, feed)
-        for name, array in zip(unique, results, strict=True):
-            observers[name].update(array)
-        del results
-        if on_batch is not None and feed:
-            first = next(iter(feed.values()))
-            on_batch(int(first.shape[0]) if first.ndim else 1)
+    fold_batches(session, observers, batches, on_batch)
     return observers

@@ -36,6 +36,7 @@ from qcompiler.errors import CalibrationError, ConfigError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import clone_with_meta
 from qcompiler.passes.annotate import SCHEME_KEY
+from qcompiler.passes.lower._weights import SQNR_CAP_DB, sqnr_from_energies
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -45,7 +46,6 @@ __all__ = ["SelectPrecisionPass", "output_sqnr_db", "top1_disagreement"]
 logger = logging.getLogger(__name__)
 
 _LOWERINGS = {"int8-static": "lower-int8-qdq", "int8-dynamic": "lower-int8-dynamic"}
-_SQNR_CAP_DB = 300.0
 
 
 def output_sqnr_db(reference: list[np.ndarray], actual: list[np.ndarray]) -> float:
@@ -58,11 +58,7 @@ def output_sqnr_db(reference: list[np.ndarray], actual: list[np.ndarray]) -> flo
         signal += float(np.vdot(r, r))
         diff = r - out.astype(np.float64)
         noise += float(np.vdot(diff, diff))
-    if noise <= 0.0:
-        return _SQNR_CAP_DB
-    if signal <= 0.0:
-        return -_SQNR_CAP_DB
-    return float(min(10.0 * math.log10(signal / noise), _SQNR_CAP_DB))
+    return sqnr_from_energies(signal, noise)
 
 
 def top1_disagreement(reference: np.ndarray, actual: np.ndarray) -> float:
@@ -187,7 +183,7 @@ class SelectPrecisionPass(QPass):
             return measured[k]
 
         low, high = 0, len(ranked)  # leaving all in float always meets the budget
-        measured[high] = (True, _SQNR_CAP_DB, 0.0)
+        measured[high] = (True, SQNR_CAP_DB, 0.0)
         if not measure(0)[0]:
             while high - low > 1:
                 mid = (low + high) // 2

@@ -34,7 +34,7 @@ import onnx_ir as ir
 from qcompiler.qspec import MIN_SCALE
 
 __all__ = ["SQNR_CAP_DB", "PINNED_SCALE_KEY", "QuantizedWeight", "symmetric_scales", "quantize_symmetric",
-           "quantize_weight", "quantize_weight_fp8", "FP8_MAX", "pinned_scale", "broadcast_scale", "sqnr_db", "Namer", "add_constant", "take_over_output", "drop_if_unused"]
+           "quantize_weight", "quantize_weight_fp8", "FP8_MAX", "pinned_scale", "broadcast_scale", "sqnr_from_energies", "sqnr_db", "Namer", "add_constant", "take_over_output", "drop_if_unused"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,11 @@ def sqnr_db(w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int | None) -
             err = part - q[sl].astype(np.float64) * s_part
             signal += float(np.vdot(part, part))
             noise += float(np.vdot(err, err))
+    return sqnr_from_energies(signal, noise)
+
+
+def sqnr_from_energies(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)`` in dB, capped at :data:`SQNR_CAP_DB` (exact: +cap; no signal: -cap)."""
     if noise <= 0.0:
         return SQNR_CAP_DB
     if signal <= 0.0:

@@ -48,7 +48,13 @@ import onnx_ir as ir
 
 from qcompiler import io
 from qcompiler.calibration.histogram import DEFAULT_BINS, Histogram
-from qcompiler.calibration.observers import HistogramObserver, MinMaxObserver, Observer, make_observer
+from qcompiler.calibration.observers import (
+    HistogramObserver,
+    MinMaxObserver,
+    Observer,
+    fold_batches,
+    make_observer,
+)
 from qcompiler.errors import CalibrationError
 
 __all__ = [
@@ -121,19 +127,11 @@ def collect_statistics(session: Any, output_names: Sequence[str], batches: Itera
                        bins: int = DEFAULT_BINS) -> dict[str, CalibrationStatistics]:
     """Feed every batch to the observer session and fold each output into its :class:`CalibrationStatistics`.
 
-    The same loop as :func:`qcompiler.passes.observe.run_observers` (same outputs requested, same order), with
-    statistics that serve every calibrator.
+    The same loop as :func:`qcompiler.passes.observe.run_observers` (:func:`fold_batches`), with statistics that
+    serve every calibrator.
     """
-    unique = list(dict.fromkeys(output_names))
-    stats = {name: CalibrationStatistics(bins) for name in unique}
-    for feed in batches:
-        results = session.run(unique, feed)
-        for name, array in zip(unique, results, strict=True):
-            stats[name].update(array)
-        del results
-        if on_batch is not None and feed:
-            first = next(iter(feed.values()))
-            on_batch(int(first.shape[0]) if first.ndim else 1)
+    stats = {name: CalibrationStatistics(bins) for name in dict.fromkeys(output_names)}
+    fold_batches(session, stats, batches, on_batch)
     return stats
 
 

@@ -17,7 +17,8 @@ range for a constant tensor or a histogram with too few distinct values (``fallb
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,6 +44,7 @@ __all__ = [
     "MSEObserver",
     "OBSERVERS",
     "make_observer",
+    "fold_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -248,3 +250,21 @@ def make_observer(name: str, *, percentile: float = DEFAULT_PERCENTILE, bins: in
     except KeyError:
         raise ValueError(f"unknown observer {name!r} (known: {', '.join(OBSERVERS)})") from None
     return cls.create(percentile=percentile, bins=bins)
+
+
+def fold_batches(session: Any, folders: Mapping[str, Any], batches: Iterable[dict[str, np.ndarray]],
+                 on_batch: Callable[[int], None] | None = None) -> None:
+    """Run ``session`` on every batch and fold each requested output into ``folders[name].update``.
+
+    The activations of one batch are dropped before the next is run, so memory is one batch whatever the number
+    of samples. ``on_batch`` gets the number of samples of each batch (progress).
+    """
+    names = list(folders)
+    for feed in batches:
+        results = session.run(names, feed)
+        for name, array in zip(names, results, strict=True):
+            folders[name].update(array)
+        del results
+        if on_batch is not None and feed:
+            first = next(iter(feed.values()))
+            on_batch(int(first.shape[0]) if first.ndim else 1)
