@@ -14,6 +14,15 @@ weight is a constant float32 tensor:
   output instead, so nothing is quantized between the pair;
 - the node gets ``node.meta["qcompiler.quant_scheme"]`` = ``"int8-static"`` or ``"int8-dynamic"``.
 
+Activation-only ops (``qcompiler.config.ACTIVATION_OPS`` in ``op_types``; static activations only): an Add, Mul,
+Concat, Sigmoid, Softmax, AveragePool, GlobalAveragePool, LayerNormalization, or a MatMul whose two inputs are
+both activations, gets the activation spec on each activation input (all inputs; input 0 only for the ops whose
+other inputs are parameters: LayerNormalization's scale and bias) and on its output, the ``int8-static`` scheme
+and ``node.meta["qcompiler.quant_role"] = "activations"``. They are candidates, not decisions: without an
+accuracy budget, ``select-precision`` measures each in context and leaves in float those that cost more than its
+tolerance. One with a constant operand (a bias Add, a scaling Mul) is skipped: ONNX Runtime has no integer kernel
+that takes a float constant, so quantizing it would add error and no speed.
+
 Skipped, with a counted reason: excluded names, nodes in subgraphs, non-constant weights (or weights that are graph
 inputs), non-float32 tensors, unsupported ranks (Conv weight rank 3-5; MatMul/Gemm weight rank 2), a weight shared
 with a node that wants a different spec. The pass only writes metadata, so it preserves the float function;
@@ -28,17 +37,20 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qcompiler.config import ACTIVATION_DTYPES, QUANTIZABLE_OPS, WEIGHT_DTYPES, Recipe
+from qcompiler.config import ACTIVATION_DTYPES, ACTIVATION_OPS, LAYER_OPS, QUANTIZABLE_OPS, WEIGHT_DTYPES, Recipe
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.qspec import QuantSpec, get_qspec, set_qspec
 
-__all__ = ["AnnotateInt8Pass", "SCHEME_KEY", "FUSED_ACTIVATION_KEY", "quantized_output", "weight_axis"]
+__all__ = ["AnnotateInt8Pass", "SCHEME_KEY", "ROLE_KEY", "FUSED_ACTIVATION_KEY", "activation_inputs",
+           "is_activation_op", "is_weight_layer", "quantized_output", "weight_axis"]
 
 logger = logging.getLogger(__name__)
 
 #: node metadata key naming the lowering scheme of an annotated node
 SCHEME_KEY = "qcompiler.quant_scheme"
+#: node metadata key: "activations" for an annotated activation-only op (no weight)
+ROLE_KEY = "qcompiler.quant_role"
 #: node metadata key set by the activation fusion pass (the Relu/Clip node fused behind a Conv/Gemm/MatMul)
 FUSED_ACTIVATION_KEY = "qcompiler.fused_activation"
 _FUSABLE_ACTIVATIONS = ("Relu", "Clip")
@@ -47,6 +59,28 @@ _FUSABLE_ACTIVATIONS = ("Relu", "Clip")
 def _attr_int(node: ir.Node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
     return default if attr is None else int(attr.as_int())
+
+
+#: activation-only ops whose inputs after the first are parameters, not activations
+_UNARY_ACTIVATION_OPS = frozenset({"Sigmoid", "Softmax", "AveragePool", "GlobalAveragePool", "LayerNormalization"})
+
+
+def is_weight_layer(node: ir.Node) -> bool:
+    """True for a Conv/MatMul/Gemm annotated with a quantized constant weight."""
+    return bool(node.meta.get(SCHEME_KEY)) and node.meta.get(ROLE_KEY) != "activations" and \
+        node.op_type in LAYER_OPS
+
+
+def is_activation_op(node: ir.Node) -> bool:
+    """True for an annotated activation-only op (see the module docstring)."""
+    return bool(node.meta.get(SCHEME_KEY)) and node.meta.get(ROLE_KEY) == "activations"
+
+
+def activation_inputs(node: ir.Node) -> list[int]:
+    """The input positions of an activation-only op that carry activations (the ones to quantize)."""
+    if node.op_type in _UNARY_ACTIVATION_OPS:
+        return [0]
+    return list(range(len(node.inputs)))
 
 
 def weight_axis(node: ir.Node) -> int | None:
@@ -87,7 +121,7 @@ class AnnotateInt8Pass(QPass):
     stage = "annotate"
     preserves_float = True
 
-    def __init__(self, *, op_types: Sequence[str] = QUANTIZABLE_OPS, exclude_nodes: Sequence[str] = (),
+    def __init__(self, *, op_types: Sequence[str] = LAYER_OPS, exclude_nodes: Sequence[str] = (),
                  per_channel: bool = True, activation_dtype: str = "uint8", static_activations: bool = True,
                  observer: str = "minmax", weight_dtype: str = "int8") -> None:
         super().__init__()
@@ -121,6 +155,50 @@ class AnnotateInt8Pass(QPass):
         }
         kwargs.update(options)
         return cls(**kwargs)
+
+    # -- activation-only ops ------------------------------------------------------------------------------------
+    def _check_activation_op(self, model: ir.Model, node: ir.Node) -> str | None:
+        """Why the activation-only op cannot be annotated, or None."""
+        if not self.static_activations:
+            return "activation-only op needs static activations"
+        if node.graph is not model.graph:
+            return "inside a subgraph"
+        if node.name in self.exclude_nodes:
+            return "excluded by name"
+        if self.activation_dtype not in ("uint8", "int8"):
+            return f"activation-only op with {self.activation_dtype} activations (8-bit only)"
+        positions = activation_inputs(node)
+        if not positions or len(node.outputs) != 1:
+            return "no input or several outputs"
+        for i in positions:
+            x = node.inputs[i] if i < len(node.inputs) else None
+            if x is None:
+                return "missing input"
+            if x.const_value is not None:
+                return "constant operand (no integer kernel takes a float constant)"
+            if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
+                return "unsupported dtype (float32 only)"
+        if node.op_type == "Softmax" and self._softmax_axis_not_last(node):
+            return "Softmax over an axis other than the last"
+        return None
+
+    @staticmethod
+    def _softmax_axis_not_last(node: ir.Node) -> bool:
+        attr = node.attributes.get("axis")
+        axis = -1 if attr is None else int(attr.as_int())
+        shape = node.inputs[0].shape
+        return axis != -1 and not (shape is not None and shape.rank() and axis == shape.rank() - 1)
+
+    def _annotate_activation_op(self, node: ir.Node, act: QuantSpec) -> bool:
+        changed = False
+        for i in activation_inputs(node):
+            changed |= set_qspec(node.inputs[i], act)
+        changed |= set_qspec(node.outputs[0], act)
+        for key, value in ((SCHEME_KEY, "int8-static"), (ROLE_KEY, "activations")):
+            if node.meta.get(key) != value:
+                node.meta[key] = value
+                changed = True
+        return changed
 
     # -- specs ------------------------------------------------------------------------------------------------
     def _activation_spec(self) -> QuantSpec:
@@ -168,6 +246,16 @@ class AnnotateInt8Pass(QPass):
         for node in iter_nodes(model):
             if node.op_type not in self.op_types or node.domain not in ("", "ai.onnx"):
                 continue
+            if self._is_activation_op_candidate(node):
+                reason = self._check_activation_op(model, node)
+                if reason is not None:
+                    self.skip(node, reason)
+                    continue
+                modified |= self._annotate_activation_op(node, act)
+                self.count(f"annotated_activation_{node.op_type}")
+                continue
+            if node.op_type not in LAYER_OPS:
+                continue
             reason = self._check(model, node)
             weight = node.inputs[1] if reason is None else None
             wspec = None
@@ -190,6 +278,15 @@ class AnnotateInt8Pass(QPass):
             self.count(f"annotated_{node.op_type}")
         logger.debug("annotate-int8: %s", dict(self.stats.counters))
         return ir.passes.PassResult(model, modified)
+
+    def _is_activation_op_candidate(self, node: ir.Node) -> bool:
+        """An activation-only op: one of ACTIVATION_OPS, and for MatMul one whose second input is no constant."""
+        if node.op_type not in ACTIVATION_OPS:
+            return False
+        if node.op_type != "MatMul":
+            return True
+        b = node.inputs[1] if len(node.inputs) > 1 else None
+        return b is not None and b.const_value is None
 
     @staticmethod
     def _claimed(weight: ir.Value, node: ir.Node) -> bool:

@@ -53,7 +53,14 @@ __all__ = [
 ACTIVATION_DTYPES = ("uint8", "int8", "uint16", "int16", "float8e4m3fn")
 WEIGHT_DTYPES = ("int8", "float8e4m3fn")
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
-QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
+#: layers with a constant weight: int8 weights and activations
+LAYER_OPS = ("Conv", "MatMul", "Gemm")
+#: activation-only ops: every activation input and the output quantized (MatMul here: two activation inputs); ONNX
+#: Runtime runs most as integer kernels (QLinearAdd/Mul/Concat/Sigmoid/Softmax/AveragePool/GlobalAveragePool,
+#: QLinearMatMul), LayerNormalization in float between a DQ and a Q
+ACTIVATION_OPS = ("Add", "Mul", "Concat", "Sigmoid", "Softmax", "AveragePool", "GlobalAveragePool",
+                  "LayerNormalization", "MatMul")
+QUANTIZABLE_OPS = tuple(dict.fromkeys(LAYER_OPS + ACTIVATION_OPS))
 
 
 def _tuple_of_str(value: Any, key: str) -> tuple[str, ...]:
@@ -71,7 +78,10 @@ class QuantizationOptions:
         activation_dtype: element type of activations for static quantization: "uint8"/"uint16" (asymmetric),
             "int8"/"int16" (symmetric) or "float8e4m3fn" (symmetric; 16-bit needs opset 21, FP8 opset 19).
         per_channel: per-output-channel weight scales (otherwise one scale per tensor).
-        op_types: operator types to quantize.
+        op_types: operator types to quantize: layers with a constant weight (Conv, MatMul, Gemm) and, with static
+            activations, activation-only ops (``ACTIVATION_OPS``: Add, Mul, Softmax, LayerNormalization, ...; a
+            MatMul of two activations), each kept only where the sensitivity screening of ``select-precision``
+            finds it cheap in accuracy.
         exclude_nodes: node names to leave in float.
         min_sqnr_db: accuracy budget: the model-output SQNR (dB) to reach by leaving the most sensitive layers in
             float (the ``select-precision`` pass), or None.
@@ -81,7 +91,7 @@ class QuantizationOptions:
     weight_dtype: str = "int8"
     activation_dtype: str = "uint8"
     per_channel: bool = True
-    op_types: tuple[str, ...] = QUANTIZABLE_OPS
+    op_types: tuple[str, ...] = LAYER_OPS
     exclude_nodes: tuple[str, ...] = ()
     min_sqnr_db: float | None = None
     max_accuracy_drop: float | None = None

@@ -30,7 +30,7 @@ import onnx_ir as ir
 from qcompiler import io
 from qcompiler.errors import CalibrationError
 from qcompiler.pass_manager import QPass
-from qcompiler.passes.annotate import SCHEME_KEY
+from qcompiler.passes.annotate import is_weight_layer
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -137,7 +137,7 @@ class CollectInputMeansPass(QPass):
         """The activation inputs to measure, each with the first annotated node that reads it."""
         targets: dict[ir.Value, ir.Node] = {}
         for node in model.graph:
-            if not node.meta.get(SCHEME_KEY) or not node.inputs or node.inputs[0] is None:
+            if not is_weight_layer(node) or not node.inputs or node.inputs[0] is None:
                 continue
             x = node.inputs[0]
             if not x.name or x.const_value is not None:

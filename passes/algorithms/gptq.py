@@ -34,7 +34,7 @@ from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes.algorithms._gptq_core import gptq_round
 from qcompiler.passes.algorithms.bias_correction import BIAS_SHIFT_KEY, get_channel_mean, mean_shift
-from qcompiler.passes.annotate import SCHEME_KEY
+from qcompiler.passes.annotate import is_weight_layer
 from qcompiler.passes.lower._target import recipe_reduce_range, resolve_reduce_range
 from qcompiler.passes.lower._weights import PINNED_SCALE_KEY, sqnr_db, symmetric_scales
 from qcompiler.passes.lower.int8_qdq import layer_qmax
@@ -208,7 +208,7 @@ class GPTQPass(QPass):
             return ir.passes.PassResult(model, False)
         layers: list[_Layer] = []
         for node in model.graph:
-            if node.meta.get(SCHEME_KEY) is None or node.op_type not in ("Conv", "MatMul", "Gemm"):
+            if not is_weight_layer(node):
                 continue
             reason = self._reason(node)
             if reason is not None:

@@ -17,6 +17,15 @@ by bisection the smallest ``k`` such that leaving the first ``k`` in float meets
 more layers out never hurts; the chosen set is measured again to confirm), then removes those nodes' annotation so
 the lowering leaves them in float. Without a budget the pass changes nothing and measures nothing.
 
+Activation-only ops (Add, Softmax, LayerNormalization, ... annotated by ``annotate-int8``, see
+:mod:`qcompiler.passes.annotate`) are screened even without a budget: with every weight layer quantized as the
+pass found it (the base), each op is measured *in context* (the base plus that op) and the ops are added from the
+least harmful while the model-output SQNR stays within ``activation_tolerance_db`` (default 0.5 dB, about 12% more
+noise power) of the base; the rest stay in float. So a Softmax over attention probabilities or a LayerNorm input
+with outlier channels stays float because it measured expensive on this model, not because of its type. In
+context, an op whose inputs and output are already quantized by its neighbours (a residual Add between two Convs)
+costs nothing and is kept. With a budget, the activation-only ops are ranked and chosen with the layers instead.
+
 Cost: one lowering and one ORT session per quantized layer plus about ``log2(layers)`` full evaluations. Limits:
 the evaluation samples are calibration samples (no separate held-out set); the top-1 metric only makes sense for
 classifier-like outputs; layers are chosen whole (no per-layer bit widths other than int8 or float).
@@ -35,7 +44,7 @@ from qcompiler import io
 from qcompiler.errors import CalibrationError, ConfigError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import clone_with_meta
-from qcompiler.passes.annotate import SCHEME_KEY
+from qcompiler.passes.annotate import SCHEME_KEY, is_activation_op
 from qcompiler.passes.lower._weights import SQNR_CAP_DB, sqnr_from_energies
 
 if TYPE_CHECKING:
@@ -78,6 +87,10 @@ class SelectPrecisionPass(QPass):
         eval_samples: how many samples evaluate each candidate.
         batch_size: samples per ONNX Runtime call.
         lowering_options: options of each lowering pass by its name (the pipeline's own).
+        activation_tolerance_db: how far (dB) the activation-only ops may lower the model-output SQNR below
+            that of the weight layers alone, when no budget is given.
+        screen_samples: how many samples evaluate each candidate of that screening (fewer than ``eval_samples``:
+            it runs on every compile of a recipe with activation-only ops).
     """
 
     name = "select-precision"
@@ -86,8 +99,14 @@ class SelectPrecisionPass(QPass):
 
     def __init__(self, *, calibration_data: Any = None, min_sqnr_db: float | None = None,
                  max_accuracy_drop: float | None = None, eval_samples: int = 64, batch_size: int = 16,
-                 lowering_options: dict[str, dict[str, Any]] | None = None) -> None:
+                 lowering_options: dict[str, dict[str, Any]] | None = None,
+                 activation_tolerance_db: float = 0.5, screen_samples: int = 16) -> None:
         super().__init__()
+        if isinstance(activation_tolerance_db, bool) or not isinstance(activation_tolerance_db, (int, float)) \
+                or not 0 <= activation_tolerance_db < 100:
+            raise ConfigError(f"{self.name}: activation_tolerance_db must be a number of dB in [0, 100), got "
+                              f"{activation_tolerance_db!r}")
+        self.activation_tolerance_db = float(activation_tolerance_db)
         if min_sqnr_db is not None and (isinstance(min_sqnr_db, bool) or not isinstance(min_sqnr_db, (int, float))
                                         or not math.isfinite(min_sqnr_db)):
             raise ConfigError(f"{self.name}: min_sqnr_db must be a number of dB, got {min_sqnr_db!r}")
@@ -96,13 +115,15 @@ class SelectPrecisionPass(QPass):
                                               or not 0.0 <= max_accuracy_drop < 1.0):
             raise ConfigError(f"{self.name}: max_accuracy_drop must be a fraction in [0, 1), got "
                               f"{max_accuracy_drop!r}")
-        for key, value in (("eval_samples", eval_samples), ("batch_size", batch_size)):
+        for key, value in (("eval_samples", eval_samples), ("batch_size", batch_size),
+                           ("screen_samples", screen_samples)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{self.name}: {key} must be a positive integer, got {value!r}")
         self.calibration_data = calibration_data
         self.min_sqnr_db = None if min_sqnr_db is None else float(min_sqnr_db)
         self.max_accuracy_drop = None if max_accuracy_drop is None else float(max_accuracy_drop)
         self.eval_samples = eval_samples
+        self.screen_samples = screen_samples
         self.batch_size = batch_size
         self.lowering_options = dict(lowering_options or {})
 
@@ -160,14 +181,19 @@ class SelectPrecisionPass(QPass):
 
     # -- the pass ---------------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if not self.has_budget:
+        candidates = [n for n in model.graph if n.meta.get(SCHEME_KEY) in _LOWERINGS]
+        activation_ops = [n for n in candidates if is_activation_op(n)]
+        if not self.has_budget and not activation_ops:
             return ir.passes.PassResult(model, False)
         if self.calibration_data is None:
-            raise CalibrationError(f"pass '{self.name}' needs calibration data to measure the accuracy budget")
-        position = {node: i for i, node in enumerate(model.graph)}
-        candidates = [n for n in model.graph if n.meta.get(SCHEME_KEY) in _LOWERINGS]
+            what = "the accuracy budget" if self.has_budget else "the activation-only ops"
+            raise CalibrationError(f"pass '{self.name}' needs calibration data to measure {what}")
         if not candidates:
             return ir.passes.PassResult(model, False)
+        position = {node: i for i, node in enumerate(model.graph)}
+        if not self.has_budget:
+            feeds = list(self.calibration_data.iter_batches(self.batch_size, self.screen_samples))
+            return self._screen_activation_ops(model, candidates, activation_ops, position, feeds)
         feeds = list(self.calibration_data.iter_batches(self.batch_size, self.eval_samples))
         reference = self._run(model, feeds)
         sensitivity = {node: output_sqnr_db(reference, self._quantized_outputs(model, {position[node]}, feeds))
@@ -182,18 +208,8 @@ class SelectPrecisionPass(QPass):
                 measured[k] = self._meets(reference, self._quantized_outputs(model, kept, feeds))
             return measured[k]
 
-        low, high = 0, len(ranked)  # leaving all in float always meets the budget
-        measured[high] = (True, SQNR_CAP_DB, 0.0)
-        if not measure(0)[0]:
-            while high - low > 1:
-                mid = (low + high) // 2
-                if measure(mid)[0]:
-                    high = mid
-                else:
-                    low = mid
-            k = high
-        else:
-            k = 0
+        measured[len(ranked)] = (True, SQNR_CAP_DB, 0.0)  # leaving all in float always meets the budget
+        k = _first_true(lambda i: measure(i)[0], 0, len(ranked))
         kept_float = set(ranked[:k])
         ok, sqnr, drop = measure(k)
         for node in candidates:
@@ -212,3 +228,58 @@ class SelectPrecisionPass(QPass):
         logger.info("select-precision: %d of %d layers left in float; output SQNR %.2f dB, top-1 changes %.3f",
                     len(kept_float), len(candidates), sqnr, drop)
         return ir.passes.PassResult(model, bool(kept_float))
+
+    def _screen_activation_ops(self, model: ir.Model, candidates: list[ir.Node], activation_ops: list[ir.Node],
+                               position: dict[ir.Node, int], feeds: list[dict[str, np.ndarray]]
+                               ) -> ir.passes.PassResult:
+        """Keep the activation-only ops that, added to the weight layers, cost at most the tolerance (no budget)."""
+        reference = self._run(model, feeds)
+        base = {position[n] for n in candidates if not is_activation_op(n)}
+        base_sqnr = output_sqnr_db(reference, self._quantized_outputs(model, base, feeds)) if base else SQNR_CAP_DB
+        in_context = {n: output_sqnr_db(reference, self._quantized_outputs(model, base | {position[n]}, feeds))
+                      for n in activation_ops}
+        ranked = sorted(activation_ops, key=lambda n: (-in_context[n], position[n]))  # least harmful first
+        floor = base_sqnr - self.activation_tolerance_db
+        measured: dict[int, float] = {0: base_sqnr}
+
+        def sqnr_with(k: int) -> float:
+            if k not in measured:
+                chosen = base | {position[n] for n in ranked[:k]}
+                measured[k] = output_sqnr_db(reference, self._quantized_outputs(model, chosen, feeds))
+            return measured[k]
+
+        # the largest k whose first k ops stay above the floor (the ops are added from the least harmful)
+        k = len(ranked) - _first_true(lambda i: sqnr_with(len(ranked) - i) >= floor, 0, len(ranked))
+        kept = set(ranked[:k])
+        for node in activation_ops:
+            self.record_layer(node, sensitivity_sqnr_db=round(in_context[node], 3),
+                              sensitivity_rank=len(ranked) - ranked.index(node), kept_float=node not in kept,
+                              role="activations")
+            if node not in kept:
+                del node.meta[SCHEME_KEY]
+                self.skip(node, f"activation-only op left in float: costs more than "
+                                f"{self.activation_tolerance_db:g} dB of output SQNR")
+        self.count("activation_ops_measured", len(activation_ops))
+        self.count("activation_ops_kept_float", len(activation_ops) - len(kept))
+        self.count("evaluations", len(measured) + len(activation_ops) - (0 if base else 1))
+        samples = sum(len(next(iter(feed.values()))) for feed in feeds)
+        self.stats.layers["(whole model)"] = {
+            "op_type": "model", "output_sqnr_db": round(sqnr_with(k), 3), "weight_layers_sqnr_db": round(base_sqnr, 3),
+            "eval_samples": samples}
+        logger.info("select-precision: %d of %d activation-only ops left in float; output SQNR %.2f dB "
+                    "(weight layers alone %.2f dB)", len(activation_ops) - len(kept), len(activation_ops),
+                    sqnr_with(k), base_sqnr)
+        return ir.passes.PassResult(model, len(kept) < len(activation_ops))
+
+
+def _first_true(predicate: Any, low: int, high: int) -> int:
+    """The smallest ``i`` in ``[low, high]`` with ``predicate(i)``, assuming it is monotone and true at ``high``."""
+    if predicate(low):
+        return low
+    while high - low > 1:
+        mid = (low + high) // 2
+        if predicate(mid):
+            high = mid
+        else:
+            low = mid
+    return high

@@ -43,7 +43,7 @@ from qcompiler import io
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, const_array
-from qcompiler.passes.annotate import SCHEME_KEY, quantized_output
+from qcompiler.passes.annotate import SCHEME_KEY, is_weight_layer, quantized_output
 from qcompiler.passes.lower._target import recipe_reduce_range
 from qcompiler.qspec import QSPEC_KEY, get_qspec, set_qspec
 
@@ -187,7 +187,7 @@ class SmoothQuantPass(QPass):
     def _groups(self, model: ir.Model) -> list[_Group]:
         groups: dict[ir.Value, _Group] = {}
         for node in model.graph:
-            if not node.meta.get(SCHEME_KEY) or node.op_type not in ("MatMul", "Gemm") or not node.inputs:
+            if not is_weight_layer(node) or node.op_type not in ("MatMul", "Gemm") or not node.inputs:
                 continue
             x = node.inputs[0]
             if x is None or not x.name or x.const_value is not None:

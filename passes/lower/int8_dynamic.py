@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.pass_manager import QPass, iter_nodes
-from qcompiler.passes.annotate import SCHEME_KEY
+from qcompiler.passes.annotate import is_weight_layer
 from qcompiler.passes.lower._target import resolve_reduce_range
 from qcompiler.passes.lower._weights import (
     Namer,
@@ -99,7 +99,7 @@ class LowerInt8DynamicPass(QPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         candidates = [n for n in iter_nodes(model)
-                      if n.meta.get(SCHEME_KEY) and n.graph is graph and n.op_type in ("MatMul", "Gemm", "Conv")]
+                      if is_weight_layer(n) and n.graph is graph]
         if not candidates:
             return ir.passes.PassResult(model, False)
         if model.opset_imports.get("", 0) < 11:

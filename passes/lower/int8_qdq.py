@@ -57,6 +57,12 @@ Other element types (``activation_dtype``/``weight_dtype`` of the annotations):
   before the Relu (exactly equivalent for FP8): ONNX Runtime's ``ReluQuantFusion`` removes a Relu feeding an FP8
   QuantizeLinear with zero point 0 as if the type were unsigned (ORT 1.2x/1.32), which breaks the model.
 
+Activation-only ops (``node.meta["qcompiler.quant_role"] == "activations"``: Add, Mul, Softmax, LayerNormalization,
+a MatMul of two activations, ...; see :mod:`qcompiler.passes.annotate`) get a Q/DQ pair on each activation input
+and on the output (a MatMul's output only with ``matmul_outputs``), 8-bit types only; ORT fuses ``DQ -> op -> Q``
+into QLinearAdd/QLinearMul/QLinearConcat/QLinearSigmoid/QLinearSoftmax/QLinear(Global)AveragePool/QLinearMatMul,
+and runs LayerNormalization in float between the pair.
+
 Nodes left in float are counted with their reason: no calibrated range, default opset below 13 (per-axis
 DequantizeLinear), below 21 (16-bit types) or below 19 (FP8), missing constant weight. Per-layer weight SQNR is recorded. ``preserves_float = False``.
 """
@@ -72,7 +78,7 @@ import onnx_ir as ir
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes.algorithms.bias_correction import BIAS_SHIFT_KEY, get_channel_mean, mean_shift
-from qcompiler.passes.annotate import SCHEME_KEY, quantized_output
+from qcompiler.passes.annotate import SCHEME_KEY, activation_inputs, is_activation_op, is_weight_layer, quantized_output
 from qcompiler.passes.lower._target import resolve_reduce_range
 from qcompiler.passes.lower._weights import (
     Namer,
@@ -232,7 +238,34 @@ class LowerInt8QDQPass(QPass):
         self.count("activation_qdq")
         return dq.outputs[0]
 
+    def _why_not_activation_op(self, node: ir.Node) -> str | None:
+        values = [node.inputs[i] for i in activation_inputs(node)]
+        if self._quantizes_activation_op_output(node):
+            values.append(node.outputs[0])
+        for value in values:
+            if value is None or self._act_params(value) is None:
+                return f"no calibrated range for '{getattr(value, 'name', None)}'"
+            spec = get_qspec(value)
+            if spec.dtype not in ("uint8", "int8"):
+                return f"activation-only op with {spec.dtype} activations (8-bit only)"
+        return None
+
+    def _quantizes_activation_op_output(self, node: ir.Node) -> bool:
+        """Every activation-only op quantizes its output, except a MatMul (the same rule as MatMul layers)."""
+        return node.op_type != "MatMul" or self.matmul_outputs
+
+    def _lower_activation_op(self, graph: ir.Graph, node: ir.Node, namer: Namer,
+                             done: dict[ir.Value, ir.Value]) -> None:
+        """Q/DQ on each activation input and on the output: ORT fuses DQ -> op -> Q into its QLinear kernel."""
+        for i in activation_inputs(node):
+            node.replace_input_with(i, self._qdq(graph, node.inputs[i], namer, done))
+        if self._quantizes_activation_op_output(node):
+            self._qdq(graph, node.outputs[0], namer, done)
+        self.record_layer(node, scheme="int8-static", role="activations")
+
     def _why_not(self, node: ir.Node) -> str | None:
+        if is_activation_op(node):
+            return self._why_not_activation_op(node)
         w = node.inputs[1]
         if w is None or w.const_value is None or get_qspec(w) is None:
             return "weight lost its constant value or spec"
@@ -253,7 +286,7 @@ class LowerInt8QDQPass(QPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         candidates = [n for n in iter_nodes(model) if n.meta.get(SCHEME_KEY) == "int8-static" and n.graph is graph
-                      and n.op_type in ("Conv", "MatMul", "Gemm")]
+                      and (is_weight_layer(n) or is_activation_op(n))]
         if not candidates:
             return ir.passes.PassResult(model, False)
         if model.opset_imports.get("", 0) < 13:
@@ -268,6 +301,10 @@ class LowerInt8QDQPass(QPass):
         old_values: list[ir.Value] = []
         try:
             for node in lowered:
+                if is_activation_op(node):
+                    self._lower_activation_op(graph, node, namer, done)
+                    self.count(f"lowered_activation_{node.op_type}")
+                    continue
                 old_values.extend(v for v in node.inputs[1:] if v is not None)
                 self._lower(graph, node, namer, done)
                 self.count(f"lowered_{node.op_type}")
