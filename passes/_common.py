@@ -63,6 +63,14 @@ class NameScope:
         return name
 
 
+def copy_type(target: ir.Value, source: ir.Value) -> None:
+    """Give ``target`` the element type and shape of ``source`` where those are known (a replacement's output)."""
+    if source.dtype is not None:
+        target.dtype = source.dtype
+    if source.shape is not None:
+        target.shape = source.shape
+
+
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant numpy array of ``value`` (initializer or Constant output), or None if it is not constant.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,7 @@ def compile_model(
     disable: Sequence[str] = (),
     quantization: Mapping[str, Any] | None = None,
     calibration: Mapping[str, Any] | None = None,
+    weight_only: Mapping[str, Any] | None = None,
     dump_after: Sequence[str] = (),
     dump_dir: str | os.PathLike[str] | None = None,
     verify_each: bool = False,
@@ -72,6 +74,7 @@ def compile_model(
         disable: pass names to drop from the pipeline.
         quantization: overrides of the recipe's ``[quantization]`` fields.
         calibration: overrides of the recipe's ``[calibration]`` fields.
+        weight_only: overrides of the recipe's ``[weight-only]`` fields.
         dump_after: pass names after which to write the intermediate model (``all`` for every pass).
         dump_dir: folder for those dumps (default: beside the output).
         verify_each: check the model and compare its outputs before and after each float-preserving pass.
@@ -82,7 +85,7 @@ def compile_model(
     """
     base = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     active = override(base, plugins=tuple(plugins), disable=tuple(disable),
-                      quantization=quantization, calibration=calibration)
+                      quantization=quantization, calibration=calibration, weight_only=weight_only)
     input_path, output_path = Path(input_path), Path(output_path)
     io.check_output_path(input_path, output_path)
     if active.needs_calibration and calib is None:
@@ -115,6 +118,16 @@ def compile_model(
 
     model.metadata_props["qcompiler.version"] = __version__
     model.metadata_props["qcompiler.recipe"] = active.name
+    if "lower-weight-only" in pipeline.names:
+        w = active.weight_only
+        model.metadata_props["qcompiler.weight_only"] = json.dumps(
+            {"format": w.format, "algorithm": w.algorithm, "block_size": w.block_size, "symmetric": w.symmetric,
+             "accuracy_level": w.accuracy_level}, sort_keys=True)
+    if calibration_data is not None:
+        from qcompiler.calibration.cache import data_digest
+
+        model.metadata_props["qcompiler.calibration_sha256"] = data_digest(
+            calibration_data, active.calibration.batch_size, active.calibration.max_samples)
     if not model.producer_name:
         model.producer_name = "qcompiler"
     io.save_model(model, output_path, input_path=input_path)

@@ -91,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. 0.01); the most sensitive layers stay float until it holds")
     p.add_argument("--min-sqnr", type=float, metavar="DB",
                    help="accuracy budget: the model outputs' SQNR vs fp32 must reach DB decibels")
+    p.add_argument("--algorithm", choices=("rtn",), help="weight-only recipes: how codes are chosen (rtn)")
+    p.add_argument("--block-size", type=int, metavar="N",
+                   help="weight-only recipes: values per scale along K (16-256, a power of two; 0: per channel)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="weight-only recipes: fixed middle zero point (the default)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="weight-only: a zero point per block")
+    p.add_argument("--accuracy-level", type=int, choices=range(5), metavar="{0-4}",
+                   help="weight-only recipes: MatMulNBits accuracy_level (4: int8 activations on CPU)")
     p.add_argument("--plugin", action="append", default=[], metavar="NAME", help="load an installed plugin pass")
     p.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="drop a pass from the pipeline")
     p.add_argument("--dump-after", action="append", default=[], metavar="PASS",
@@ -172,6 +181,10 @@ def _compile(args: argparse.Namespace) -> int:
         calibration["calibrator"] = args.calibrator
     if args.percentile is not None:
         calibration["percentile"] = args.percentile
+    weight_only: dict[str, object] = {}
+    for key in ("algorithm", "block_size", "symmetric", "accuracy_level"):
+        if getattr(args, key) is not None:
+            weight_only[key] = getattr(args, key)
     recipe = args.recipe or DEFAULT_RECIPE
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not args.quiet)
     report_paths = [Path(r) for r in args.report]
@@ -184,7 +197,8 @@ def _compile(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = compile_model(
         args.model, args.output, recipe=recipe, calib=args.calib, plugins=args.plugin, disable=args.disable_pass,
-        quantization=quantization or None, calibration=calibration or None, dump_after=args.dump_after,
+        quantization=quantization or None, calibration=calibration or None, weight_only=weight_only or None,
+        dump_after=args.dump_after,
         dump_dir=args.dump_dir, verify_each=args.verify_each, progress=progress,
     )
     seconds = time.perf_counter() - start

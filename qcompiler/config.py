@@ -43,6 +43,7 @@ else:  # pragma: no cover
 __all__ = [
     "QuantizationOptions",
     "CalibrationOptions",
+    "WeightOnlyOptions",
     "Recipe",
     "builtin_recipe_names",
     "load_recipe",
@@ -117,6 +118,56 @@ class QuantizationOptions:
             raise ConfigError(f"quantization.max_accuracy_drop must be a fraction in [0, 1), got {drop!r}")
 
 
+#: weight-only formats and their bits (MatMulNBits codes)
+WEIGHT_ONLY_FORMATS = {"int8": 8, "int4": 4, "int2": 2}
+WEIGHT_ONLY_ALGORITHMS = ("rtn",)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlyOptions:
+    """Weight-only quantization of MatMul/Gemm weights (activations stay float): read by ``lower-weight-only``.
+
+    Attributes:
+        format: "int8", "int4" or "int2" (codes of that many bits, lowered to ``com.microsoft.MatMulNBits``).
+        algorithm: how the codes are chosen: "rtn" (round to nearest on the block's grid).
+        block_size: values per scale along the reduction axis K: a power of two from 16 to 256 (a K that is not
+            a multiple is padded), or 0 for one block over the whole of K (per channel).
+        symmetric: zero point fixed at the middle code (no zero-point tensor), else a zero point per block.
+        accuracy_level: MatMulNBits' ``accuracy_level`` (0: unset, 1: fp32, 2: fp16, 3: bf16, 4: int8 activations
+            on CPU).
+        exclude_nodes: MatMul/Gemm node names to leave in float.
+    """
+
+    format: str = "int4"
+    algorithm: str = "rtn"
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 0
+    exclude_nodes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.format not in WEIGHT_ONLY_FORMATS:
+            raise ConfigError(f"weight-only.format must be one of {', '.join(WEIGHT_ONLY_FORMATS)}, got "
+                              f"{self.format!r}")
+        if self.algorithm not in WEIGHT_ONLY_ALGORITHMS:
+            raise ConfigError(f"weight-only.algorithm must be one of {', '.join(WEIGHT_ONLY_ALGORITHMS)}, got "
+                              f"{self.algorithm!r}")
+        size = self.block_size
+        if isinstance(size, bool) or not isinstance(size, int) or not (size == 0 or (16 <= size <= 256 and
+                                                                                     size & (size - 1) == 0)):
+            raise ConfigError(f"weight-only.block_size must be a power of two from 16 to 256 (or 0: per channel), "
+                              f"got {size!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ConfigError(f"weight-only.symmetric must be true or false, got {self.symmetric!r}")
+        level = self.accuracy_level
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 4:
+            raise ConfigError(f"weight-only.accuracy_level must be an integer from 0 to 4, got {level!r}")
+
+    @property
+    def bits(self) -> int:
+        return WEIGHT_ONLY_FORMATS[self.format]
+
+
 @dataclasses.dataclass(frozen=True)
 class CalibrationOptions:
     """How to run calibration: read by the calibrate pass.
@@ -170,6 +221,7 @@ class Recipe:
     needs_calibration: bool = False
     quantization: QuantizationOptions = dataclasses.field(default_factory=QuantizationOptions)
     calibration: CalibrationOptions = dataclasses.field(default_factory=CalibrationOptions)
+    weight_only: WeightOnlyOptions = dataclasses.field(default_factory=WeightOnlyOptions)
     pass_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
     def options_for(self, pass_name: str) -> dict[str, Any]:
@@ -183,12 +235,13 @@ class Recipe:
             "needs_calibration": self.needs_calibration,
             "quantization": dataclasses.asdict(self.quantization),
             "calibration": dataclasses.asdict(self.calibration),
+            "weight-only": dataclasses.asdict(self.weight_only),
             "pass-options": {k: dict(v) for k, v in self.pass_options.items()},
         }
 
 
 _TOP_KEYS = {"name", "description", "extends", "passes", "plugins", "disable", "needs_calibration",
-             "quantization", "calibration", "pass-options"}
+             "quantization", "calibration", "weight-only", "pass-options"}
 
 
 def _section(cls: type, data: Any, section: str, base: Any) -> Any:
@@ -257,6 +310,8 @@ def recipe_from_dict(data: Mapping[str, Any], *, source: str = "<dict>", _depth:
                               base.quantization if base else QuantizationOptions()),
         calibration=_section(CalibrationOptions, data.get("calibration", {}), "calibration",
                              base.calibration if base else CalibrationOptions()),
+        weight_only=_section(WeightOnlyOptions, data.get("weight-only", {}), "weight-only",
+                             base.weight_only if base else WeightOnlyOptions()),
         pass_options=MappingProxyType({k: MappingProxyType(v) for k, v in pass_options.items()}),
     )
 
@@ -292,10 +347,12 @@ def load_recipe(name_or_path: str | Path, *, _depth: int = 0) -> Recipe:
 
 
 def override(recipe: Recipe, *, plugins: tuple[str, ...] = (), disable: tuple[str, ...] = (),
-             quantization: Mapping[str, Any] | None = None, calibration: Mapping[str, Any] | None = None) -> Recipe:
+             quantization: Mapping[str, Any] | None = None, calibration: Mapping[str, Any] | None = None,
+             weight_only: Mapping[str, Any] | None = None) -> Recipe:
     """Apply command-line overrides: plugins and disabled passes are added, option fields replaced."""
     return dataclasses.replace(
         recipe,
+        weight_only=dataclasses.replace(recipe.weight_only, **(weight_only or {})),
         plugins=tuple(dict.fromkeys(recipe.plugins + tuple(plugins))),
         disable=tuple(dict.fromkeys(recipe.disable + tuple(disable))),
         quantization=dataclasses.replace(recipe.quantization, **(quantization or {})),

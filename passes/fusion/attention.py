@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.pass_manager import QPass
-from qcompiler.passes._common import NameScope, const_array, drop_unused_initializers
+from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unused_initializers
 
 __all__ = ["FuseAttentionPass"]
 
@@ -244,7 +244,8 @@ class FuseAttentionPass(QPass):
                         name=names.fresh("attention_mask_shape"))
         expand = ir.node("Expand", [mask, shape.outputs[0]], name=names.fresh("attention_mask_expand"))
         expand.outputs[0].name = names.fresh("attention_bias")
-        expand.outputs[0].dtype = mask.dtype
+        if mask.dtype is not None:
+            expand.outputs[0].dtype = mask.dtype
         graph.insert_before(found.nodes[0], [seq, shape, expand])
         expanded[mask] = expand.outputs[0]
         return expand.outputs[0]
@@ -257,7 +258,7 @@ class FuseAttentionPass(QPass):
         last = found.nodes[-1]
         mha = ir.node("MultiHeadAttention", inputs, domain=_CONTRIB, name=last.name,
                       attributes={"num_heads": found.heads, "scale": float(found.scale)})
-        mha.outputs[0].dtype, mha.outputs[0].shape = found.output.dtype, found.output.shape
+        copy_type(mha.outputs[0], found.output)
         constants = [v for n in found.nodes for v in n.inputs if v is not None and v.is_initializer()]
         ir.convenience.replace_nodes_and_values(graph, last, found.nodes, [mha], [found.output], mha.outputs)
         drop_unused_initializers(constants)

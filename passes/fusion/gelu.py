@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.pass_manager import QPass
-from qcompiler.passes._common import const_array, drop_unused_initializers
+from qcompiler.passes._common import const_array, copy_type, drop_unused_initializers
 
 __all__ = ["FuseGeluPass"]
 
@@ -128,7 +128,7 @@ class FuseGeluPass(QPass):
                 gelu = ir.node("Gelu", [match.x], attributes={"approximate": "none"}, name=match.nodes[-1].name)
             else:
                 gelu = ir.node("Gelu", [match.x], domain=_CONTRIB, name=match.nodes[-1].name)
-            gelu.outputs[0].dtype, gelu.outputs[0].shape = match.y.dtype, match.y.shape
+            copy_type(gelu.outputs[0], match.y)
             constants.extend(v for n in match.nodes for v in n.inputs if v is not None and v.is_initializer())
             ir.convenience.replace_nodes_and_values(graph, match.nodes[-1], match.nodes, [gelu], [match.y],
                                                    gelu.outputs)

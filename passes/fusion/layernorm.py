@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.pass_manager import QPass
-from qcompiler.passes._common import NameScope, const_array, drop_unused_initializers
+from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unused_initializers
 
 __all__ = ["FuseLayerNormPass"]
 
@@ -157,7 +157,7 @@ class FuseLayerNormPass(QPass):
         beta_v = self._constant(graph, names.fresh("layernorm_bias"), beta)
         node = ir.node("LayerNormalization", [x, gamma_v, beta_v], name=nodes[-1].name,
                        attributes={"axis": first, "epsilon": float(eps), "stash_type": 1})
-        node.outputs[0].dtype, node.outputs[0].shape = out.dtype, out.shape
+        copy_type(node.outputs[0], out)
         constants = [v for n in nodes for v in n.inputs if v is not None and v.is_initializer()]
         ir.convenience.replace_nodes_and_values(graph, nodes[-1], nodes, [node], [out], node.outputs)
         drop_unused_initializers(constants)

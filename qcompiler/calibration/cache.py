@@ -227,8 +227,10 @@ def _weights_digest(model: ir.Model) -> str:
     return digest.hexdigest()
 
 
-def _data_digest(data: Any, batch_size: int, max_samples: int | None) -> str:
-    """SHA-256 over the batches that calibration feeds (names, dtypes, shapes, bytes) and how they are cut."""
+def data_digest(data: Any, batch_size: int, max_samples: int | None) -> str:
+    """SHA-256 over the batches that calibration feeds (names, dtypes, shapes, bytes) and how they are cut.
+
+    Also the provenance hash that ``compile_model`` writes into the output's metadata."""
     digest = hashlib.sha256()
     _field(digest, json.dumps({"inputs": list(data.input_names), "batch_size": batch_size,
                                "max_samples": max_samples}))
@@ -261,7 +263,7 @@ def cache_key(model: ir.Model, names: Sequence[str], data: Any, *, batch_size: i
         "format": FORMAT_VERSION,
         "graph": _graph_digest(model),
         "weights": _weights_digest(model),
-        "data": _data_digest(data, batch_size, max_samples),
+        "data": data_digest(data, batch_size, max_samples),
         "observed": hashlib.sha256(json.dumps(list(names)).encode("utf-8")).hexdigest(),
         "bins": bins,
         "onnxruntime": onnxruntime.__version__,

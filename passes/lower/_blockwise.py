@@ -1,0 +1,108 @@
+"""Blockwise weight grids for weight-only quantization: scales, zero points and round-to-nearest codes.
+
+A weight ``W[K, N]`` (``Y = A @ W``) is cut into blocks of ``block_size`` consecutive values along K, one grid per
+block and output column (the layout is :mod:`qcompiler.runtime.packing`'s). Grids, with ``b`` bits:
+
+- symmetric: codes ``q`` in ``[0, 2^b)`` around the fixed zero point ``z = 2^(b-1)``; ``s = max|w| / (z - 0.5)``,
+  so the largest magnitude lands on ``+-(z - 0.5)`` and rounds to the nearest code on either side: every value is
+  within ``s / 2`` of its dequantized value (``max|w| / 7`` would waste the code ``-8``; ``max|w| / 8`` clips the
+  positive side by up to ``s``);
+- asymmetric: the range ``[min(w, 0), max(w, 0)]`` on ``2^b - 1`` steps, ``z = round(-min / s)``.
+
+An all-zero block gets ``s = 1`` (its codes are the zero point, exact). Algorithms other than round-to-nearest
+(GPTQ, AWQ, HQQ) choose codes on the same grids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from qcompiler.runtime import packing
+
+__all__ = ["BlockwiseWeight", "quantize_rtn", "resolve_block_size"]
+
+
+def resolve_block_size(block_size: int, k: int) -> int:
+    """``block_size``, or for 0 (one block per column) the smallest power of two from 16 that covers ``k``."""
+    if block_size:
+        return block_size
+    size = 16
+    while size < k:
+        size *= 2
+    return size
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockwiseWeight:
+    """Codes ``[N, K]``, scales ``[N, n_blocks]`` and zero-point codes ``[N, n_blocks]`` (None: symmetric)."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    bits: int
+    block_size: int
+
+    @property
+    def k(self) -> int:
+        return self.codes.shape[1]
+
+    def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(B ``[N, n_blocks, blob]``, scales ``[N * n_blocks]``, packed zero points or None): MatMulNBits' inputs."""
+        zp = None if self.zero_points is None else packing.pack_zero_points(self.zero_points, self.bits)
+        return (packing.pack_codes(self.codes, self.bits, self.block_size),
+                np.ascontiguousarray(self.scales.reshape(-1), dtype=np.float32), zp)
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 ``W[K, N]`` the codes stand for."""
+        n, k = self.codes.shape
+        blocks = self.scales.shape[1]
+        pad = blocks * self.block_size - k
+        zp = self.zero_points if self.zero_points is not None else \
+            np.full(self.scales.shape, packing.default_zero_point(self.bits), np.uint8)
+        codes = np.pad(self.codes, ((0, 0), (0, pad))).reshape(n, blocks, self.block_size).astype(np.float32)
+        w = (codes - zp[..., None].astype(np.float32)) * self.scales[..., None]
+        return np.ascontiguousarray(w.reshape(n, -1)[:, :k].T)
+
+
+def _blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
+    """``W[K, N]`` as ``[N, n_blocks, block_size]`` float64, the padding zeros."""
+    k, n = weight.shape
+    blocks = packing.block_count(k, block_size)
+    padded = np.zeros((n, blocks * block_size), np.float64)
+    padded[:, :k] = weight.T
+    return padded.reshape(n, blocks, block_size)
+
+
+def grid(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scales ``[N, n_blocks]`` (float32) and zero-point codes ``[N, n_blocks]`` (uint8) of each block's grid."""
+    blocks = _blocks(weight, block_size)
+    top = (1 << bits) - 1
+    if symmetric:
+        middle = 1 << (bits - 1)
+        scale = np.abs(blocks).max(axis=2) / (middle - 0.5)
+        zero = np.full(scale.shape, middle, np.uint8)
+    else:
+        low, high = np.minimum(blocks.min(axis=2), 0.0), np.maximum(blocks.max(axis=2), 0.0)
+        scale = (high - low) / top
+        safe = np.where(scale > 0, scale, 1.0)
+        zero = np.clip(np.rint(-low / safe), 0, top).astype(np.uint8)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return scale, zero
+
+
+def codes_on_grid(weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """Round-to-nearest codes ``[N, K]`` of ``W[K, N]`` on the given grids."""
+    k = weight.shape[0]
+    blocks = _blocks(weight, block_size)
+    q = np.rint(blocks / scale[..., None].astype(np.float64)) + zero[..., None]
+    q = np.clip(q, 0, (1 << bits) - 1).astype(np.uint8)
+    return q.reshape(q.shape[0], -1)[:, :k]
+
+
+def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockwiseWeight:
+    """Round every value of ``W[K, N]`` to the nearest code of its block's grid."""
+    scale, zero = grid(weight, bits, block_size, symmetric)
+    codes = codes_on_grid(weight, scale, zero, bits, block_size)
+    return BlockwiseWeight(codes, scale, None if symmetric else zero, bits, block_size)

@@ -1,0 +1,186 @@
+"""Lower MatMul/Gemm weights to weight-only low-bit blocks: ONNX Runtime's ``com.microsoft.MatMulNBits``.
+
+For ``Y = A @ W`` (MatMul with a constant float32 ``W[K, N]``) or ``Y = A @ B' + C`` (Gemm with ``transA = 0``,
+``alpha = beta = 1``, ``B' = B`` or ``B^T``, an optional 1-D bias ``C[N]``), the pass quantizes ``W`` blockwise
+along K (:mod:`qcompiler.passes.lower._blockwise`, layout :mod:`qcompiler.runtime.packing`) and writes::
+
+    Y = MatMulNBits(A, B_packed, scales, [zero_points], , [bias]; K, N, bits, block_size, accuracy_level)
+
+Activations stay float (the kernel dequantizes the weights, or, at ``accuracy_level = 4`` on CPU, quantizes the
+activations to int8 per block). A weight read by several MatMul/Gemm nodes is quantized once and its packed
+tensors are shared; the float weight is dropped when nothing else reads it (a tied embedding's Gather keeps it).
+
+Skipped with a counted reason: excluded names, nodes in subgraphs, non-constant or non-float32 weights (or weights
+that are graph inputs), weights not 2-D, a 1-D activation, Gemm with ``transA = 1``, ``alpha``/``beta`` other than
+1 or a bias that is not a constant ``[N]``. Per-layer weight SQNR is recorded. ``preserves_float = False``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import ConfigError
+from qcompiler.pass_manager import QPass
+from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unused_initializers
+from qcompiler.passes.lower._blockwise import BlockwiseWeight, quantize_rtn, resolve_block_size
+from qcompiler.passes.lower._weights import sqnr_from_energies
+
+if TYPE_CHECKING:
+    from qcompiler.config import Recipe
+
+__all__ = ["LowerWeightOnlyPass"]
+
+logger = logging.getLogger(__name__)
+
+_CONTRIB = "com.microsoft"
+_BITS = (2, 4, 8)
+
+
+def _attr(node: ir.Node, name: str, default: Any) -> Any:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def weight_sqnr_db(weight: np.ndarray, dequantized: np.ndarray) -> float:
+    """SQNR (dB) of a weight against its dequantized value."""
+    w = weight.astype(np.float64)
+    return sqnr_from_energies(float(np.vdot(w, w)), float(np.sum((w - dequantized) ** 2)))
+
+
+class LowerWeightOnlyPass(QPass):
+    """Replace MatMul/Gemm with constant weights by MatMulNBits over blockwise low-bit codes.
+
+    Args:
+        bits: 2, 4 or 8.
+        block_size: values per block along K (a power of two from 16 to 256), or 0 for one block per column.
+        symmetric: fixed middle zero point (no zero-point input) or a zero point per block.
+        accuracy_level: MatMulNBits' ``accuracy_level`` attribute (0-4).
+        exclude_nodes: node names to leave in float.
+    """
+
+    name = "lower-weight-only"
+    stage = "lower"
+    preserves_float = False
+
+    def __init__(self, *, bits: int = 4, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 0,
+                 exclude_nodes: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        if bits not in _BITS:
+            raise ConfigError(f"{self.name}: bits must be one of {_BITS}, got {bits!r}")
+        if not (block_size == 0 or (16 <= block_size <= 256 and block_size & (block_size - 1) == 0)):
+            raise ConfigError(f"{self.name}: block_size must be a power of two from 16 to 256, or 0")
+        self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
+        self.accuracy_level = int(accuracy_level)
+        self.exclude_nodes = frozenset(exclude_nodes)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> LowerWeightOnlyPass:
+        """Options from the recipe's ``[weight-only]`` section (pass-options override them)."""
+        w = recipe.weight_only
+        kwargs: dict[str, Any] = {"bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric,
+                                  "accuracy_level": w.accuracy_level, "exclude_nodes": w.exclude_nodes}
+        kwargs.update(options)
+        return cls(**kwargs)
+
+    # -- candidates ---------------------------------------------------------------------------------------------
+    def _weight(self, model: ir.Model, node: ir.Node) -> tuple[np.ndarray, ir.Value | None] | str:
+        """(``W[K, N]`` float32, the bias value or None), or the reason the node stays float."""
+        if node.graph is not model.graph:
+            return "inside a subgraph"
+        if node.name in self.exclude_nodes:
+            return "excluded by name"
+        if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+            return "missing input"
+        x, w = node.inputs[0], node.inputs[1]
+        if w.is_graph_input():
+            return "weight is a graph input (overridable initializer)"
+        array = const_array(w)
+        if array is None:
+            return "non-constant weight"
+        if array.dtype != np.float32 or (x.dtype is not None and x.dtype != ir.DataType.FLOAT):
+            return "unsupported dtype (float32 only)"
+        if array.ndim != 2:
+            return f"weight of rank {array.ndim} (2-D only)"
+        if x.shape is not None and x.shape.rank() < 2:
+            return "1-D activation"
+        bias = None
+        if node.op_type == "Gemm":
+            if _attr(node, "transA", 0):
+                return "Gemm with transA=1"
+            if float(_attr(node, "alpha", 1.0)) != 1.0 or float(_attr(node, "beta", 1.0)) != 1.0:
+                return "Gemm with alpha or beta other than 1"
+            if _attr(node, "transB", 0):
+                array = array.T
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                bias = node.inputs[2]
+                b = const_array(bias)
+                if b is None or b.shape != (array.shape[1],) or b.dtype != np.float32:
+                    return "Gemm bias is not a constant float32 [N]"
+        return np.ascontiguousarray(array), bias
+
+    # -- the pass ---------------------------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        names = NameScope(model)
+        shared: dict[tuple[int, bool], tuple[list[ir.Value | None], BlockwiseWeight]] = {}
+        old: list[ir.Value] = []
+        lowered = 0
+        for node in list(graph):
+            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+                continue
+            found = self._weight(model, node)
+            if isinstance(found, str):
+                self.skip(node, found)
+                continue
+            weight, bias = found
+            transposed = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+            key = (id(node.inputs[1]), transposed)
+            if key not in shared:
+                shared[key] = self._quantize(graph, node, weight, names)
+            else:
+                self.count("weights_shared")
+            tensors, blockwise = shared[key]
+            k, n = weight.shape
+            inputs: list[ir.Value | None] = [node.inputs[0], *tensors]
+            if bias is not None:
+                inputs += [None] * (5 - len(inputs)) + [bias]
+            while inputs and inputs[-1] is None:
+                inputs.pop()
+            attributes = {"K": k, "N": n, "bits": self.bits, "block_size": blockwise.block_size,
+                          "accuracy_level": self.accuracy_level}
+            replacement = ir.node("MatMulNBits", inputs, attributes=attributes, domain=_CONTRIB, name=node.name)
+            out = node.outputs[0]
+            copy_type(replacement.outputs[0], out)
+            old.extend(v for v in node.inputs[1:] if v is not None)
+            ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [out], replacement.outputs)
+            lowered += 1
+            self.count(f"lowered_{node.op_type}")
+        if lowered:
+            model.opset_imports.setdefault(_CONTRIB, 1)
+        self.count("float_weights_removed", drop_unused_initializers(old))
+        return ir.passes.PassResult(model, lowered > 0)
+
+    def _quantize(self, graph: ir.Graph, node: ir.Node, weight: np.ndarray,
+                  names: NameScope) -> tuple[list[ir.Value | None], BlockwiseWeight]:
+        """Quantize ``W[K, N]`` and register its packed tensors (codes, scales, zero points or None)."""
+        block = resolve_block_size(self.block_size, weight.shape[0])
+        blockwise = quantize_rtn(weight, self.bits, block, self.symmetric)
+        packed, scales, zero_points = blockwise.packed()
+        base = node.inputs[1].name or node.name or "weight"
+        values: list[ir.Value | None] = []
+        for suffix, array in (("packed", packed), ("scales", scales), ("zero_points", zero_points)):
+            if array is None:
+                values.append(None)
+                continue
+            name = names.fresh(f"{base}_{suffix}")
+            value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+            graph.register_initializer(value)
+            values.append(value)
+        self.record_layer(node, weight_sqnr_db=round(weight_sqnr_db(weight, blockwise.dequantize()), 3),
+                          scheme=f"int{self.bits}-weight-only", block_size=block, symmetric=self.symmetric,
+                          weight_shape=list(weight.shape))
+        return values, blockwise

@@ -1,0 +1,181 @@
+"""Weight-only int8/int4/int2: the packed layout, the blockwise grids, MatMulNBits in ONNX Runtime against the
+numpy reference, the recipes and CLI flags, provenance metadata."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from _int8_models import rel_l2, run
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompiler.config import load_recipe, override
+from qcompiler.errors import ConfigError
+from qcompiler.passes.lower._blockwise import quantize_rtn, resolve_block_size
+from qcompiler.passes.lower.weight_only import LowerWeightOnlyPass
+from qcompiler.runtime import packing
+
+F = TensorProto.FLOAT
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), n=st.integers(1, 5), k=st.integers(1, 70),
+       block=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**16))
+def test_codes_and_zero_points_round_trip(bits, n, k, block, seed):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 1 << bits, (n, k), dtype=np.uint8)
+    packed = packing.pack_codes(codes, bits, block)
+    blocks = packing.block_count(k, block)
+    assert packed.shape == (n, blocks, block * bits // 8) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(packing.unpack_codes(packed, bits, k), codes)
+    zp = rng.integers(0, 1 << bits, (n, blocks), dtype=np.uint8)
+    zp_packed = packing.pack_zero_points(zp, bits)
+    assert zp_packed.shape == (n * -(-blocks * bits // 8),)
+    np.testing.assert_array_equal(packing.unpack_zero_points(zp_packed, bits, n, blocks), zp)
+
+
+def test_packing_is_low_bits_first():
+    packed = packing.pack_codes(np.array([[1, 2] + [8] * 14]), 4, 16)
+    assert packed[0, 0, 0] == 0x21  # code 0 in the low nibble
+    two_bit = packing.pack_codes(np.array([[1, 2, 3, 0] + [2] * 12]), 2, 16)
+    assert two_bit[0, 0, 0] == 0b00111001
+    with pytest.raises(ValueError):
+        packing.pack_codes(np.array([[16] * 16]), 4, 16)
+
+
+@settings(max_examples=30, deadline=None)
+@given(weight=hnp.arrays(np.float32, st.tuples(st.integers(1, 80), st.integers(1, 6)),
+                         elements=st.floats(-4, 4, width=32)),
+       bits=st.sampled_from([2, 4, 8]), symmetric=st.booleans(), block=st.sampled_from([16, 32]))
+def test_rtn_error_is_at_most_half_a_step(weight, bits, symmetric, block):
+    q = quantize_rtn(weight, bits, block, symmetric)
+    deq = q.dequantize()
+    assert deq.shape == weight.shape and np.all(np.isfinite(deq))
+    steps = np.repeat(q.scales, block, axis=1)[:, :weight.shape[0]].T  # [K, N]
+    assert np.all(np.abs(deq - weight) <= steps * 0.5 * (1 + 1e-5) + 1e-7)
+    packed, scales, zp = q.packed()
+    np.testing.assert_allclose(packing.dequantize(packed, scales, zp, k=weight.shape[0], bits=bits,
+                                                  block_size=block), deq, rtol=0, atol=0)
+
+
+def test_all_zero_and_constant_blocks_have_finite_scales():
+    weight = np.zeros((32, 2), np.float32)
+    weight[:, 1] = 0.25
+    for symmetric in (True, False):
+        q = quantize_rtn(weight, 4, 16, symmetric)
+        assert np.all(q.scales > 0)
+        np.testing.assert_allclose(q.dequantize()[:, 0], 0.0)
+        np.testing.assert_allclose(q.dequantize()[:, 1], 0.25, rtol=0.07)
+
+
+def _mlp(k: int = 100, hidden: int = 48, n: int = 10, seed: int = 0, tied: bool = False) -> ir.Model:
+    """x[B, S, K] -> MatMul(W1) -> Relu -> Gemm-free MatMul(W2) (or W1's transpose read twice when tied)."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((k, hidden)) / np.sqrt(k)).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, n)) / np.sqrt(hidden)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    outputs = [helper.make_tensor_value_info("y", F, ["B", "S", n])]
+    if tied:  # a second reader of w1: quantized once, shared
+        nodes.append(helper.make_node("MatMul", ["x", "w1"], ["h2"], name="fc1_again"))
+        outputs.append(helper.make_tensor_value_info("h2", F, ["B", "S", hidden]))
+    proto = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, ["B", "S", k])],
+                                                outputs, [numpy_helper.from_array(w1, "w1"),
+                                                          numpy_helper.from_array(w2, "w2")]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(proto)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("block", [16, 32, 128, 0])
+def test_matmulnbits_in_ort_matches_the_numpy_reference(bits, symmetric, block):
+    model = _mlp()  # K = 100 is no multiple of 16, 32 or 128
+    x = np.random.default_rng(1).standard_normal((2, 3, 100)).astype(np.float32)
+    reference = _mlp()
+    w1, w2 = (reference.graph.initializers[n].const_value.numpy() for n in ("w1", "w2"))
+    result = LowerWeightOnlyPass(bits=bits, block_size=block, symmetric=symmetric)(model)
+    assert result.stats.counters["lowered_MatMul"] == 2 and result.stats.counters["float_weights_removed"] == 2
+    nodes = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 2 and all(n.domain == "com.microsoft" for n in nodes)
+    assert (len(nodes[0].inputs) == 4) == (not symmetric)
+    # numpy reference: the same math on the dequantized weights
+    size = resolve_block_size(block, 100)
+    d1 = quantize_rtn(w1, bits, size, symmetric).dequantize()
+    d2 = quantize_rtn(w2, bits, resolve_block_size(block, 48), symmetric).dequantize()
+    expected = np.maximum(x @ d1, 0) @ d2
+    actual = run(model, {"x": x})[0]
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+    error = rel_l2(actual, run(reference, {"x": x})[0])
+    assert error < {8: 0.01, 4: 0.2, 2: 0.8}[bits]
+
+
+def test_a_shared_weight_is_quantized_once():
+    model = _mlp(tied=True)
+    result = LowerWeightOnlyPass(bits=4)(model)
+    assert result.stats.counters["weights_shared"] == 1
+    fc1, again = (n for n in model.graph if n.name in ("fc1", "fc1_again"))
+    assert fc1.inputs[1] is again.inputs[1]
+
+
+def test_gemm_with_transposed_weight_and_bias():
+    rng = np.random.default_rng(2)
+    b = (rng.standard_normal((8, 64)) * 0.2).astype(np.float32)  # [N, K], transB=1
+    c = rng.standard_normal(8).astype(np.float32)
+    proto = helper.make_model(helper.make_graph(
+        [helper.make_node("Gemm", ["x", "b", "c"], ["y"], name="fc", transB=1)], "g",
+        [helper.make_tensor_value_info("x", F, ["B", 64])], [helper.make_tensor_value_info("y", F, ["B", 8])],
+        [numpy_helper.from_array(b, "b"), numpy_helper.from_array(c, "c")]), opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = ir.serde.deserialize_model(proto)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    LowerWeightOnlyPass(bits=8)(model)
+    (node,) = list(model.graph)
+    assert node.op_type == "MatMulNBits" and node.inputs[-1].name == "c"
+    expected = x @ quantize_rtn(np.ascontiguousarray(b.T), 8, 32, True).dequantize() + c
+    np.testing.assert_allclose(run(model, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_skips_with_reasons_and_bad_options():
+    model = _mlp()
+    result = LowerWeightOnlyPass(exclude_nodes=("fc2",))(model)
+    assert dict(result.stats.skips) == {"fc2": "excluded by name"}
+    with pytest.raises(ConfigError):
+        LowerWeightOnlyPass(bits=3)
+    with pytest.raises(ConfigError):
+        LowerWeightOnlyPass(block_size=48)
+    for bad in ({"format": "int3"}, {"block_size": 8}, {"block_size": 512}, {"algorithm": "magic"},
+                {"accuracy_level": 7}, {"symmetric": "yes"}):
+        with pytest.raises(ConfigError):
+            override(load_recipe("int4"), weight_only=bad)
+
+
+def test_cli_int4_writes_matmulnbits_and_provenance(tmp_path, capsys):
+    from qcompiler.cli import main
+
+    model = _mlp()
+    src, out = tmp_path / "m.onnx", tmp_path / "m.q.onnx"
+    onnx.save(ir.to_proto(model), src)
+    code = main([str(src), "-o", str(out), "--recipe", "int4", "--block-size", "64", "--asymmetric", "-q"])
+    assert code == 0
+    proto = onnx.load(out)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMulNBits") == 2
+    node = next(n for n in proto.graph.node if n.op_type == "MatMulNBits")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["bits"] == 4 and attrs["block_size"] == 64 and attrs["K"] == 100 and len(node.input) == 4
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["qcompiler.recipe"] == "int4"
+    assert json.loads(meta["qcompiler.weight_only"]) == {"format": "int4", "algorithm": "rtn", "block_size": 64,
+                                                          "symmetric": False, "accuracy_level": 0}
+    code = main([str(src), "-o", str(tmp_path / "bad.onnx"), "--recipe", "int4", "--block-size", "48", "-q"])
+    assert code == 2 and "block_size" in capsys.readouterr().err and not (tmp_path / "bad.onnx").exists()
