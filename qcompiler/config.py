@@ -120,7 +120,7 @@ class QuantizationOptions:
 
 #: weight-only formats and their bits (MatMulNBits codes)
 WEIGHT_ONLY_FORMATS = {"int8": 8, "int4": 4, "int2": 2}
-WEIGHT_ONLY_ALGORITHMS = ("rtn",)
+WEIGHT_ONLY_ALGORITHMS = ("rtn", "gptq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +129,8 @@ class WeightOnlyOptions:
 
     Attributes:
         format: "int8", "int4" or "int2" (codes of that many bits, lowered to ``com.microsoft.MatMulNBits``).
-        algorithm: how the codes are chosen: "rtn" (round to nearest on the block's grid).
+        algorithm: how the codes are chosen: "rtn" (round to nearest on the block's grid) or "gptq" (the same grid,
+            codes that minimise each layer's output error on the calibration data; needs ``--calib``).
         block_size: values per scale along the reduction axis K: a power of two from 16 to 256 (a K that is not
             a multiple is padded), or 0 for one block over the whole of K (per channel).
         symmetric: zero point fixed at the middle code (no zero-point tensor), else a zero point per block.

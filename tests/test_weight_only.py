@@ -179,3 +179,82 @@ def test_cli_int4_writes_matmulnbits_and_provenance(tmp_path, capsys):
                                                           "symmetric": False, "accuracy_level": 0}
     code = main([str(src), "-o", str(tmp_path / "bad.onnx"), "--recipe", "int4", "--block-size", "48", "-q"])
     assert code == 2 and "block_size" in capsys.readouterr().err and not (tmp_path / "bad.onnx").exists()
+
+
+def test_tied_lm_head_reads_the_embedding_through_a_transpose():
+    rng = np.random.default_rng(3)
+    emb = (rng.standard_normal((40, 32)) * 0.3).astype(np.float32)  # [vocab, hidden]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["h"], name="embed"),
+             helper.make_node("Transpose", ["emb"], ["emb_t"], name="tie", perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "emb_t"], ["logits"], name="lm_head")]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
+        [helper.make_tensor_value_info("logits", F, ["B", "S", 40])], [numpy_helper.from_array(emb, "emb")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = ir.serde.deserialize_model(proto)
+    ids = rng.integers(0, 40, (2, 5)).astype(np.int64)
+    result = LowerWeightOnlyPass(bits=8)(model)
+    assert result.stats.counters["tied_weight_transpose_read"] == 1
+    assert [n.op_type for n in model.graph] == ["Gather", "MatMulNBits"]
+    assert "emb" in model.graph.initializers  # the Gather keeps the float embedding
+    expected = emb[ids] @ quantize_rtn(np.ascontiguousarray(emb.T), 8, 32, True).dequantize()
+    np.testing.assert_allclose(run(model, {"ids": ids})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def _calibrated(tmp_path, model: ir.Model, count: int = 64):
+    from qcompiler.calibration.data import load_calibration_data
+
+    rng = np.random.default_rng(5)
+    mix = rng.standard_normal((100, 100)) * 0.3 + np.eye(100)  # correlated inputs with uneven energy
+    x = (rng.standard_normal((count, 3, 100)) * np.linspace(0.1, 3, 100)) @ mix
+    np.savez(tmp_path / "calib.npz", x=x.astype(np.float32))
+    return load_calibration_data(tmp_path / "calib.npz", model), x.astype(np.float32)
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (2, False)])
+def test_gptq_lowers_the_layer_output_error_against_rtn(tmp_path, bits, symmetric):
+    from qcompiler.passes.algorithms.weight_only_gptq import WeightOnlyGPTQPass
+
+    model = _mlp()
+    data, x = _calibrated(tmp_path, model)
+    result = WeightOnlyGPTQPass(calibration_data=data, bits=bits, block_size=32, symmetric=symmetric)(model)
+    layers = result.stats.layers
+    assert result.stats.counters["layers"] == 2 and not result.modified
+    for name in ("fc1", "fc2"):
+        assert layers[name]["gptq_output_error_db"] < layers[name]["rtn_output_error_db"] - 0.5, layers[name]
+    reference = _mlp()
+    expected = run(reference, {"x": x[:16]})[0]
+    rtn = _mlp()
+    LowerWeightOnlyPass(bits=bits, block_size=32, symmetric=symmetric)(rtn)
+    lowered = LowerWeightOnlyPass(bits=bits, block_size=32, symmetric=symmetric)(model)
+    assert lowered.stats.counters["codes_chosen_by_algorithm"] == 2
+    assert rel_l2(run(model, {"x": x[:16]})[0], expected) < rel_l2(run(rtn, {"x": x[:16]})[0], expected)
+
+
+def test_gptq_codes_for_another_grid_fall_back_to_rtn(tmp_path):
+    from qcompiler.passes.algorithms.weight_only_gptq import WeightOnlyGPTQPass
+
+    model = _mlp()
+    data, _ = _calibrated(tmp_path, model, count=8)
+    WeightOnlyGPTQPass(calibration_data=data, bits=4, block_size=32)(model)
+    result = LowerWeightOnlyPass(bits=4, block_size=64)(model)
+    assert result.stats.skip_reasons() == {
+        "codes chosen for other bits, block size or symmetry: rounded to nearest instead": 2}
+
+
+def test_cli_gptq_needs_calibration_data(tmp_path, capsys):
+    from qcompiler.cli import main
+
+    src = tmp_path / "m.onnx"
+    onnx.save(ir.to_proto(_mlp()), src)
+    code = main([str(src), "-o", str(tmp_path / "o.onnx"), "--recipe", "int4", "--algorithm", "gptq", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "calib" in err and len(err.strip().splitlines()) == 1
+    _calibrated(tmp_path, _mlp(), count=8)
+    code = main([str(src), "-o", str(tmp_path / "o.onnx"), "--recipe", "int4", "--algorithm", "gptq",
+                 "--calib", str(tmp_path / "calib.npz"), "-q"])
+    assert code == 0
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "o.onnx").metadata_props}
+    assert json.loads(meta["qcompiler.weight_only"])["algorithm"] == "gptq"
+    assert len(meta["qcompiler.calibration_sha256"]) == 64

@@ -47,14 +47,15 @@ def _upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
 def gptq_round(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin: int, qmax: int,
                zero_point: np.ndarray | None = None, *, damp: float = 0.01, act_order: bool = True,
                block: int = 128) -> np.ndarray:
-    """Integer weights for ``weight[M, K]`` on the grid ``scale[M] * (q - zero_point[M])``, ``q in [qmin, qmax]``.
+    """Integer weights for ``weight[M, K]`` on the grid ``scale * (q - zero_point)``, ``q in [qmin, qmax]``.
 
     Args:
         weight: float rows (output channels) by columns (inputs).
         hessian: ``[K, K]`` shared by all rows, or ``[M, K, K]`` per row.
-        scale: per-row scale (positive).
+        scale: positive scales, per row ``[M]`` or per weight ``[M, K]`` (blockwise grids: each column keeps the
+            grid of its block, also under ``act_order``, i.e. static groups).
         qmin, qmax: the integer range.
-        zero_point: per-row zero point (None: 0, symmetric).
+        zero_point: zero points shaped like ``scale`` (None: 0, symmetric).
         damp: diagonal damping as a fraction of the mean diagonal.
         act_order: round columns in order of decreasing ``diag(H)`` (the inputs with the most energy first).
         block: columns per lazy-batch block (the same result as column by column, in far less memory traffic).
@@ -67,13 +68,14 @@ def gptq_round(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin:
     per_row = hessian.ndim == 3
     h, _ = _prepare(hessian, damp)  # dead inputs keep their weights (GPTQ's reference zeroes them): an input
     # never seen on a small calibration set may well be alive on other data
-    s = np.asarray(scale, dtype=np.float64).reshape(m, 1)
-    z = np.zeros((m, 1)) if zero_point is None else np.asarray(zero_point, dtype=np.float64).reshape(m, 1)
+    s = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(m, -1), (m, k))
+    z = np.zeros((m, k)) if zero_point is None else \
+        np.broadcast_to(np.asarray(zero_point, dtype=np.float64).reshape(m, -1), (m, k))
     if act_order and not per_row:
         order = np.argsort(-np.diagonal(h), kind="stable")
     else:
         order = np.arange(k)
-    w = w[:, order]
+    w, s, z = w[:, order], s[:, order], z[:, order]
     h = h[..., order[:, None], order[None, :]]
     u = _upper_inverse_cholesky(h)
     q = np.empty((m, k), dtype=np.int64)
@@ -81,14 +83,14 @@ def gptq_round(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin:
         end = min(start + block, k)
         errors = np.empty((m, end - start))
         for j in range(start, end):
-            column = w[:, j]
-            qj = np.clip(np.rint(column / s[:, 0]) + z[:, 0], qmin, qmax)
+            column, sj, zj = w[:, j], s[:, j], z[:, j]
+            qj = np.clip(np.rint(column / sj) + zj, qmin, qmax)
             q[:, j] = qj.astype(np.int64)
             if per_row:
-                err = (column - (qj - z[:, 0]) * s[:, 0]) / u[:, j, j]
+                err = (column - (qj - zj) * sj) / u[:, j, j]
                 w[:, j + 1:end] -= err[:, None] * u[:, j, j + 1:end]
             else:
-                err = (column - (qj - z[:, 0]) * s[:, 0]) / u[j, j]
+                err = (column - (qj - zj) * sj) / u[j, j]
                 w[:, j + 1:end] -= np.outer(err, u[j, j + 1:end])
             errors[:, j - start] = err
         if end < k:

@@ -13,6 +13,11 @@ tensors are shared; the float weight is dropped when nothing else reads it (a ti
 Skipped with a counted reason: excluded names, nodes in subgraphs, non-constant or non-float32 weights (or weights
 that are graph inputs), weights not 2-D, a 1-D activation, Gemm with ``transA = 1``, ``alpha``/``beta`` other than
 1 or a bias that is not a constant ``[N]``. Per-layer weight SQNR is recorded. ``preserves_float = False``.
+
+Tied embeddings: exporters write a tied lm_head as ``MatMul(x, Transpose(E))`` with ``E[vocab, hidden]`` the token
+embedding that a Gather also reads. The pass quantizes ``E^T`` as the lm_head's weight (the Transpose goes away)
+and leaves ``E`` in float for the Gather: the lm_head gets the recipe's format like every other layer, the
+embedding lookup stays exact. (A quantized embedding, ``GatherBlockQuantized``, is not written yet.)
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ from qcompiler.passes.lower._weights import sqnr_from_energies
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
 
-__all__ = ["LowerWeightOnlyPass"]
+__all__ = ["BLOCKWISE_KEY", "LowerWeightOnlyPass", "layer_weight"]
 
 logger = logging.getLogger(__name__)
 
 _CONTRIB = "com.microsoft"
+#: node metadata key: a :class:`BlockwiseWeight` chosen by an algorithm pass (GPTQ...) for this node's weight
+BLOCKWISE_KEY = "qcompiler.blockwise_weight"
 _BITS = (2, 4, 8)
 
 
@@ -49,6 +56,59 @@ def weight_sqnr_db(weight: np.ndarray, dequantized: np.ndarray) -> float:
     """SQNR (dB) of a weight against its dequantized value."""
     w = weight.astype(np.float64)
     return sqnr_from_energies(float(np.vdot(w, w)), float(np.sum((w - dequantized) ** 2)))
+
+
+def _transposed_constant(value: ir.Value) -> ir.Value | None:
+    """The constant 2-D float32 ``E`` when ``value = Transpose(E, perm=[1, 0])`` (a tied lm_head), else None."""
+    node = value.producer()
+    if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return None
+    perm = node.attributes.get("perm")
+    source = node.inputs[0]
+    array = const_array(source)
+    if array is None or array.ndim != 2 or array.dtype != np.float32 or source.is_graph_input():
+        return None
+    return source if perm is None or tuple(perm.as_ints()) == (1, 0) else None
+
+
+def layer_weight(model: ir.Model, node: ir.Node,
+                 exclude_nodes: frozenset[str] = frozenset()) -> tuple[np.ndarray, ir.Value | None] | str:
+    """(``W[K, N]`` float32 of a MatMul/Gemm, its bias value or None), or the reason the node cannot be lowered."""
+    if node.graph is not model.graph:
+        return "inside a subgraph"
+    if node.name in exclude_nodes:
+        return "excluded by name"
+    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+        return "missing input"
+    x, w = node.inputs[0], node.inputs[1]
+    if w.is_graph_input():
+        return "weight is a graph input (overridable initializer)"
+    array = const_array(w)
+    source = _transposed_constant(w)
+    if array is None and source is not None:  # a tied lm_head: MatMul(x, Transpose(embedding))
+        array = const_array(source).T
+    if array is None:
+        return "non-constant weight"
+    if array.dtype != np.float32 or (x.dtype is not None and x.dtype != ir.DataType.FLOAT):
+        return "unsupported dtype (float32 only)"
+    if array.ndim != 2:
+        return f"weight of rank {array.ndim} (2-D only)"
+    if x.shape is not None and x.shape.rank() < 2:
+        return "1-D activation"
+    bias = None
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0):
+            return "Gemm with transA=1"
+        if float(_attr(node, "alpha", 1.0)) != 1.0 or float(_attr(node, "beta", 1.0)) != 1.0:
+            return "Gemm with alpha or beta other than 1"
+        if _attr(node, "transB", 0):
+            array = array.T
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias = node.inputs[2]
+            b = const_array(bias)
+            if b is None or b.shape != (array.shape[1],) or b.dtype != np.float32:
+                return "Gemm bias is not a constant float32 [N]"
+    return np.ascontiguousarray(array), bias
 
 
 class LowerWeightOnlyPass(QPass):
@@ -86,42 +146,6 @@ class LowerWeightOnlyPass(QPass):
         kwargs.update(options)
         return cls(**kwargs)
 
-    # -- candidates ---------------------------------------------------------------------------------------------
-    def _weight(self, model: ir.Model, node: ir.Node) -> tuple[np.ndarray, ir.Value | None] | str:
-        """(``W[K, N]`` float32, the bias value or None), or the reason the node stays float."""
-        if node.graph is not model.graph:
-            return "inside a subgraph"
-        if node.name in self.exclude_nodes:
-            return "excluded by name"
-        if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
-            return "missing input"
-        x, w = node.inputs[0], node.inputs[1]
-        if w.is_graph_input():
-            return "weight is a graph input (overridable initializer)"
-        array = const_array(w)
-        if array is None:
-            return "non-constant weight"
-        if array.dtype != np.float32 or (x.dtype is not None and x.dtype != ir.DataType.FLOAT):
-            return "unsupported dtype (float32 only)"
-        if array.ndim != 2:
-            return f"weight of rank {array.ndim} (2-D only)"
-        if x.shape is not None and x.shape.rank() < 2:
-            return "1-D activation"
-        bias = None
-        if node.op_type == "Gemm":
-            if _attr(node, "transA", 0):
-                return "Gemm with transA=1"
-            if float(_attr(node, "alpha", 1.0)) != 1.0 or float(_attr(node, "beta", 1.0)) != 1.0:
-                return "Gemm with alpha or beta other than 1"
-            if _attr(node, "transB", 0):
-                array = array.T
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                bias = node.inputs[2]
-                b = const_array(bias)
-                if b is None or b.shape != (array.shape[1],) or b.dtype != np.float32:
-                    return "Gemm bias is not a constant float32 [N]"
-        return np.ascontiguousarray(array), bias
-
     # -- the pass ---------------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -132,15 +156,21 @@ class LowerWeightOnlyPass(QPass):
         for node in list(graph):
             if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
                 continue
-            found = self._weight(model, node)
+            found = layer_weight(model, node, self.exclude_nodes)
             if isinstance(found, str):
                 self.skip(node, found)
                 continue
             weight, bias = found
-            transposed = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
-            key = (id(node.inputs[1]), transposed)
+            source = _transposed_constant(node.inputs[1])
+            transposer = node.inputs[1].producer() if source is not None else None
+            transposed = source is not None or (node.op_type == "Gemm" and bool(_attr(node, "transB", 0)))
+            key = (id(source if source is not None else node.inputs[1]), transposed)
+            chosen = node.meta.get(BLOCKWISE_KEY)
+            if isinstance(chosen, BlockwiseWeight) and not self._fits(chosen, weight):
+                self.skip(node, "codes chosen for other bits, block size or symmetry: rounded to nearest instead")
+                chosen = None
             if key not in shared:
-                shared[key] = self._quantize(graph, node, weight, names)
+                shared[key] = self._quantize(graph, node, weight, names, chosen)
             else:
                 self.count("weights_shared")
             tensors, blockwise = shared[key]
@@ -157,6 +187,11 @@ class LowerWeightOnlyPass(QPass):
             copy_type(replacement.outputs[0], out)
             old.extend(v for v in node.inputs[1:] if v is not None)
             ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [out], replacement.outputs)
+            if transposer is not None:
+                self.count("tied_weight_transpose_read")
+                if not transposer.outputs[0].uses() and not transposer.outputs[0].is_graph_output():
+                    graph.remove(transposer, safe=True)
+                    old.append(source)
             lowered += 1
             self.count(f"lowered_{node.op_type}")
         if lowered:
@@ -164,11 +199,20 @@ class LowerWeightOnlyPass(QPass):
         self.count("float_weights_removed", drop_unused_initializers(old))
         return ir.passes.PassResult(model, lowered > 0)
 
-    def _quantize(self, graph: ir.Graph, node: ir.Node, weight: np.ndarray,
-                  names: NameScope) -> tuple[list[ir.Value | None], BlockwiseWeight]:
-        """Quantize ``W[K, N]`` and register its packed tensors (codes, scales, zero points or None)."""
+    def _fits(self, chosen: BlockwiseWeight, weight: np.ndarray) -> bool:
         block = resolve_block_size(self.block_size, weight.shape[0])
-        blockwise = quantize_rtn(weight, self.bits, block, self.symmetric)
+        return chosen.bits == self.bits and chosen.block_size == block and \
+            (chosen.zero_points is None) == self.symmetric and chosen.codes.shape == weight.shape[::-1]
+
+    def _quantize(self, graph: ir.Graph, node: ir.Node, weight: np.ndarray, names: NameScope,
+                  chosen: BlockwiseWeight | None = None) -> tuple[list[ir.Value | None], BlockwiseWeight]:
+        """Quantize ``W[K, N]`` (or take the codes an algorithm chose) and register its packed tensors."""
+        block = resolve_block_size(self.block_size, weight.shape[0])
+        if chosen is not None:
+            blockwise = chosen
+            self.count("codes_chosen_by_algorithm")
+        else:
+            blockwise = quantize_rtn(weight, self.bits, block, self.symmetric)
         packed, scales, zero_points = blockwise.packed()
         base = node.inputs[1].name or node.name or "weight"
         values: list[ir.Value | None] = []

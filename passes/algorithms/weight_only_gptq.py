@@ -1,0 +1,156 @@
+"""GPTQ for weight-only blockwise quantization: codes that minimise each layer's output error on calibration data.
+
+For every MatMul/Gemm that ``lower-weight-only`` will lower (same candidates, :func:`layer_weight`), the pass
+streams the calibration data through ONNX Runtime (batch by batch, the layers' inputs exposed as extra outputs)
+and accumulates ``H = sum x x^T`` over the rows of each distinct input (Q/K/V projections, or gate/up, share one
+``H``: one ``[K, K]`` float64 per distinct input, 2.6 MB for ``K = 576``). It then fixes the blockwise grid that
+round-to-nearest would use (:func:`~qcompiler.passes.lower._blockwise.grid`: same scales and zero points) and runs
+GPTQ (:mod:`._gptq_core`; columns in order of decreasing ``diag(H)`` with ``act_order``, each column on the grid of
+its own block, "static groups"; damping ``damp * mean(diag H)``) to choose the codes. The codes go into the node's
+metadata (``BLOCKWISE_KEY``), where the lowering takes them; float weights are not touched, so a weight that a
+Gather also reads (a tied embedding) stays exact for the Gather.
+
+Per layer it records the output error ``tr((W - W_q)^T H (W - W_q)) / tr(W^T H W)`` of GPTQ and of round-to-nearest
+(``gptq_output_error_db`` / ``rtn_output_error_db``, in dB: lower is better). Without calibration data, or with the
+recipe's ``algorithm`` other than "gptq", the pass does nothing (counted). Skipped with a reason: weights read by
+several MatMul/Gemm (one set of codes could not fit two Hessians; they get round-to-nearest).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler import io
+from qcompiler.errors import ConfigError
+from qcompiler.pass_manager import QPass
+from qcompiler.passes.algorithms._gptq_core import gptq_round
+from qcompiler.passes.lower._blockwise import BlockwiseWeight, codes_on_grid, grid, resolve_block_size
+from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, _transposed_constant, layer_weight
+
+if TYPE_CHECKING:
+    from qcompiler.config import Recipe
+
+__all__ = ["WeightOnlyGPTQPass", "output_error_db"]
+
+logger = logging.getLogger(__name__)
+
+
+def output_error_db(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> float:
+    """``10 log10(tr(E^T H E) / tr(W^T H W))`` with ``E = W - W_q`` (``W[K, N]``, ``H[K, K]``); lower is better."""
+    e = (weight - dequantized).astype(np.float64)
+    w = weight.astype(np.float64)
+    noise = float(np.einsum("kn,kj,jn->", e, hessian, e))
+    signal = float(np.einsum("kn,kj,jn->", w, hessian, w))
+    if signal <= 0:
+        return 0.0
+    return 10 * math.log10(max(noise, 1e-300) / signal)
+
+
+class WeightOnlyGPTQPass(QPass):
+    """Choose blockwise low-bit codes with GPTQ (see the module docstring).
+
+    Args:
+        calibration_data: the :class:`~qcompiler.calibration.data.CalibrationData` (token ids for an LLM).
+        enabled: run at all (the recipe's ``[weight-only] algorithm = "gptq"``).
+        bits, block_size, symmetric, exclude_nodes: the lowering's options (the codes must fit them).
+        damp: Hessian damping, a fraction of its mean diagonal.
+        act_order: round the inputs with the largest ``diag(H)`` first.
+        max_samples, batch_size: calibration samples to use (None: all) and per ONNX Runtime call.
+    """
+
+    name = "weight-only-gptq"
+    stage = "calibrate"
+    preserves_float = True  # it only writes metadata: the float function is unchanged until the lowering
+
+    def __init__(self, *, calibration_data: Any = None, enabled: bool = True, bits: int = 4, block_size: int = 32,
+                 symmetric: bool = True, exclude_nodes: tuple[str, ...] = (), damp: float = 0.01,
+                 act_order: bool = True, max_samples: int | None = None, batch_size: int = 4) -> None:
+        super().__init__()
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0.0 < damp < 1.0:
+            raise ConfigError(f"{self.name}: damp must be a fraction in (0, 1), got {damp!r}")
+        self.calibration_data, self.enabled = calibration_data, bool(enabled)
+        self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
+        self.exclude_nodes = frozenset(exclude_nodes)
+        self.damp, self.act_order = float(damp), bool(act_order)
+        self.max_samples, self.batch_size = max_samples, batch_size
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> WeightOnlyGPTQPass:
+        """Data from the build context; the grid from ``[weight-only]``; sample limits from ``[calibration]``."""
+        w = recipe.weight_only
+        kwargs: dict[str, Any] = {
+            "calibration_data": getattr(context, "calibration_data", None), "enabled": w.algorithm == "gptq",
+            "bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric, "exclude_nodes": w.exclude_nodes,
+            "max_samples": recipe.calibration.max_samples, "batch_size": recipe.calibration.batch_size,
+        }
+        kwargs.update(options)
+        return cls(**kwargs)
+
+    def _layers(self, model: ir.Model) -> list[tuple[ir.Node, np.ndarray]]:
+        readers: dict[int, int] = {}
+        found: list[tuple[ir.Node, np.ndarray, ir.Value]] = []
+        for node in model.graph:
+            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+                continue
+            weight = layer_weight(model, node, self.exclude_nodes)
+            if isinstance(weight, str):
+                continue
+            source = _transposed_constant(node.inputs[1]) or node.inputs[1]
+            readers[id(source)] = readers.get(id(source), 0) + 1
+            found.append((node, weight[0], source))
+        layers = []
+        for node, weight, source in found:
+            if readers[id(source)] > 1:
+                self.skip(node, "weight read by several MatMul/Gemm (rounded to nearest)")
+            else:
+                layers.append((node, weight))
+        return layers
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.enabled:
+            self.count("not_requested")
+            return ir.passes.PassResult(model, False)
+        if self.calibration_data is None:
+            from qcompiler.errors import CalibrationError
+
+            raise CalibrationError("GPTQ needs calibration data: pass --calib DATA (token ids for a language model)")
+        layers = self._layers(model)
+        if not layers:
+            return ir.passes.PassResult(model, False)
+        inputs = list(dict.fromkeys(node.inputs[0] for node, _ in layers))
+        hessians = {v.name: None for v in inputs}
+        rows = dict.fromkeys(hessians, 0)
+        session = io.ort_session(model, extra_outputs=inputs)
+        names = [v.name for v in inputs]
+        for feed in self.calibration_data.iter_batches(self.batch_size, self.max_samples):
+            for name, array in zip(names, session.run(names, feed), strict=True):
+                x = array.reshape(-1, array.shape[-1]).astype(np.float32)
+                h = (x.T @ x).astype(np.float64)
+                hessians[name] = h if hessians[name] is None else hessians[name] + h
+                rows[name] += x.shape[0]
+        del session
+        for node, weight in layers:
+            self._choose(node, weight, hessians[node.inputs[0].name], rows[node.inputs[0].name])
+        self.count("layers", len(layers))
+        return ir.passes.PassResult(model, False)
+
+    def _choose(self, node: ir.Node, weight: np.ndarray, hessian: np.ndarray, rows: int) -> None:
+        block = resolve_block_size(self.block_size, weight.shape[0])
+        scale, zero = grid(weight, self.bits, block, self.symmetric)
+        k = weight.shape[0]
+        per_column_scale = np.repeat(scale, block, axis=1)[:, :k]  # [N, K]: each column's block grid
+        per_column_zero = np.repeat(zero, block, axis=1)[:, :k].astype(np.float64)
+        q = gptq_round(weight.T, hessian, per_column_scale, 0, (1 << self.bits) - 1, per_column_zero,
+                       damp=self.damp, act_order=self.act_order)
+        chosen = BlockwiseWeight(q.astype(np.uint8), scale, None if self.symmetric else zero, self.bits, block)
+        rtn = BlockwiseWeight(codes_on_grid(weight, scale, zero, self.bits, block), scale,
+                              None if self.symmetric else zero, self.bits, block)
+        node.meta[BLOCKWISE_KEY] = chosen
+        self.record_layer(node, gptq_output_error_db=round(output_error_db(weight, chosen.dequantize(), hessian), 3),
+                          rtn_output_error_db=round(output_error_db(weight, rtn.dequantize(), hessian), 3),
+                          gptq_rows=rows)
