@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
                      help="weight-only recipes: fixed middle zero point (the default)")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="weight-only: a zero point per block")
+    p.add_argument("--zero-point", choices=("int", "float"),
+                   help="weight-only recipes with --asymmetric: uint8 zero points (default) or float ones")
     p.add_argument("--accuracy-level", type=int, choices=range(5), metavar="{0-4}",
                    help="weight-only recipes: MatMulNBits accuracy_level (4: int8 activations on CPU)")
     p.add_argument("--plugin", action="append", default=[], metavar="NAME", help="load an installed plugin pass")
@@ -183,7 +185,7 @@ def _compile(args: argparse.Namespace) -> int:
     if args.percentile is not None:
         calibration["percentile"] = args.percentile
     weight_only: dict[str, object] = {}
-    for key in ("algorithm", "block_size", "symmetric", "accuracy_level"):
+    for key in ("algorithm", "block_size", "symmetric", "zero_point", "accuracy_level"):
         if getattr(args, key) is not None:
             weight_only[key] = getattr(args, key)
     recipe = args.recipe or DEFAULT_RECIPE

@@ -134,6 +134,8 @@ class WeightOnlyOptions:
         block_size: values per scale along the reduction axis K: a power of two from 16 to 256 (a K that is not
             a multiple is padded), or 0 for one block over the whole of K (per channel).
         symmetric: zero point fixed at the middle code (no zero-point tensor), else a zero point per block.
+        zero_point: with ``symmetric = false``, "int" (uint8 codes, packed) or "float" (float32, one per block:
+            the grid is exactly the block's ``[min, max]``; larger and, in ONNX Runtime, a slower kernel path).
         accuracy_level: MatMulNBits' ``accuracy_level`` (0: unset, 1: fp32, 2: fp16, 3: bf16, 4: int8 activations
             on CPU).
         exclude_nodes: MatMul/Gemm node names to leave in float.
@@ -143,6 +145,7 @@ class WeightOnlyOptions:
     algorithm: str = "rtn"
     block_size: int = 32
     symmetric: bool = True
+    zero_point: str = "int"
     accuracy_level: int = 0
     exclude_nodes: tuple[str, ...] = ()
 
@@ -160,6 +163,13 @@ class WeightOnlyOptions:
                               f"got {size!r}")
         if not isinstance(self.symmetric, bool):
             raise ConfigError(f"weight-only.symmetric must be true or false, got {self.symmetric!r}")
+        if self.zero_point not in ("int", "float"):
+            raise ConfigError(f"weight-only.zero_point must be 'int' or 'float', got {self.zero_point!r}")
+        if self.zero_point == "float" and self.symmetric:
+            raise ConfigError("weight-only.zero_point = 'float' needs symmetric = false (--asymmetric)")
+        if self.zero_point == "float" and self.format == "int8":
+            raise ConfigError("weight-only.zero_point = 'float' with int8: ONNX Runtime's CPU MatMulNBits has no "
+                              "8-bit kernel with float zero points")
         level = self.accuracy_level
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 4:
             raise ConfigError(f"weight-only.accuracy_level must be an integer from 0 to 4, got {level!r}")

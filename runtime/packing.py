@@ -10,8 +10,9 @@ float weight ``W[K, N]`` used as ``Y = A @ W`` and quantized in blocks of ``bloc
   ``j*per_byte .. j*per_byte + per_byte - 1`` (``per_byte = 8 / bits``), code ``i`` of the byte at bit ``i * bits``.
 - scales: float32 ``[N, n_blocks]`` (flattened ``[N * n_blocks]`` for ONNX Runtime).
 - zero points (asymmetric only): codes packed the same way along the blocks of a column, ``ceil(n_blocks *
-  bits / 8)`` bytes per column, i.e. ``uint8 [N * ceil(n_blocks * bits / 8)]``; without them the zero point is
-  ``2^(bits-1)`` (8 for int4), which is how symmetric weights are stored.
+  bits / 8)`` bytes per column, i.e. ``uint8 [N * ceil(n_blocks * bits / 8)]``, or float32 ``[N * n_blocks]``
+  (a real-valued zero point per block); without them the zero point is ``2^(bits-1)`` (8 for int4), which is how
+  symmetric weights are stored.
 - dequantization: ``W[k, n] = (q[n, k] - zp[n, k // block_size]) * scale[n, k // block_size]``.
 """
 
@@ -123,6 +124,8 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
     scale = np.asarray(scales, np.float32).reshape(n, blocks, 1)
     if zero_points is None:
         zp = np.full((n, blocks, 1), default_zero_point(bits), np.float32)
+    elif np.asarray(zero_points).dtype != np.uint8:  # float zero points, one per block
+        zp = np.asarray(zero_points, np.float32).reshape(n, blocks, 1)
     else:
         zp = unpack_zero_points(zero_points, bits, n, blocks).astype(np.float32).reshape(n, blocks, 1)
     weight = ((codes - zp) * scale).reshape(n, blocks * block_size)[:, :k]

@@ -52,9 +52,10 @@ def test_packing_is_low_bits_first():
 @settings(max_examples=30, deadline=None)
 @given(weight=hnp.arrays(np.float32, st.tuples(st.integers(1, 80), st.integers(1, 6)),
                          elements=st.floats(-4, 4, width=32)),
-       bits=st.sampled_from([2, 4, 8]), symmetric=st.booleans(), block=st.sampled_from([16, 32]))
-def test_rtn_error_is_at_most_half_a_step(weight, bits, symmetric, block):
-    q = quantize_rtn(weight, bits, block, symmetric)
+       bits=st.sampled_from([2, 4, 8]), symmetric=st.booleans(), block=st.sampled_from([16, 32]),
+       float_zp=st.booleans())
+def test_rtn_error_is_at_most_half_a_step(weight, bits, symmetric, block, float_zp):
+    q = quantize_rtn(weight, bits, block, symmetric, float_zp and not symmetric)
     deq = q.dequantize()
     assert deq.shape == weight.shape and np.all(np.isfinite(deq))
     steps = np.repeat(q.scales, block, axis=1)[:, :weight.shape[0]].T  # [K, N]
@@ -96,22 +97,26 @@ def _mlp(k: int = 100, hidden: int = 48, n: int = 10, seed: int = 0, tied: bool 
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("symmetric", "float_zp"), [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("block", [16, 32, 128, 0])
-def test_matmulnbits_in_ort_matches_the_numpy_reference(bits, symmetric, block):
+def test_matmulnbits_in_ort_matches_the_numpy_reference(bits, symmetric, float_zp, block):
+    if bits == 8 and float_zp:
+        with pytest.raises(ConfigError):  # ORT's CPU kernel refuses it: so does the pass
+            LowerWeightOnlyPass(bits=8, symmetric=False, float_zero_point=True)
+        return
     model = _mlp()  # K = 100 is no multiple of 16, 32 or 128
     x = np.random.default_rng(1).standard_normal((2, 3, 100)).astype(np.float32)
     reference = _mlp()
     w1, w2 = (reference.graph.initializers[n].const_value.numpy() for n in ("w1", "w2"))
-    result = LowerWeightOnlyPass(bits=bits, block_size=block, symmetric=symmetric)(model)
+    result = LowerWeightOnlyPass(bits=bits, block_size=block, symmetric=symmetric, float_zero_point=float_zp)(model)
     assert result.stats.counters["lowered_MatMul"] == 2 and result.stats.counters["float_weights_removed"] == 2
     nodes = [n for n in model.graph if n.op_type == "MatMulNBits"]
     assert len(nodes) == 2 and all(n.domain == "com.microsoft" for n in nodes)
     assert (len(nodes[0].inputs) == 4) == (not symmetric)
     # numpy reference: the same math on the dequantized weights
     size = resolve_block_size(block, 100)
-    d1 = quantize_rtn(w1, bits, size, symmetric).dequantize()
-    d2 = quantize_rtn(w2, bits, resolve_block_size(block, 48), symmetric).dequantize()
+    d1 = quantize_rtn(w1, bits, size, symmetric, float_zp).dequantize()
+    d2 = quantize_rtn(w2, bits, resolve_block_size(block, 48), symmetric, float_zp).dequantize()
     expected = np.maximum(x @ d1, 0) @ d2
     actual = run(model, {"x": x})[0]
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
@@ -176,7 +181,8 @@ def test_cli_int4_writes_matmulnbits_and_provenance(tmp_path, capsys):
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["qcompiler.recipe"] == "int4"
     assert json.loads(meta["qcompiler.weight_only"]) == {"format": "int4", "algorithm": "rtn", "block_size": 64,
-                                                          "symmetric": False, "accuracy_level": 0}
+                                                          "symmetric": False, "zero_point": "int",
+                                                          "accuracy_level": 0}
     code = main([str(src), "-o", str(tmp_path / "bad.onnx"), "--recipe", "int4", "--block-size", "48", "-q"])
     assert code == 2 and "block_size" in capsys.readouterr().err and not (tmp_path / "bad.onnx").exists()
 
@@ -258,3 +264,18 @@ def test_cli_gptq_needs_calibration_data(tmp_path, capsys):
     meta = {p.key: p.value for p in onnx.load(tmp_path / "o.onnx").metadata_props}
     assert json.loads(meta["qcompiler.weight_only"])["algorithm"] == "gptq"
     assert len(meta["qcompiler.calibration_sha256"]) == 64
+
+
+def test_float_zero_points_reproduce_a_min_scale_grid_exactly():
+    """Weights that are ``min + d * q`` per block of 32 (what a GGUF Q4_1 file holds) come back bit-exact."""
+    rng = np.random.default_rng(4)
+    k, n = 96, 5
+    d = rng.uniform(0.01, 0.1, (n, 3)).astype(np.float32)
+    m = rng.uniform(-0.5, 0.2, (n, 3)).astype(np.float32)
+    q = rng.integers(0, 16, (n, k)).astype(np.float32)
+    q[:, ::32], q[:, 1::32] = 0, 15  # every block uses both ends of its range
+    w = (np.repeat(m, 32, axis=1) + np.repeat(d, 32, axis=1) * q).T.astype(np.float32)  # [K, N]
+    exact = quantize_rtn(w, 4, 32, symmetric=False, float_zero_point=True).dequantize()
+    np.testing.assert_allclose(exact, w, rtol=0, atol=1e-6)
+    integer = quantize_rtn(w, 4, 32, symmetric=False).dequantize()
+    assert np.abs(integer - w).max() > 1e-3

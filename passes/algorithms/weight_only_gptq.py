@@ -68,7 +68,8 @@ class WeightOnlyGPTQPass(QPass):
     preserves_float = True  # it only writes metadata: the float function is unchanged until the lowering
 
     def __init__(self, *, calibration_data: Any = None, enabled: bool = True, bits: int = 4, block_size: int = 32,
-                 symmetric: bool = True, exclude_nodes: tuple[str, ...] = (), damp: float = 0.01,
+                 symmetric: bool = True, exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False,
+                 damp: float = 0.01,
                  act_order: bool = True, max_samples: int | None = None, batch_size: int = 4) -> None:
         super().__init__()
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0.0 < damp < 1.0:
@@ -76,6 +77,7 @@ class WeightOnlyGPTQPass(QPass):
         self.calibration_data, self.enabled = calibration_data, bool(enabled)
         self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
         self.exclude_nodes = frozenset(exclude_nodes)
+        self.float_zero_point = bool(float_zero_point) and not self.symmetric
         self.damp, self.act_order = float(damp), bool(act_order)
         self.max_samples, self.batch_size = max_samples, batch_size
 
@@ -86,6 +88,7 @@ class WeightOnlyGPTQPass(QPass):
         kwargs: dict[str, Any] = {
             "calibration_data": getattr(context, "calibration_data", None), "enabled": w.algorithm == "gptq",
             "bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric, "exclude_nodes": w.exclude_nodes,
+            "float_zero_point": w.zero_point == "float",
             "max_samples": recipe.calibration.max_samples, "batch_size": recipe.calibration.batch_size,
         }
         kwargs.update(options)
@@ -141,7 +144,7 @@ class WeightOnlyGPTQPass(QPass):
 
     def _choose(self, node: ir.Node, weight: np.ndarray, hessian: np.ndarray, rows: int) -> None:
         block = resolve_block_size(self.block_size, weight.shape[0])
-        scale, zero = grid(weight, self.bits, block, self.symmetric)
+        scale, zero = grid(weight, self.bits, block, self.symmetric, self.float_zero_point)
         k = weight.shape[0]
         per_column_scale = np.repeat(scale, block, axis=1)[:, :k]  # [N, K]: each column's block grid
         per_column_zero = np.repeat(zero, block, axis=1)[:, :k].astype(np.float64)

@@ -7,9 +7,13 @@ block and output column (the layout is :mod:`qcompiler.runtime.packing`'s). Grid
   so the largest magnitude lands on ``+-(z - 0.5)`` and rounds to the nearest code on either side: every value is
   within ``s / 2`` of its dequantized value (``max|w| / 7`` would waste the code ``-8``; ``max|w| / 8`` clips the
   positive side by up to ``s``);
-- asymmetric: the range ``[min(w, 0), max(w, 0)]`` on ``2^b - 1`` steps, ``z = round(-min / s)``.
+- asymmetric, uint8 zero point: the range ``[min(w, 0), max(w, 0)]`` on ``2^b - 1`` steps, ``z = round(-min / s)``
+  (a code, so the grid must contain 0 and is shifted by at most ``s / 2``);
+- asymmetric, float zero point (``float_zero_point``): the block's own range ``[min w, max w]``, ``z = -min / s``:
+  the grid is exactly ``min + s * q``, so weights that came from such a grid (a GGUF Q4_1 file) come back exactly.
 
-An all-zero block gets ``s = 1`` (its codes are the zero point, exact). Algorithms other than round-to-nearest
+Values in the padding of the last block (K not a multiple of the block size) take no part in the ranges. A block
+whose values are all equal gets ``s = |w| / (2^b - 1)`` (or 1 for zeros), so it is exact. Algorithms other than round-to-nearest
 (GPTQ, AWQ, HQQ) choose codes on the same grids.
 """
 
@@ -49,8 +53,15 @@ class BlockwiseWeight:
         return self.codes.shape[1]
 
     def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(B ``[N, n_blocks, blob]``, scales ``[N * n_blocks]``, packed zero points or None): MatMulNBits' inputs."""
-        zp = None if self.zero_points is None else packing.pack_zero_points(self.zero_points, self.bits)
+        """(B ``[N, n_blocks, blob]``, scales ``[N * n_blocks]``, zero points or None): MatMulNBits' inputs.
+
+        Integer zero points are packed like the codes; float ones are a float32 ``[N * n_blocks]``."""
+        if self.zero_points is None:
+            zp = None
+        elif self.zero_points.dtype == np.uint8:
+            zp = packing.pack_zero_points(self.zero_points, self.bits)
+        else:
+            zp = np.ascontiguousarray(self.zero_points.reshape(-1), dtype=np.float32)
         return (packing.pack_codes(self.codes, self.bits, self.block_size),
                 np.ascontiguousarray(self.scales.reshape(-1), dtype=np.float32), zp)
 
@@ -66,43 +77,49 @@ class BlockwiseWeight:
         return np.ascontiguousarray(w.reshape(n, -1)[:, :k].T)
 
 
-def _blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
-    """``W[K, N]`` as ``[N, n_blocks, block_size]`` float64, the padding zeros."""
+def _blocks(weight: np.ndarray, block_size: int, fill: float = 0.0) -> np.ndarray:
+    """``W[K, N]`` as ``[N, n_blocks, block_size]`` float64, the padding ``fill``."""
     k, n = weight.shape
     blocks = packing.block_count(k, block_size)
-    padded = np.zeros((n, blocks * block_size), np.float64)
+    padded = np.full((n, blocks * block_size), fill, np.float64)
     padded[:, :k] = weight.T
     return padded.reshape(n, blocks, block_size)
 
 
-def grid(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Scales ``[N, n_blocks]`` (float32) and zero-point codes ``[N, n_blocks]`` (uint8) of each block's grid."""
-    blocks = _blocks(weight, block_size)
+def grid(weight: np.ndarray, bits: int, block_size: int, symmetric: bool,
+         float_zero_point: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scales ``[N, n_blocks]`` (float32) and zero points ``[N, n_blocks]`` (uint8 codes, or float32)."""
+    blocks = _blocks(weight, block_size, np.nan)
     top = (1 << bits) - 1
     if symmetric:
         middle = 1 << (bits - 1)
-        scale = np.abs(blocks).max(axis=2) / (middle - 0.5)
-        zero = np.full(scale.shape, middle, np.uint8)
-    else:
-        low, high = np.minimum(blocks.min(axis=2), 0.0), np.maximum(blocks.max(axis=2), 0.0)
-        scale = (high - low) / top
-        safe = np.where(scale > 0, scale, 1.0)
-        zero = np.clip(np.rint(-low / safe), 0, top).astype(np.uint8)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return scale, zero
+        scale = np.nanmax(np.abs(blocks), axis=2) / (middle - 0.5)
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        return scale, np.full(scale.shape, middle, np.uint8)
+    low, high = np.nanmin(blocks, axis=2), np.nanmax(blocks, axis=2)
+    if not float_zero_point:  # a uint8 zero point lies in [0, 2^b - 1]: the grid must then contain 0
+        low, high = np.minimum(low, 0.0), np.maximum(high, 0.0)
+    flat = high - low <= 0
+    scale = np.where(flat, np.abs(low) / top, (high - low) / top)
+    scale = np.where(scale > 0, scale, 1.0)
+    exact = -low / scale
+    if float_zero_point:
+        return scale.astype(np.float32), exact.astype(np.float32)
+    return scale.astype(np.float32), np.clip(np.rint(exact), 0, top).astype(np.uint8)
 
 
 def codes_on_grid(weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     """Round-to-nearest codes ``[N, K]`` of ``W[K, N]`` on the given grids."""
     k = weight.shape[0]
     blocks = _blocks(weight, block_size)
-    q = np.rint(blocks / scale[..., None].astype(np.float64)) + zero[..., None]
+    q = np.rint(blocks / scale[..., None].astype(np.float64) + zero[..., None].astype(np.float64))
     q = np.clip(q, 0, (1 << bits) - 1).astype(np.uint8)
     return q.reshape(q.shape[0], -1)[:, :k]
 
 
-def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockwiseWeight:
+def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, symmetric: bool,
+                 float_zero_point: bool = False) -> BlockwiseWeight:
     """Round every value of ``W[K, N]`` to the nearest code of its block's grid."""
-    scale, zero = grid(weight, bits, block_size, symmetric)
+    scale, zero = grid(weight, bits, block_size, symmetric, float_zero_point)
     codes = codes_on_grid(weight, scale, zero, bits, block_size)
     return BlockwiseWeight(codes, scale, None if symmetric else zero, bits, block_size)

@@ -118,6 +118,7 @@ class LowerWeightOnlyPass(QPass):
         bits: 2, 4 or 8.
         block_size: values per block along K (a power of two from 16 to 256), or 0 for one block per column.
         symmetric: fixed middle zero point (no zero-point input) or a zero point per block.
+        float_zero_point: asymmetric zero points as float32 (the exact block range) instead of uint8 codes.
         accuracy_level: MatMulNBits' ``accuracy_level`` attribute (0-4).
         exclude_nodes: node names to leave in float.
     """
@@ -127,7 +128,7 @@ class LowerWeightOnlyPass(QPass):
     preserves_float = False
 
     def __init__(self, *, bits: int = 4, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 0,
-                 exclude_nodes: tuple[str, ...] = ()) -> None:
+                 exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False) -> None:
         super().__init__()
         if bits not in _BITS:
             raise ConfigError(f"{self.name}: bits must be one of {_BITS}, got {bits!r}")
@@ -136,13 +137,17 @@ class LowerWeightOnlyPass(QPass):
         self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
         self.accuracy_level = int(accuracy_level)
         self.exclude_nodes = frozenset(exclude_nodes)
+        self.float_zero_point = bool(float_zero_point) and not self.symmetric
+        if self.float_zero_point and bits == 8:
+            raise ConfigError(f"{self.name}: float zero points with 8 bits have no ONNX Runtime CPU kernel")
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> LowerWeightOnlyPass:
         """Options from the recipe's ``[weight-only]`` section (pass-options override them)."""
         w = recipe.weight_only
         kwargs: dict[str, Any] = {"bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric,
-                                  "accuracy_level": w.accuracy_level, "exclude_nodes": w.exclude_nodes}
+                                  "accuracy_level": w.accuracy_level, "exclude_nodes": w.exclude_nodes,
+                                  "float_zero_point": w.zero_point == "float"}
         kwargs.update(options)
         return cls(**kwargs)
 
@@ -202,7 +207,8 @@ class LowerWeightOnlyPass(QPass):
     def _fits(self, chosen: BlockwiseWeight, weight: np.ndarray) -> bool:
         block = resolve_block_size(self.block_size, weight.shape[0])
         return chosen.bits == self.bits and chosen.block_size == block and \
-            (chosen.zero_points is None) == self.symmetric and chosen.codes.shape == weight.shape[::-1]
+            (chosen.zero_points is None) == self.symmetric and chosen.codes.shape == weight.shape[::-1] and \
+            (chosen.zero_points is None or (chosen.zero_points.dtype != np.uint8) == self.float_zero_point)
 
     def _quantize(self, graph: ir.Graph, node: ir.Node, weight: np.ndarray, names: NameScope,
                   chosen: BlockwiseWeight | None = None) -> tuple[list[ir.Value | None], BlockwiseWeight]:
@@ -212,7 +218,7 @@ class LowerWeightOnlyPass(QPass):
             blockwise = chosen
             self.count("codes_chosen_by_algorithm")
         else:
-            blockwise = quantize_rtn(weight, self.bits, block, self.symmetric)
+            blockwise = quantize_rtn(weight, self.bits, block, self.symmetric, self.float_zero_point)
         packed, scales, zero_points = blockwise.packed()
         base = node.inputs[1].name or node.name or "weight"
         values: list[ir.Value | None] = []
