@@ -47,8 +47,10 @@ def _qc(recipe: str, **weight_only: Any) -> dict[str, Any]:
     return {"tool": "qcompile", "recipe": recipe, "weight_only": weight_only}
 
 
-def _ort(bits: int, block: int, symmetric: bool, algo: str = "rtn") -> dict[str, Any]:
-    return {"tool": "ort", "bits": bits, "block": block, "symmetric": symmetric, "algo": algo}
+def _ort(bits: int, block: int, symmetric: bool, algo: str = "rtn", accuracy_level: int | None = None
+         ) -> dict[str, Any]:
+    return {"tool": "ort", "bits": bits, "block": block, "symmetric": symmetric, "algo": algo,
+            "accuracy_level": accuracy_level}
 
 
 #: variant name -> compile job (None: the fp32 model itself)
@@ -56,15 +58,18 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp32": None,
     "qcompile int8-weight b32": _qc("int8-weight", block_size=32),
     "qcompile int4 b32 asym": _qc("int4", block_size=32, symmetric=False),
-    "qcompile int4 b32 sym": _qc("int4", block_size=32, symmetric=True),
+    "qcompile int4 b32 asym float-zp": _qc("int4", block_size=32, symmetric=False, zero_point="float"),
+    "qcompile int4 b32 asym gptq": _qc("int4", block_size=32, symmetric=False, algorithm="gptq"),
     "qcompile int4 b128 asym": _qc("int4", block_size=128, symmetric=False),
     "qcompile int4 b128 sym": _qc("int4", block_size=128, symmetric=True),
-    "qcompile int2 b32 asym": _qc("int2", block_size=32, symmetric=False),
+    "qcompile int4 b128 asym gptq": _qc("int4", block_size=128, symmetric=False, algorithm="gptq"),
+    "qcompile int2 b32 asym gptq": _qc("int2", block_size=32, symmetric=False, algorithm="gptq"),
     "ORT int8 RTN b32 sym": _ort(8, 32, True),
     "ORT int4 RTN b32 asym": _ort(4, 32, False),
     "ORT int4 RTN b32 sym": _ort(4, 32, True),
     "ORT int4 RTN b128 asym": _ort(4, 128, False),
     "ORT int4 RTN b128 sym": _ort(4, 128, True),
+    "ORT int4 RTN b128 asym acc4": _ort(4, 128, False, accuracy_level=4),
     "ORT int4 HQQ b32": _ort(4, 32, False, "hqq"),
     "ORT int4 HQQ b128": _ort(4, 128, False, "hqq"),
 }
@@ -79,7 +84,8 @@ def _job(payload: dict[str, Any]) -> dict[str, Any]:
     if payload["tool"] == "qcompile":
         from qcompiler.api import compile_model
 
-        compile_model(src, dst, recipe=payload["recipe"], weight_only=payload["weight_only"])
+        calib = payload["calib"] if payload["weight_only"].get("algorithm") == "gptq" else None
+        compile_model(src, dst, recipe=payload["recipe"], weight_only=payload["weight_only"], calib=calib)
         return {"seconds": time.perf_counter() - start}
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
@@ -89,9 +95,10 @@ def _job(payload: dict[str, Any]) -> dict[str, Any]:
         config = mnq.HQQWeightOnlyQuantConfig(block_size=payload["block"], bits=payload["bits"])
     else:
         config = mnq.DefaultWeightOnlyQuantConfig(block_size=payload["block"], is_symmetric=payload["symmetric"],
-                                                  bits=payload["bits"])
+                                                  bits=payload["bits"], accuracy_level=payload["accuracy_level"])
     quantizer = mnq.MatMulNBitsQuantizer(model, bits=payload["bits"], block_size=payload["block"],
-                                         is_symmetric=payload["symmetric"], algo_config=config)
+                                         is_symmetric=payload["symmetric"], accuracy_level=payload["accuracy_level"],
+                                         algo_config=config)
     quantizer.process()
     quantizer.model.save_model_to_file(dst, use_external_data_format=False)
     return {"seconds": time.perf_counter() - start}
@@ -154,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{MODEL}] {name}: compiling", file=sys.stderr)
         scratch = work / "scratch"
         scratch.mkdir(exist_ok=True)
-        result = run_job(__file__, {**job, "input": str(src), "output": str(dst)}, cwd=scratch,
+        result = run_job(__file__, {**job, "input": str(src), "output": str(dst),
+                                    "calib": str(folder / "calib.npz")}, cwd=scratch,
                          timeout_s=args.compile_timeout)
         shutil.rmtree(scratch, ignore_errors=True)
         row.update(compile_s=result.seconds, rss=result.peak_rss_mb, path=dst if result.ok else None,

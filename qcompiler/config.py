@@ -139,6 +139,8 @@ class WeightOnlyOptions:
         accuracy_level: MatMulNBits' ``accuracy_level`` (0: unset, 1: fp32, 2: fp16, 3: bf16, 4: int8 activations
             on CPU).
         exclude_nodes: MatMul/Gemm node names to leave in float.
+        lm_head: the output projection's format (the MatMul/Gemm whose output is a graph output, or whose weight
+            is an embedding that a Gather reads: a tied lm_head): "same" as the other layers, "int8", or "float".
     """
 
     format: str = "int4"
@@ -148,8 +150,11 @@ class WeightOnlyOptions:
     zero_point: str = "int"
     accuracy_level: int = 0
     exclude_nodes: tuple[str, ...] = ()
+    lm_head: str = "same"
 
     def __post_init__(self) -> None:
+        if self.lm_head not in ("same", "int8", "float"):
+            raise ConfigError(f"weight-only.lm_head must be 'same', 'int8' or 'float', got {self.lm_head!r}")
         if self.format not in WEIGHT_ONLY_FORMATS:
             raise ConfigError(f"weight-only.format must be one of {', '.join(WEIGHT_ONLY_FORMATS)}, got "
                               f"{self.format!r}")

@@ -182,7 +182,7 @@ def test_cli_int4_writes_matmulnbits_and_provenance(tmp_path, capsys):
     assert meta["qcompiler.recipe"] == "int4"
     assert json.loads(meta["qcompiler.weight_only"]) == {"format": "int4", "algorithm": "rtn", "block_size": 64,
                                                           "symmetric": False, "zero_point": "int",
-                                                          "accuracy_level": 0}
+                                                          "accuracy_level": 4, "lm_head": "int8"}
     code = main([str(src), "-o", str(tmp_path / "bad.onnx"), "--recipe", "int4", "--block-size", "48", "-q"])
     assert code == 2 and "block_size" in capsys.readouterr().err and not (tmp_path / "bad.onnx").exists()
 
@@ -279,3 +279,16 @@ def test_float_zero_points_reproduce_a_min_scale_grid_exactly():
     np.testing.assert_allclose(exact, w, rtol=0, atol=1e-6)
     integer = quantize_rtn(w, 4, 32, symmetric=False).dequantize()
     assert np.abs(integer - w).max() > 1e-3
+
+
+@pytest.mark.parametrize("lm_head", ["same", "int8", "float"])
+def test_lm_head_format_is_chosen_separately(lm_head):
+    model = _mlp()  # fc2's output is the graph output: the output projection
+    result = LowerWeightOnlyPass(bits=4, lm_head=lm_head)(model)
+    nodes = {n.name: n for n in model.graph}
+    assert nodes["fc1"].op_type == "MatMulNBits" and nodes["fc1"].attributes["bits"].as_int() == 4
+    if lm_head == "float":
+        assert nodes["fc2"].op_type == "MatMul"
+        assert dict(result.stats.skips) == {"fc2": "lm_head left in float (lm_head = 'float')"}
+    else:
+        assert nodes["fc2"].attributes["bits"].as_int() == (4 if lm_head == "same" else 8)

@@ -30,7 +30,7 @@ from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes.algorithms._gptq_core import gptq_round
 from qcompiler.passes.lower._blockwise import BlockwiseWeight, codes_on_grid, grid, resolve_block_size
-from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, _transposed_constant, layer_weight
+from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, _transposed_constant, layer_bits, layer_weight
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -44,8 +44,8 @@ def output_error_db(weight: np.ndarray, dequantized: np.ndarray, hessian: np.nda
     """``10 log10(tr(E^T H E) / tr(W^T H W))`` with ``E = W - W_q`` (``W[K, N]``, ``H[K, K]``); lower is better."""
     e = (weight - dequantized).astype(np.float64)
     w = weight.astype(np.float64)
-    noise = float(np.einsum("kn,kj,jn->", e, hessian, e))
-    signal = float(np.einsum("kn,kj,jn->", w, hessian, w))
+    noise = float(np.sum(e * (hessian @ e)))  # tr(E^T H E) through one BLAS product (einsum would not use BLAS)
+    signal = float(np.sum(w * (hessian @ w)))
     if signal <= 0:
         return 0.0
     return 10 * math.log10(max(noise, 1e-300) / signal)
@@ -69,7 +69,7 @@ class WeightOnlyGPTQPass(QPass):
 
     def __init__(self, *, calibration_data: Any = None, enabled: bool = True, bits: int = 4, block_size: int = 32,
                  symmetric: bool = True, exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False,
-                 damp: float = 0.01,
+                 lm_head: str = "same", damp: float = 0.01,
                  act_order: bool = True, max_samples: int | None = None, batch_size: int = 4) -> None:
         super().__init__()
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0.0 < damp < 1.0:
@@ -78,6 +78,7 @@ class WeightOnlyGPTQPass(QPass):
         self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
         self.exclude_nodes = frozenset(exclude_nodes)
         self.float_zero_point = bool(float_zero_point) and not self.symmetric
+        self.lm_head = lm_head
         self.damp, self.act_order = float(damp), bool(act_order)
         self.max_samples, self.batch_size = max_samples, batch_size
 
@@ -88,7 +89,7 @@ class WeightOnlyGPTQPass(QPass):
         kwargs: dict[str, Any] = {
             "calibration_data": getattr(context, "calibration_data", None), "enabled": w.algorithm == "gptq",
             "bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric, "exclude_nodes": w.exclude_nodes,
-            "float_zero_point": w.zero_point == "float",
+            "float_zero_point": w.zero_point == "float", "lm_head": w.lm_head,
             "max_samples": recipe.calibration.max_samples, "batch_size": recipe.calibration.batch_size,
         }
         kwargs.update(options)
@@ -101,7 +102,7 @@ class WeightOnlyGPTQPass(QPass):
             if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
                 continue
             weight = layer_weight(model, node, self.exclude_nodes)
-            if isinstance(weight, str):
+            if isinstance(weight, str) or layer_bits(node, self.bits, self.lm_head) is None:
                 continue
             source = _transposed_constant(node.inputs[1]) or node.inputs[1]
             readers[id(source)] = readers.get(id(source), 0) + 1
@@ -144,15 +145,17 @@ class WeightOnlyGPTQPass(QPass):
 
     def _choose(self, node: ir.Node, weight: np.ndarray, hessian: np.ndarray, rows: int) -> None:
         block = resolve_block_size(self.block_size, weight.shape[0])
-        scale, zero = grid(weight, self.bits, block, self.symmetric, self.float_zero_point)
+        bits = layer_bits(node, self.bits, self.lm_head)
+        float_zero = self.float_zero_point and bits != 8
+        scale, zero = grid(weight, bits, block, self.symmetric, float_zero)
         k = weight.shape[0]
         per_column_scale = np.repeat(scale, block, axis=1)[:, :k]  # [N, K]: each column's block grid
         per_column_zero = np.repeat(zero, block, axis=1)[:, :k].astype(np.float64)
-        q = gptq_round(weight.T, hessian, per_column_scale, 0, (1 << self.bits) - 1, per_column_zero,
+        q = gptq_round(weight.T, hessian, per_column_scale, 0, (1 << bits) - 1, per_column_zero,
                        damp=self.damp, act_order=self.act_order)
-        chosen = BlockwiseWeight(q.astype(np.uint8), scale, None if self.symmetric else zero, self.bits, block)
-        rtn = BlockwiseWeight(codes_on_grid(weight, scale, zero, self.bits, block), scale,
-                              None if self.symmetric else zero, self.bits, block)
+        chosen = BlockwiseWeight(q.astype(np.uint8), scale, None if self.symmetric else zero, bits, block)
+        rtn = BlockwiseWeight(codes_on_grid(weight, scale, zero, bits, block), scale,
+                              None if self.symmetric else zero, bits, block)
         node.meta[BLOCKWISE_KEY] = chosen
         self.record_layer(node, gptq_output_error_db=round(output_error_db(weight, chosen.dequantize(), hessian), 3),
                           rtn_output_error_db=round(output_error_db(weight, rtn.dequantize(), hessian), 3),

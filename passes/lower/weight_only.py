@@ -71,6 +71,22 @@ def _transposed_constant(value: ir.Value) -> ir.Value | None:
     return source if perm is None or tuple(perm.as_ints()) == (1, 0) else None
 
 
+def is_lm_head(node: ir.Node) -> bool:
+    """The output projection: its output is a graph output, or its weight is a tied embedding (Transpose(E), E
+    read by a Gather)."""
+    if any(out.is_graph_output() for out in node.outputs):
+        return True
+    source = _transposed_constant(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    return source is not None and any(user.op_type == "Gather" for user, _ in source.uses())
+
+
+def layer_bits(node: ir.Node, bits: int, lm_head: str) -> int | None:
+    """The bits this node's weight gets (None: it stays float) under the ``lm_head`` choice."""
+    if lm_head == "same" or not is_lm_head(node):
+        return bits
+    return 8 if lm_head == "int8" else None
+
+
 def layer_weight(model: ir.Model, node: ir.Node,
                  exclude_nodes: frozenset[str] = frozenset()) -> tuple[np.ndarray, ir.Value | None] | str:
     """(``W[K, N]`` float32 of a MatMul/Gemm, its bias value or None), or the reason the node cannot be lowered."""
@@ -128,7 +144,7 @@ class LowerWeightOnlyPass(QPass):
     preserves_float = False
 
     def __init__(self, *, bits: int = 4, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 0,
-                 exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False) -> None:
+                 exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False, lm_head: str = "same") -> None:
         super().__init__()
         if bits not in _BITS:
             raise ConfigError(f"{self.name}: bits must be one of {_BITS}, got {bits!r}")
@@ -138,6 +154,9 @@ class LowerWeightOnlyPass(QPass):
         self.accuracy_level = int(accuracy_level)
         self.exclude_nodes = frozenset(exclude_nodes)
         self.float_zero_point = bool(float_zero_point) and not self.symmetric
+        if lm_head not in ("same", "int8", "float"):
+            raise ConfigError(f"{self.name}: lm_head must be 'same', 'int8' or 'float', got {lm_head!r}")
+        self.lm_head = lm_head
         if self.float_zero_point and bits == 8:
             raise ConfigError(f"{self.name}: float zero points with 8 bits have no ONNX Runtime CPU kernel")
 
@@ -147,7 +166,7 @@ class LowerWeightOnlyPass(QPass):
         w = recipe.weight_only
         kwargs: dict[str, Any] = {"bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric,
                                   "accuracy_level": w.accuracy_level, "exclude_nodes": w.exclude_nodes,
-                                  "float_zero_point": w.zero_point == "float"}
+                                  "float_zero_point": w.zero_point == "float", "lm_head": w.lm_head}
         kwargs.update(options)
         return cls(**kwargs)
 
@@ -166,16 +185,20 @@ class LowerWeightOnlyPass(QPass):
                 self.skip(node, found)
                 continue
             weight, bias = found
+            bits = layer_bits(node, self.bits, self.lm_head)
+            if bits is None:
+                self.skip(node, "lm_head left in float (lm_head = 'float')")
+                continue
             source = _transposed_constant(node.inputs[1])
             transposer = node.inputs[1].producer() if source is not None else None
             transposed = source is not None or (node.op_type == "Gemm" and bool(_attr(node, "transB", 0)))
-            key = (id(source if source is not None else node.inputs[1]), transposed)
+            key = (id(source if source is not None else node.inputs[1]), transposed, bits)
             chosen = node.meta.get(BLOCKWISE_KEY)
-            if isinstance(chosen, BlockwiseWeight) and not self._fits(chosen, weight):
+            if isinstance(chosen, BlockwiseWeight) and not self._fits(chosen, weight, bits):
                 self.skip(node, "codes chosen for other bits, block size or symmetry: rounded to nearest instead")
                 chosen = None
             if key not in shared:
-                shared[key] = self._quantize(graph, node, weight, names, chosen)
+                shared[key] = self._quantize(graph, node, weight, names, chosen, bits)
             else:
                 self.count("weights_shared")
             tensors, blockwise = shared[key]
@@ -185,7 +208,7 @@ class LowerWeightOnlyPass(QPass):
                 inputs += [None] * (5 - len(inputs)) + [bias]
             while inputs and inputs[-1] is None:
                 inputs.pop()
-            attributes = {"K": k, "N": n, "bits": self.bits, "block_size": blockwise.block_size,
+            attributes = {"K": k, "N": n, "bits": blockwise.bits, "block_size": blockwise.block_size,
                           "accuracy_level": self.accuracy_level}
             replacement = ir.node("MatMulNBits", inputs, attributes=attributes, domain=_CONTRIB, name=node.name)
             out = node.outputs[0]
@@ -204,21 +227,21 @@ class LowerWeightOnlyPass(QPass):
         self.count("float_weights_removed", drop_unused_initializers(old))
         return ir.passes.PassResult(model, lowered > 0)
 
-    def _fits(self, chosen: BlockwiseWeight, weight: np.ndarray) -> bool:
+    def _fits(self, chosen: BlockwiseWeight, weight: np.ndarray, bits: int) -> bool:
         block = resolve_block_size(self.block_size, weight.shape[0])
-        return chosen.bits == self.bits and chosen.block_size == block and \
+        return chosen.bits == bits and chosen.block_size == block and \
             (chosen.zero_points is None) == self.symmetric and chosen.codes.shape == weight.shape[::-1] and \
             (chosen.zero_points is None or (chosen.zero_points.dtype != np.uint8) == self.float_zero_point)
 
     def _quantize(self, graph: ir.Graph, node: ir.Node, weight: np.ndarray, names: NameScope,
-                  chosen: BlockwiseWeight | None = None) -> tuple[list[ir.Value | None], BlockwiseWeight]:
+                  chosen: BlockwiseWeight | None, bits: int) -> tuple[list[ir.Value | None], BlockwiseWeight]:
         """Quantize ``W[K, N]`` (or take the codes an algorithm chose) and register its packed tensors."""
         block = resolve_block_size(self.block_size, weight.shape[0])
         if chosen is not None:
             blockwise = chosen
             self.count("codes_chosen_by_algorithm")
         else:
-            blockwise = quantize_rtn(weight, self.bits, block, self.symmetric, self.float_zero_point)
+            blockwise = quantize_rtn(weight, bits, block, self.symmetric, self.float_zero_point and bits != 8)
         packed, scales, zero_points = blockwise.packed()
         base = node.inputs[1].name or node.name or "weight"
         values: list[ir.Value | None] = []
@@ -231,6 +254,6 @@ class LowerWeightOnlyPass(QPass):
             graph.register_initializer(value)
             values.append(value)
         self.record_layer(node, weight_sqnr_db=round(weight_sqnr_db(weight, blockwise.dequantize()), 3),
-                          scheme=f"int{self.bits}-weight-only", block_size=block, symmetric=self.symmetric,
+                          scheme=f"int{bits}-weight-only", block_size=block, symmetric=self.symmetric,
                           weight_shape=list(weight.shape))
         return values, blockwise
