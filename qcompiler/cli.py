@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-only recipes with --asymmetric: uint8 zero points (default) or float ones")
     p.add_argument("--lm-head", choices=("same", "int8", "float"),
                    help="weight-only recipes: the output projection's format (default: same as the other layers)")
+    p.add_argument("--embedding", choices=("float", "int8", "int4"),
+                   help="weight-only recipes: the token embedding's format (GatherBlockQuantized)")
     p.add_argument("--accuracy-level", type=int, choices=range(5), metavar="{0-4}",
                    help="weight-only recipes: MatMulNBits accuracy_level (4: int8 activations on CPU)")
     p.add_argument("--plugin", action="append", default=[], metavar="NAME", help="load an installed plugin pass")
@@ -187,7 +189,7 @@ def _compile(args: argparse.Namespace) -> int:
     if args.percentile is not None:
         calibration["percentile"] = args.percentile
     weight_only: dict[str, object] = {}
-    for key in ("algorithm", "block_size", "symmetric", "zero_point", "accuracy_level", "lm_head"):
+    for key in ("algorithm", "block_size", "symmetric", "zero_point", "accuracy_level", "lm_head", "embedding"):
         if getattr(args, key) is not None:
             weight_only[key] = getattr(args, key)
     recipe = args.recipe or DEFAULT_RECIPE

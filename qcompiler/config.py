@@ -141,6 +141,8 @@ class WeightOnlyOptions:
         exclude_nodes: MatMul/Gemm node names to leave in float.
         lm_head: the output projection's format (the MatMul/Gemm whose output is a graph output, or whose weight
             is an embedding that a Gather reads: a tied lm_head): "same" as the other layers, "int8", or "float".
+        embedding: the token embedding tables (a Gather over axis 0 of a constant float32 ``[rows, cols]``):
+            "float", or "int8"/"int4" blockwise along ``cols`` (``com.microsoft.GatherBlockQuantized``).
     """
 
     format: str = "int4"
@@ -151,8 +153,11 @@ class WeightOnlyOptions:
     accuracy_level: int = 0
     exclude_nodes: tuple[str, ...] = ()
     lm_head: str = "same"
+    embedding: str = "float"
 
     def __post_init__(self) -> None:
+        if self.embedding not in ("float", "int8", "int4"):
+            raise ConfigError(f"weight-only.embedding must be 'float', 'int8' or 'int4', got {self.embedding!r}")
         if self.lm_head not in ("same", "int8", "float"):
             raise ConfigError(f"weight-only.lm_head must be 'same', 'int8' or 'float', got {self.lm_head!r}")
         if self.format not in WEIGHT_ONLY_FORMATS:

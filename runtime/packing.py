@@ -14,6 +14,11 @@ float weight ``W[K, N]`` used as ``Y = A @ W`` and quantized in blocks of ``bloc
   (a real-valued zero point per block); without them the zero point is ``2^(bits-1)`` (8 for int4), which is how
   symmetric weights are stored.
 - dequantization: ``W[k, n] = (q[n, k] - zp[n, k // block_size]) * scale[n, k // block_size]``.
+
+``com.microsoft.GatherBlockQuantized`` (a quantized embedding table ``E[rows, cols]``, blocks along ``cols``) uses
+the same codes, scales ``[rows, n_blocks]`` and packed zero points ``[rows, ceil(n_blocks * bits / 8)]``, with the
+codes packed per row without padding (:func:`pack_rows`). Its codes equal those of ``E^T`` as a MatMulNBits weight,
+so a tied embedding and lm_head share one quantization.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ __all__ = [
     "default_zero_point",
     "dequantize",
     "pack_codes",
+    "pack_rows",
     "pack_zero_points",
     "unpack_codes",
     "unpack_zero_points",
@@ -92,6 +98,12 @@ def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     padded = np.full((n, blocks * block_size), default_zero_point(bits), np.uint8)
     padded[:, :k] = codes
     return _pack_last_axis(padded.reshape(n, blocks, block_size), bits)
+
+
+def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
+    """``uint8 [rows, cols * bits / 8]`` from codes ``[rows, cols]``, unpadded: ``GatherBlockQuantized``'s data
+    (its blocks run along the row; a partial last block needs no padding there)."""
+    return _pack_last_axis(codes, bits)
 
 
 def unpack_codes(packed: np.ndarray, bits: int, k: int) -> np.ndarray:

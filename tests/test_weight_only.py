@@ -182,7 +182,8 @@ def test_cli_int4_writes_matmulnbits_and_provenance(tmp_path, capsys):
     assert meta["qcompiler.recipe"] == "int4"
     assert json.loads(meta["qcompiler.weight_only"]) == {"format": "int4", "algorithm": "rtn", "block_size": 64,
                                                           "symmetric": False, "zero_point": "int",
-                                                          "accuracy_level": 4, "lm_head": "int8"}
+                                                          "accuracy_level": 4, "lm_head": "int8",
+                                                          "embedding": "int8"}
     code = main([str(src), "-o", str(tmp_path / "bad.onnx"), "--recipe", "int4", "--block-size", "48", "-q"])
     assert code == 2 and "block_size" in capsys.readouterr().err and not (tmp_path / "bad.onnx").exists()
 
@@ -292,3 +293,33 @@ def test_lm_head_format_is_chosen_separately(lm_head):
         assert dict(result.stats.skips) == {"fc2": "lm_head left in float (lm_head = 'float')"}
     else:
         assert nodes["fc2"].attributes["bits"].as_int() == (4 if lm_head == "same" else 8)
+
+
+def _tied(vocab: int = 40, hidden: int = 48, seed: int = 3) -> tuple[ir.Model, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    emb = (rng.standard_normal((vocab, hidden)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["h"], name="embed"),
+             helper.make_node("Transpose", ["emb"], ["emb_t"], name="tie", perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "emb_t"], ["logits"], name="lm_head")]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
+        [helper.make_tensor_value_info("logits", F, ["B", "S", vocab])], [numpy_helper.from_array(emb, "emb")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return ir.serde.deserialize_model(proto), emb
+
+
+@pytest.mark.parametrize("embedding", ["int8", "int4"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_embedding_becomes_gather_block_quantized(embedding, symmetric):
+    model, emb = _tied(hidden=40)  # 40 = one full block of 32 and a partial one
+    ids = np.random.default_rng(1).integers(0, 40, (2, 5)).astype(np.int64)
+    result = LowerWeightOnlyPass(bits=4, symmetric=symmetric, embedding=embedding, lm_head="int8")(model)
+    assert result.stats.counters["lowered_Gather"] == 1
+    assert sorted(n.op_type for n in model.graph) == ["GatherBlockQuantized", "MatMulNBits"]
+    assert "emb" not in model.graph.initializers  # nothing reads the float table any more
+    bits = 8 if embedding == "int8" else 4
+    table = quantize_rtn(np.ascontiguousarray(emb.T), bits, 32, symmetric).dequantize().T  # [vocab, hidden]
+    head = quantize_rtn(np.ascontiguousarray(emb.T), 8, 32, symmetric).dequantize()
+    expected = table[ids] @ head
+    np.testing.assert_allclose(run(model, {"ids": ids})[0], expected, rtol=1e-4, atol=1e-4)

@@ -33,6 +33,7 @@ from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unused_initializers
 from qcompiler.passes.lower._blockwise import BlockwiseWeight, quantize_rtn, resolve_block_size
 from qcompiler.passes.lower._weights import sqnr_from_energies
+from qcompiler.runtime import packing
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -144,7 +145,8 @@ class LowerWeightOnlyPass(QPass):
     preserves_float = False
 
     def __init__(self, *, bits: int = 4, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 0,
-                 exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False, lm_head: str = "same") -> None:
+                 exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False, lm_head: str = "same",
+                 embedding: str = "float") -> None:
         super().__init__()
         if bits not in _BITS:
             raise ConfigError(f"{self.name}: bits must be one of {_BITS}, got {bits!r}")
@@ -157,6 +159,9 @@ class LowerWeightOnlyPass(QPass):
         if lm_head not in ("same", "int8", "float"):
             raise ConfigError(f"{self.name}: lm_head must be 'same', 'int8' or 'float', got {lm_head!r}")
         self.lm_head = lm_head
+        if embedding not in ("float", "int8", "int4"):
+            raise ConfigError(f"{self.name}: embedding must be 'float', 'int8' or 'int4', got {embedding!r}")
+        self.embedding = embedding
         if self.float_zero_point and bits == 8:
             raise ConfigError(f"{self.name}: float zero points with 8 bits have no ONNX Runtime CPU kernel")
 
@@ -166,7 +171,8 @@ class LowerWeightOnlyPass(QPass):
         w = recipe.weight_only
         kwargs: dict[str, Any] = {"bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric,
                                   "accuracy_level": w.accuracy_level, "exclude_nodes": w.exclude_nodes,
-                                  "float_zero_point": w.zero_point == "float", "lm_head": w.lm_head}
+                                  "float_zero_point": w.zero_point == "float", "lm_head": w.lm_head,
+                                  "embedding": w.embedding}
         kwargs.update(options)
         return cls(**kwargs)
 
@@ -222,6 +228,8 @@ class LowerWeightOnlyPass(QPass):
                     old.append(source)
             lowered += 1
             self.count(f"lowered_{node.op_type}")
+        if self.embedding != "float":
+            lowered += self._lower_embeddings(model, names, old)
         if lowered:
             model.opset_imports.setdefault(_CONTRIB, 1)
         self.count("float_weights_removed", drop_unused_initializers(old))
@@ -257,3 +265,47 @@ class LowerWeightOnlyPass(QPass):
                           scheme=f"int{bits}-weight-only", block_size=block, symmetric=self.symmetric,
                           weight_shape=list(weight.shape))
         return values, blockwise
+
+    def _lower_embeddings(self, model: ir.Model, names: NameScope, old: list[ir.Value]) -> int:
+        """Gather(E, ids) over a constant table -> GatherBlockQuantized (codes blockwise along E's rows)."""
+        graph = model.graph
+        bits = 8 if self.embedding == "int8" else 4
+        lowered = 0
+        for node in list(graph):
+            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+                continue
+            table, ids = node.inputs
+            array = const_array(table) if table is not None and not table.is_graph_input() else None
+            if array is None or array.dtype != np.float32 or array.ndim != 2 or int(_attr(node, "axis", 0)) != 0:
+                continue  # not an embedding lookup (shape gathers and the like): not counted
+            if ids is None or ids.dtype not in (None, ir.DataType.INT64, ir.DataType.INT32):
+                self.skip(node, "embedding indices are not int32/int64")
+                continue
+            if bits == 4 and array.shape[1] % 2:
+                self.skip(node, "int4 embedding with an odd row length")
+                continue
+            block = resolve_block_size(self.block_size, array.shape[1])
+            q = quantize_rtn(np.ascontiguousarray(array.T), bits, block, self.symmetric)  # codes [rows, cols]
+            tensors = [packing.pack_rows(q.codes, bits), q.scales.astype(np.float32)]
+            if q.zero_points is not None:
+                tensors.append(packing.pack_zero_points(q.zero_points, bits).reshape(array.shape[0], -1))
+            base = table.name or node.name or "embedding"
+            values = []
+            for suffix, tensor in zip(("quantized", "scales", "zero_points"), tensors, strict=False):
+                name = names.fresh(f"{base}_{suffix}")
+                value = ir.Value(name=name, const_value=ir.tensor(tensor, name=name))
+                graph.register_initializer(value)
+                values.append(value)
+            inputs = [values[0], ids, *values[1:]]
+            replacement = ir.node("GatherBlockQuantized", inputs, domain=_CONTRIB, name=node.name,
+                                  attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block,
+                                              "bits": bits})
+            copy_type(replacement.outputs[0], node.outputs[0])
+            ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [node.outputs[0]],
+                                                   replacement.outputs)
+            old.append(table)
+            self.record_layer(node, weight_sqnr_db=round(weight_sqnr_db(array.T, q.dequantize()), 3),
+                              scheme=f"int{bits}-embedding", block_size=block, weight_shape=list(array.shape))
+            self.count("lowered_Gather")
+            lowered += 1
+        return lowered
