@@ -16,8 +16,11 @@ that are graph inputs), weights not 2-D, a 1-D activation, Gemm with ``transA = 
 
 Tied embeddings: exporters write a tied lm_head as ``MatMul(x, Transpose(E))`` with ``E[vocab, hidden]`` the token
 embedding that a Gather also reads. The pass quantizes ``E^T`` as the lm_head's weight (the Transpose goes away)
-and leaves ``E`` in float for the Gather: the lm_head gets the recipe's format like every other layer, the
-embedding lookup stays exact. (A quantized embedding, ``GatherBlockQuantized``, is not written yet.)
+and, with ``embedding = "float"``, leaves ``E`` in float for the Gather. With ``embedding = "int8"``/``"int4"``
+every ``Gather`` over axis 0 of a constant float32 table becomes ``com.microsoft.GatherBlockQuantized`` (blocks
+along the table's rows, the lowering's block size and symmetry), and the float table goes. The lm_head's format is
+``lm_head``: the recipe's ("same"), "int8", or "float" (the output projection: a MatMul/Gemm whose output is a graph
+output, or whose weight is a table a Gather reads).
 """
 
 from __future__ import annotations
