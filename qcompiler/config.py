@@ -119,7 +119,7 @@ class QuantizationOptions:
 
 
 #: weight-only formats and their bits (MatMulNBits codes)
-WEIGHT_ONLY_FORMATS = {"int8": 8, "int4": 4, "int2": 2}
+WEIGHT_ONLY_FORMATS = {"int8": 8, "int4": 4, "int2": 2, "nf4": 4}
 WEIGHT_ONLY_ALGORITHMS = ("rtn", "gptq")
 
 
@@ -128,7 +128,8 @@ class WeightOnlyOptions:
     """Weight-only quantization of MatMul/Gemm weights (activations stay float): read by ``lower-weight-only``.
 
     Attributes:
-        format: "int8", "int4" or "int2" (codes of that many bits, lowered to ``com.microsoft.MatMulNBits``).
+        format: "int8", "int4" or "int2" (codes of that many bits, lowered to ``com.microsoft.MatMulNBits``), or
+            "nf4" (4-bit NormalFloat with one absmax per block, lowered to ``com.microsoft.MatMulBnb4``).
         algorithm: how the codes are chosen: "rtn" (round to nearest on the block's grid) or "gptq" (the same grid,
             codes that minimise each layer's output error on the calibration data; needs ``--calib``).
         block_size: values per scale along the reduction axis K: a power of two from 16 to 256 (a K that is not
@@ -180,6 +181,12 @@ class WeightOnlyOptions:
         if self.zero_point == "float" and self.format == "int8":
             raise ConfigError("weight-only.zero_point = 'float' with int8: ONNX Runtime's CPU MatMulNBits has no "
                               "8-bit kernel with float zero points")
+        if self.format == "nf4":
+            if self.algorithm != "rtn":
+                raise ConfigError("weight-only.format 'nf4' is a fixed codebook with absmax scales: algorithm must "
+                                  "be 'rtn' (GPTQ here chooses codes on integer grids)")
+            if not self.symmetric:
+                raise ConfigError("weight-only.format 'nf4' is symmetric (absmax scales): no --asymmetric")
         level = self.accuracy_level
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 4:
             raise ConfigError(f"weight-only.accuracy_level must be an integer from 0 to 4, got {level!r}")

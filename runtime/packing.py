@@ -19,6 +19,11 @@ float weight ``W[K, N]`` used as ``Y = A @ W`` and quantized in blocks of ``bloc
 the same codes, scales ``[rows, n_blocks]`` and packed zero points ``[rows, ceil(n_blocks * bits / 8)]``, with the
 codes packed per row without padding (:func:`pack_rows`). Its codes equal those of ``E^T`` as a MatMulNBits weight,
 so a tied embedding and lm_head share one quantization.
+
+``com.microsoft.MatMulBnb4`` (NF4, bitsandbytes' layout) is different: the 4-bit indices into
+:data:`NF4_CODEBOOK` cover ``W^T[N, K]`` flattened row-major, in blocks of ``block_size`` consecutive elements of
+that flat array (a block may span two columns of W when K is no multiple), two per byte with the *first* in the
+high nibble, and one float32 ``absmax`` per block: ``W^T.flat[i] = NF4_CODEBOOK[code[i]] * absmax[i // block]``.
 """
 
 from __future__ import annotations
@@ -33,8 +38,12 @@ __all__ = [
     "block_count",
     "default_zero_point",
     "dequantize",
+    "NF4_CODEBOOK",
+    "dequantize_bnb4",
+    "pack_bnb4",
     "pack_codes",
     "pack_rows",
+    "unpack_bnb4",
     "pack_zero_points",
     "unpack_codes",
     "unpack_zero_points",
@@ -142,3 +151,34 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
         zp = unpack_zero_points(zero_points, bits, n, blocks).astype(np.float32).reshape(n, blocks, 1)
     weight = ((codes - zp) * scale).reshape(n, blocks * block_size)[:, :k]
     return np.ascontiguousarray(weight.T)
+
+
+#: the 16 NF4 values (QLoRA, Dettmers et al. 2023: quantiles of a standard normal, rescaled to [-1, 1], with 0)
+NF4_CODEBOOK = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                         -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                         0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                         0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=np.float32)
+
+
+def pack_bnb4(codes: np.ndarray) -> np.ndarray:
+    """``uint8 [ceil(N * K / 2)]`` from 4-bit codes ``[N, K]`` (flattened, first of each pair in the high nibble)."""
+    flat = np.asarray(codes, np.uint8).reshape(-1)
+    if flat.size and flat.max() > 15:
+        raise ValueError("NF4 codes must lie in [0, 16)")
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return ((flat[0::2] << 4) | flat[1::2]).astype(np.uint8)
+
+
+def unpack_bnb4(packed: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Codes ``[N, K]`` from :func:`pack_bnb4`'s bytes."""
+    packed = np.asarray(packed, np.uint8)
+    flat = np.stack([packed >> 4, packed & 0x0F], axis=1).reshape(-1)[:n * k]
+    return flat.reshape(n, k)
+
+
+def dequantize_bnb4(packed: np.ndarray, absmax: np.ndarray, *, k: int, n: int, block_size: int) -> np.ndarray:
+    """The float32 ``W[K, N]`` a MatMulBnb4 (NF4) node computes with (the numpy reference)."""
+    flat = NF4_CODEBOOK[unpack_bnb4(packed, n, k).reshape(-1)]
+    scale = np.repeat(np.asarray(absmax, np.float32), block_size)[:n * k]
+    return np.ascontiguousarray((flat * scale).reshape(n, k).T)

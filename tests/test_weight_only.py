@@ -323,3 +323,51 @@ def test_embedding_becomes_gather_block_quantized(embedding, symmetric):
     head = quantize_rtn(np.ascontiguousarray(emb.T), 8, 32, symmetric).dequantize()
     expected = table[ids] @ head
     np.testing.assert_allclose(run(model, {"ids": ids})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 5), k=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_bnb4_codes_round_trip(n, k, seed):
+    codes = np.random.default_rng(seed).integers(0, 16, (n, k), dtype=np.uint8)
+    packed = packing.pack_bnb4(codes)
+    assert packed.shape == (-(-n * k // 2),)
+    np.testing.assert_array_equal(packing.unpack_bnb4(packed, n, k), codes)
+
+
+def test_nf4_rounds_to_the_nearest_codebook_value():
+    from qcompiler.passes.lower._blockwise import quantize_nf4
+
+    w = np.random.default_rng(6).standard_normal((64, 3)).astype(np.float32)
+    codes, absmax = quantize_nf4(w, 64)
+    normed = (w.T / absmax[:, None]).reshape(3, 64)
+    book = packing.NF4_CODEBOOK
+    assert np.array_equal(codes, np.abs(normed[..., None] - book).argmin(axis=-1))
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_nf4_lowers_to_matmulbnb4_that_matches_the_reference(block):
+    model = _mlp()  # K = 100: blocks of the flattened W^T span two columns
+    reference = _mlp()
+    x = np.random.default_rng(1).standard_normal((2, 3, 100)).astype(np.float32)
+    result = LowerWeightOnlyPass(bits=4, block_size=block, nf4=True)(model)
+    assert result.stats.counters["lowered_MatMul_nf4"] == 2
+    assert [n.op_type for n in model.graph if n.domain == "com.microsoft"] == ["MatMulBnb4", "MatMulBnb4"]
+    from qcompiler.passes.lower._blockwise import quantize_nf4
+
+    deq = []
+    for name in ("w1", "w2"):
+        w = reference.graph.initializers[name].const_value.numpy()
+        codes, absmax = quantize_nf4(w, block)
+        deq.append(packing.dequantize_bnb4(packing.pack_bnb4(codes), absmax, k=w.shape[0], n=w.shape[1],
+                                           block_size=block))
+    expected = np.maximum(x @ deq[0], 0) @ deq[1]
+    np.testing.assert_allclose(run(model, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
+    assert rel_l2(run(model, {"x": x})[0], run(reference, {"x": x})[0]) < 0.2
+
+
+def test_nf4_refuses_what_it_cannot_do():
+    for bad in ({"algorithm": "gptq"}, {"symmetric": False}):
+        with pytest.raises(ConfigError):
+            override(load_recipe("nf4"), weight_only=bad)
+    with pytest.raises(ConfigError):
+        LowerWeightOnlyPass(bits=8, nf4=True)

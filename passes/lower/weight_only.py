@@ -34,7 +34,7 @@ import onnx_ir as ir
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unused_initializers
-from qcompiler.passes.lower._blockwise import BlockwiseWeight, quantize_rtn, resolve_block_size
+from qcompiler.passes.lower._blockwise import BlockwiseWeight, quantize_nf4, quantize_rtn, resolve_block_size
 from qcompiler.passes.lower._weights import sqnr_from_energies
 from qcompiler.runtime import packing
 
@@ -149,7 +149,7 @@ class LowerWeightOnlyPass(QPass):
 
     def __init__(self, *, bits: int = 4, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 0,
                  exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False, lm_head: str = "same",
-                 embedding: str = "float") -> None:
+                 embedding: str = "float", nf4: bool = False) -> None:
         super().__init__()
         if bits not in _BITS:
             raise ConfigError(f"{self.name}: bits must be one of {_BITS}, got {bits!r}")
@@ -165,6 +165,9 @@ class LowerWeightOnlyPass(QPass):
         if embedding not in ("float", "int8", "int4"):
             raise ConfigError(f"{self.name}: embedding must be 'float', 'int8' or 'int4', got {embedding!r}")
         self.embedding = embedding
+        self.nf4 = bool(nf4)
+        if self.nf4 and (bits != 4 or not self.symmetric):
+            raise ConfigError(f"{self.name}: nf4 needs bits=4 and symmetric (absmax) blocks")
         if self.float_zero_point and bits == 8:
             raise ConfigError(f"{self.name}: float zero points with 8 bits have no ONNX Runtime CPU kernel")
 
@@ -175,7 +178,7 @@ class LowerWeightOnlyPass(QPass):
         kwargs: dict[str, Any] = {"bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric,
                                   "accuracy_level": w.accuracy_level, "exclude_nodes": w.exclude_nodes,
                                   "float_zero_point": w.zero_point == "float", "lm_head": w.lm_head,
-                                  "embedding": w.embedding}
+                                  "embedding": w.embedding, "nf4": w.format == "nf4"}
         kwargs.update(options)
         return cls(**kwargs)
 
@@ -200,6 +203,21 @@ class LowerWeightOnlyPass(QPass):
                 continue
             source = _transposed_constant(node.inputs[1])
             transposer = node.inputs[1].producer() if source is not None else None
+            if self.nf4 and bits == 4:
+                if bias is not None:
+                    self.skip(node, "nf4: MatMulBnb4 has no bias input (Gemm with a bias stays float)")
+                    continue
+                replacement = self._nf4_node(graph, node, weight, names)
+                old.extend(v for v in node.inputs[1:] if v is not None)
+                ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [node.outputs[0]],
+                                                       replacement.outputs)
+                if transposer is not None and not transposer.outputs[0].uses() and \
+                        not transposer.outputs[0].is_graph_output():
+                    graph.remove(transposer, safe=True)
+                    old.append(source)
+                lowered += 1
+                self.count(f"lowered_{node.op_type}_nf4")
+                continue
             transposed = source is not None or (node.op_type == "Gemm" and bool(_attr(node, "transB", 0)))
             key = (id(source if source is not None else node.inputs[1]), transposed, bits)
             chosen = node.meta.get(BLOCKWISE_KEY)
@@ -312,3 +330,23 @@ class LowerWeightOnlyPass(QPass):
             self.count("lowered_Gather")
             lowered += 1
         return lowered
+
+    def _nf4_node(self, graph: ir.Graph, node: ir.Node, weight: np.ndarray, names: NameScope) -> ir.Node:
+        """MatMulBnb4 (quant_type 1, NF4) over ``W[K, N]``; the weight is not shared (each reader quantizes it)."""
+        k, n = weight.shape
+        block = resolve_block_size(self.block_size, k)
+        codes, absmax = quantize_nf4(weight, block)
+        base = node.inputs[1].name or node.name or "weight"
+        values = []
+        for suffix, array in (("nf4", packing.pack_bnb4(codes)), ("absmax", absmax)):
+            name = names.fresh(f"{base}_{suffix}")
+            value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+            graph.register_initializer(value)
+            values.append(value)
+        replacement = ir.node("MatMulBnb4", [node.inputs[0], *values], domain=_CONTRIB, name=node.name,
+                              attributes={"K": k, "N": n, "block_size": block, "quant_type": 1})
+        copy_type(replacement.outputs[0], node.outputs[0])
+        dequantized = packing.dequantize_bnb4(values[0].const_value.numpy(), absmax, k=k, n=n, block_size=block)
+        self.record_layer(node, weight_sqnr_db=round(weight_sqnr_db(weight, dequantized), 3), scheme="nf4-weight-only",
+                          block_size=block, weight_shape=list(weight.shape))
+        return replacement
