@@ -63,6 +63,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "qcompile int4 b128 asym": _qc("int4", block_size=128, symmetric=False),
     "qcompile int4 b128 sym": _qc("int4", block_size=128, symmetric=True),
     "qcompile int4 b128 asym gptq": _qc("int4", block_size=128, symmetric=False, algorithm="gptq"),
+    "qcompile int4 b128 asym awq": _qc("int4", block_size=128, symmetric=False, algorithm="awq"),
     "qcompile nf4 b64": _qc("nf4", block_size=64),
     "qcompile int4 b64 sym": _qc("int4", block_size=64, symmetric=True),
     "qcompile int4 b64 asym": _qc("int4", block_size=64, symmetric=False),
@@ -87,7 +88,7 @@ def _job(payload: dict[str, Any]) -> dict[str, Any]:
     if payload["tool"] == "qcompile":
         from qcompiler.api import compile_model
 
-        calib = payload["calib"] if payload["weight_only"].get("algorithm") == "gptq" else None
+        calib = payload["calib"] if payload["weight_only"].get("algorithm") in ("gptq", "awq") else None
         compile_model(src, dst, recipe=payload["recipe"], weight_only=payload["weight_only"], calib=calib)
         return {"seconds": time.perf_counter() - start}
     import onnx

@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. 0.01); the most sensitive layers stay float until it holds")
     p.add_argument("--min-sqnr", type=float, metavar="DB",
                    help="accuracy budget: the model outputs' SQNR vs fp32 must reach DB decibels")
-    p.add_argument("--algorithm", choices=("rtn", "gptq"),
-                   help="weight-only recipes: how codes are chosen (rtn; gptq needs --calib)")
+    p.add_argument("--algorithm", choices=("rtn", "gptq", "awq"),
+                   help="weight-only recipes: how codes are chosen (rtn; gptq and awq need --calib)")
     p.add_argument("--block-size", type=int, metavar="N",
                    help="weight-only recipes: values per scale along K (16-256, a power of two; 0: per channel)")
     sym = p.add_mutually_exclusive_group()

@@ -120,7 +120,7 @@ class QuantizationOptions:
 
 #: weight-only formats and their bits (MatMulNBits codes)
 WEIGHT_ONLY_FORMATS = {"int8": 8, "int4": 4, "int2": 2, "nf4": 4}
-WEIGHT_ONLY_ALGORITHMS = ("rtn", "gptq")
+WEIGHT_ONLY_ALGORITHMS = ("rtn", "gptq", "awq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +131,8 @@ class WeightOnlyOptions:
         format: "int8", "int4" or "int2" (codes of that many bits, lowered to ``com.microsoft.MatMulNBits``), or
             "nf4" (4-bit NormalFloat with one absmax per block, lowered to ``com.microsoft.MatMulBnb4``).
         algorithm: how the codes are chosen: "rtn" (round to nearest on the block's grid) or "gptq" (the same grid,
-            codes that minimise each layer's output error on the calibration data; needs ``--calib``).
+            codes that minimise each layer's output error on the calibration data; needs ``--calib``) or "awq"
+            (activation-aware per-channel scales searched on the calibration data, then round to nearest).
         block_size: values per scale along the reduction axis K: a power of two from 16 to 256 (a K that is not
             a multiple is padded), or 0 for one block over the whole of K (per channel).
         symmetric: zero point fixed at the middle code (no zero-point tensor), else a zero point per block.
@@ -182,9 +183,9 @@ class WeightOnlyOptions:
             raise ConfigError("weight-only.zero_point = 'float' with int8: ONNX Runtime's CPU MatMulNBits has no "
                               "8-bit kernel with float zero points")
         if self.format == "nf4":
-            if self.algorithm != "rtn":
+            if self.algorithm == "gptq":
                 raise ConfigError("weight-only.format 'nf4' is a fixed codebook with absmax scales: algorithm must "
-                                  "be 'rtn' (GPTQ here chooses codes on integer grids)")
+                                  "be 'rtn' or 'awq' (GPTQ here chooses codes on integer grids)")
             if not self.symmetric:
                 raise ConfigError("weight-only.format 'nf4' is symmetric (absmax scales): no --asymmetric")
         level = self.accuracy_level

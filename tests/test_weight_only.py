@@ -371,3 +371,40 @@ def test_nf4_refuses_what_it_cannot_do():
             override(load_recipe("nf4"), weight_only=bad)
     with pytest.raises(ConfigError):
         LowerWeightOnlyPass(bits=8, nf4=True)
+
+
+def _outlier_data(tmp_path, model: ir.Model, count: int = 32):
+    from qcompiler.calibration.data import load_calibration_data
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((count, 3, 100)).astype(np.float32)
+    x[..., :4] *= 30.0  # a few input channels carry most of the activation (what AWQ is for)
+    np.savez(tmp_path / "calib.npz", x=x)
+    return load_calibration_data(tmp_path / "calib.npz", model), x
+
+
+def test_awq_scaling_keeps_the_float_function_and_lowers_the_error(tmp_path):
+    from qcompiler.passes.algorithms.weight_only_awq import WeightOnlyAWQPass
+
+    model = _mlp()
+    data, x = _outlier_data(tmp_path, model)
+    expected = run(_mlp(), {"x": x[:8]})[0]
+    result = WeightOnlyAWQPass(calibration_data=data, bits=4, block_size=32, symmetric=False)(model)
+    assert result.modified and result.stats.counters["groups_scaled"] >= 1
+    fc1 = result.stats.layers["fc1"]
+    assert fc1["awq_alpha"] > 0 and fc1["awq_output_error_db"] < fc1["rtn_output_error_db"]
+    assert any(n.op_type == "Mul" and n.name.endswith("_awq") for n in model.graph)
+    np.testing.assert_allclose(run(model, {"x": x[:8]})[0], expected, rtol=1e-4, atol=1e-4)  # before rounding
+    rtn = _mlp()
+    LowerWeightOnlyPass(bits=4, block_size=32, symmetric=False)(rtn)
+    LowerWeightOnlyPass(bits=4, block_size=32, symmetric=False)(model)
+    assert rel_l2(run(model, {"x": x[:8]})[0], expected) < rel_l2(run(rtn, {"x": x[:8]})[0], expected)
+
+
+def test_awq_is_off_unless_asked_and_needs_data(tmp_path):
+    from qcompiler.errors import CalibrationError
+    from qcompiler.passes.algorithms.weight_only_awq import WeightOnlyAWQPass
+
+    assert not WeightOnlyAWQPass(enabled=False)(_mlp()).modified
+    with pytest.raises(CalibrationError):
+        WeightOnlyAWQPass()(_mlp())

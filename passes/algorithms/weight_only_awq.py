@@ -1,0 +1,176 @@
+"""AWQ for weight-only blockwise quantization: scale the input channels that carry the most activation before rounding.
+
+Lin et al. 2024 ("AWQ: Activation-aware Weight Quantization"): for ``Y = X W`` and any positive per-input scale
+``s[K]``, ``X W = (X / s) (s W)``. Quantizing ``s W`` instead of ``W`` gives the rows of the channels with large
+activations a larger share of each block's grid, so the rounding that matters most shrinks. For every group of
+MatMul/Gemm that read the same activation (Q/K/V, gate/up; one scale per group, since they share ``X / s``) the
+pass streams the calibration data through ONNX Runtime and keeps each input channel's mean ``|x|`` and a bounded
+sample of input rows (``sample_rows``, reservoir over all batches). It then searches ``s = mean|x|^alpha``
+(normalised by ``sqrt(max * min)``) over ``alpha`` in ``0, 0.05, ..., 1`` for the smallest output error of the whole
+group on the sampled rows, ``sum_layers ||X W - (X / s) Q(s W)||^2`` with ``Q`` the lowering's own round-to-nearest
+grid (``alpha = 0`` is plain RTN, so the result is never worse on that measure), and applies the best one: the
+weights become ``s W`` (float) and one ``Mul(X, 1 / s)`` node feeds the group, so the float function is unchanged
+up to float rounding ("scales kept exact"; folding ``1 / s`` into a preceding RMSNorm weight is not done yet).
+
+Runs only with ``[weight-only] algorithm = "awq"`` and calibration data; layers whose bits are 8 (an int8 lm_head)
+are left alone (nothing to gain). Skipped with a reason: a weight read by several groups, an activation that is a
+graph input of another type. Per layer it records the chosen ``awq_alpha`` and the group's output error before and
+after (dB, relative).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler import io
+from qcompiler.errors import CalibrationError
+from qcompiler.pass_manager import QPass
+from qcompiler.passes._common import NameScope, copy_type
+from qcompiler.passes.lower._blockwise import quantize_rtn, resolve_block_size
+from qcompiler.passes.lower.weight_only import _transposed_constant, layer_bits, layer_weight
+
+if TYPE_CHECKING:
+    from qcompiler.config import Recipe
+
+__all__ = ["WeightOnlyAWQPass"]
+
+logger = logging.getLogger(__name__)
+
+ALPHAS = tuple(round(a, 2) for a in np.linspace(0.0, 1.0, 21))
+
+
+class WeightOnlyAWQPass(QPass):
+    """Activation-aware per-channel scaling before weight-only rounding (see the module docstring)."""
+
+    name = "weight-only-awq"
+    stage = "calibrate"
+    preserves_float = True
+
+    def __init__(self, *, calibration_data: Any = None, enabled: bool = True, bits: int = 4, block_size: int = 32,
+                 symmetric: bool = True, float_zero_point: bool = False, exclude_nodes: tuple[str, ...] = (),
+                 lm_head: str = "same", max_samples: int | None = None, batch_size: int = 4,
+                 sample_rows: int = 512, seed: int = 0) -> None:
+        super().__init__()
+        self.calibration_data, self.enabled = calibration_data, bool(enabled)
+        self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
+        self.float_zero_point = bool(float_zero_point) and not self.symmetric
+        self.exclude_nodes, self.lm_head = frozenset(exclude_nodes), lm_head
+        self.max_samples, self.batch_size, self.sample_rows, self.seed = max_samples, batch_size, sample_rows, seed
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> WeightOnlyAWQPass:
+        """Data from the build context; the grid from ``[weight-only]``; sample limits from ``[calibration]``."""
+        w = recipe.weight_only
+        kwargs: dict[str, Any] = {
+            "calibration_data": getattr(context, "calibration_data", None), "enabled": w.algorithm == "awq",
+            "bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric,
+            "float_zero_point": w.zero_point == "float", "exclude_nodes": w.exclude_nodes, "lm_head": w.lm_head,
+            "max_samples": recipe.calibration.max_samples, "batch_size": recipe.calibration.batch_size,
+        }
+        kwargs.update(options)
+        return cls(**kwargs)
+
+    def _groups(self, model: ir.Model) -> dict[ir.Value, list[tuple[ir.Node, np.ndarray]]]:
+        """Candidate layers by the activation they read (only plain constant weights read by one node)."""
+        groups: dict[ir.Value, list[tuple[ir.Node, np.ndarray]]] = {}
+        for node in model.graph:
+            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+                continue
+            found = layer_weight(model, node, self.exclude_nodes)
+            if isinstance(found, str) or layer_bits(node, self.bits, self.lm_head) != self.bits or self.bits == 8:
+                continue
+            if _transposed_constant(node.inputs[1]) is not None or node.op_type == "Gemm":
+                self.skip(node, "AWQ scales plain MatMul weights only (not a tied or transposed one)")
+                continue
+            if len(node.inputs[1].uses()) != 1:
+                self.skip(node, "weight read by several nodes")
+                continue
+            groups.setdefault(node.inputs[0], []).append((node, found[0]))
+        return groups
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.enabled:
+            self.count("not_requested")
+            return ir.passes.PassResult(model, False)
+        if self.calibration_data is None:
+            raise CalibrationError("AWQ needs calibration data: pass --calib DATA (token ids for a language model)")
+        groups = self._groups(model)
+        if not groups:
+            return ir.passes.PassResult(model, False)
+        inputs = list(groups)
+        names = [v.name for v in inputs]
+        abs_sum = {n: None for n in names}
+        rows_seen = dict.fromkeys(names, 0)
+        samples: dict[str, np.ndarray | None] = dict.fromkeys(names)
+        rng = np.random.default_rng(self.seed)
+        session = io.ort_session(model, extra_outputs=inputs)
+        for feed in self.calibration_data.iter_batches(self.batch_size, self.max_samples):
+            for name, array in zip(names, session.run(names, feed), strict=True):
+                x = array.reshape(-1, array.shape[-1]).astype(np.float32)
+                total = np.abs(x).sum(axis=0, dtype=np.float64)
+                abs_sum[name] = total if abs_sum[name] is None else abs_sum[name] + total
+                rows_seen[name] += x.shape[0]
+                pick = x[rng.choice(x.shape[0], min(self.sample_rows, x.shape[0]), replace=False)]
+                merged = pick if samples[name] is None else np.concatenate([samples[name], pick])
+                if merged.shape[0] > self.sample_rows:  # keep a bounded uniform subset
+                    merged = merged[rng.choice(merged.shape[0], self.sample_rows, replace=False)]
+                samples[name] = merged
+        del session
+        scope = NameScope(model)
+        applied = 0
+        for value in inputs:
+            mean = abs_sum[value.name] / max(rows_seen[value.name], 1)
+            applied += self._apply(model, value, groups[value], mean, samples[value.name], scope)
+        self.count("groups_scaled", applied)
+        return ir.passes.PassResult(model, applied > 0)
+
+    def _error(self, x: np.ndarray, layers: list[tuple[ir.Node, np.ndarray]], scale: np.ndarray) -> float:
+        total = 0.0
+        for _, weight in layers:
+            block = resolve_block_size(self.block_size, weight.shape[0])
+            scaled = (weight * scale[:, None]).astype(np.float32)
+            deq = quantize_rtn(scaled, self.bits, block, self.symmetric, self.float_zero_point).dequantize()
+            diff = x @ (weight - deq / scale[:, None])
+            total += float(np.vdot(diff, diff))
+        return total
+
+    def _apply(self, model: ir.Model, value: ir.Value, layers: list[tuple[ir.Node, np.ndarray]], mean: np.ndarray,
+               x: np.ndarray, scope: NameScope) -> int:
+        mean = np.maximum(mean, 1e-8)
+        signal = sum(float(np.vdot(x @ w, x @ w)) for _, w in layers)
+        best_alpha, best_error, base_error = 0.0, math.inf, math.inf
+        for alpha in ALPHAS:
+            s = mean ** alpha
+            s = s / math.sqrt(float(s.max() * s.min()))
+            error = self._error(x, layers, s)
+            if alpha == 0.0:
+                base_error = error
+            if error < best_error:
+                best_alpha, best_error = alpha, error
+        for node, _ in layers:
+            self.record_layer(node, awq_alpha=best_alpha,
+                              rtn_output_error_db=round(10 * math.log10(max(base_error, 1e-300) / signal), 3),
+                              awq_output_error_db=round(10 * math.log10(max(best_error, 1e-300) / signal), 3))
+        if best_alpha == 0.0:
+            return 0
+        s = mean ** best_alpha
+        s = (s / math.sqrt(float(s.max() * s.min()))).astype(np.float32)
+        graph = model.graph
+        name = scope.fresh(f"{value.name or 'x'}_awq_inverse_scale")
+        inverse = ir.Value(name=name, const_value=ir.tensor((1.0 / s).astype(np.float32), name=name))
+        graph.register_initializer(inverse)
+        mul = ir.node("Mul", [value, inverse], name=scope.fresh(f"{value.name or 'x'}_awq"))
+        mul.outputs[0].name = scope.fresh(f"{value.name or 'x'}_awq_scaled")
+        copy_type(mul.outputs[0], value)
+        first = layers[0][0]
+        graph.insert_before(first, [mul])
+        for node, weight in layers:
+            node.replace_input_with(0, mul.outputs[0])
+            w = node.inputs[1]
+            w.const_value = ir.tensor((weight * s[:, None]).astype(np.float32), name=w.name)
+        return 1
