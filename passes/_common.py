@@ -82,6 +82,20 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
+def scalar_constant(value: ir.Value | None) -> float | None:
+    """The value of a one-element floating-point constant, or None."""
+    array = const_array(value)
+    if array is None or array.size != 1 or not np.issubdtype(array.dtype, np.floating):
+        return None
+    return float(array.reshape(()))
+
+
+def other_operand(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    """The other input of a binary node that reads ``value`` (None if it does not read it)."""
+    a, b = node.inputs[0], node.inputs[1]
+    return b if a is value else a if b is value else None
+
+
 def drop_unused_initializers(values: Iterable[ir.Value | None]) -> int:
     """Remove the initializers among ``values`` that nothing uses any more; return how many."""
     removed = 0

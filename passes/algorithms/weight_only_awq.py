@@ -28,11 +28,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import io
+from qcompiler.calibration.observers import fold_batches
 from qcompiler.errors import CalibrationError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, copy_type
 from qcompiler.passes.lower._blockwise import quantize_rtn, resolve_block_size
-from qcompiler.passes.lower.weight_only import _transposed_constant, layer_bits, layer_weight
+from qcompiler.passes.lower.weight_only import layer_bits, layer_weight, transposed_constant
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -42,6 +43,27 @@ __all__ = ["WeightOnlyAWQPass"]
 logger = logging.getLogger(__name__)
 
 ALPHAS = tuple(round(a, 2) for a in np.linspace(0.0, 1.0, 21))
+
+
+class _ChannelStats:
+    """Per input channel mean ``|x|`` and a bounded uniform sample of rows (a ``fold_batches`` folder)."""
+
+    def __init__(self, sample_rows: int, rng: np.random.Generator) -> None:
+        self.sample_rows, self.rng = sample_rows, rng
+        self.abs_sum: np.ndarray | None = None
+        self.rows = 0
+        self.sample: np.ndarray | None = None
+
+    def update(self, array: np.ndarray) -> None:
+        x = array.reshape(-1, array.shape[-1]).astype(np.float32)
+        total = np.abs(x).sum(axis=0, dtype=np.float64)
+        self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
+        self.rows += x.shape[0]
+        pick = x[self.rng.choice(x.shape[0], min(self.sample_rows, x.shape[0]), replace=False)]
+        merged = pick if self.sample is None else np.concatenate([self.sample, pick])
+        if merged.shape[0] > self.sample_rows:  # keep a bounded uniform subset
+            merged = merged[self.rng.choice(merged.shape[0], self.sample_rows, replace=False)]
+        self.sample = merged
 
 
 class WeightOnlyAWQPass(QPass):
@@ -84,7 +106,7 @@ class WeightOnlyAWQPass(QPass):
             found = layer_weight(model, node, self.exclude_nodes)
             if isinstance(found, str) or layer_bits(node, self.bits, self.lm_head) != self.bits or self.bits == 8:
                 continue
-            if _transposed_constant(node.inputs[1]) is not None or node.op_type == "Gemm":
+            if transposed_constant(node.inputs[1]) is not None or node.op_type == "Gemm":
                 self.skip(node, "AWQ scales plain MatMul weights only (not a tied or transposed one)")
                 continue
             if len(node.inputs[1].uses()) != 1:
@@ -103,29 +125,16 @@ class WeightOnlyAWQPass(QPass):
         if not groups:
             return ir.passes.PassResult(model, False)
         inputs = list(groups)
-        names = [v.name for v in inputs]
-        abs_sum = {n: None for n in names}
-        rows_seen = dict.fromkeys(names, 0)
-        samples: dict[str, np.ndarray | None] = dict.fromkeys(names)
         rng = np.random.default_rng(self.seed)
-        session = io.ort_session(model, extra_outputs=inputs)
-        for feed in self.calibration_data.iter_batches(self.batch_size, self.max_samples):
-            for name, array in zip(names, session.run(names, feed), strict=True):
-                x = array.reshape(-1, array.shape[-1]).astype(np.float32)
-                total = np.abs(x).sum(axis=0, dtype=np.float64)
-                abs_sum[name] = total if abs_sum[name] is None else abs_sum[name] + total
-                rows_seen[name] += x.shape[0]
-                pick = x[rng.choice(x.shape[0], min(self.sample_rows, x.shape[0]), replace=False)]
-                merged = pick if samples[name] is None else np.concatenate([samples[name], pick])
-                if merged.shape[0] > self.sample_rows:  # keep a bounded uniform subset
-                    merged = merged[rng.choice(merged.shape[0], self.sample_rows, replace=False)]
-                samples[name] = merged
-        del session
+        stats = {v.name: _ChannelStats(self.sample_rows, rng) for v in inputs}
+        fold_batches(io.ort_session(model, extra_outputs=inputs), stats,
+                     self.calibration_data.iter_batches(self.batch_size, self.max_samples))
         scope = NameScope(model)
         applied = 0
         for value in inputs:
-            mean = abs_sum[value.name] / max(rows_seen[value.name], 1)
-            applied += self._apply(model, value, groups[value], mean, samples[value.name], scope)
+            found = stats[value.name]
+            mean = found.abs_sum / max(found.rows, 1)
+            applied += self._apply(model, value, groups[value], mean, found.sample, scope)
         self.count("groups_scaled", applied)
         return ir.passes.PassResult(model, applied > 0)
 

@@ -26,11 +26,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import io
+from qcompiler.calibration.observers import fold_batches
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes.algorithms._gptq_core import gptq_round
 from qcompiler.passes.lower._blockwise import BlockwiseWeight, codes_on_grid, grid, resolve_block_size
-from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, _transposed_constant, layer_bits, layer_weight
+from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, layer_bits, layer_weight, transposed_constant
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -49,6 +50,20 @@ def output_error_db(weight: np.ndarray, dequantized: np.ndarray, hessian: np.nda
     if signal <= 0:
         return 0.0
     return 10 * math.log10(max(noise, 1e-300) / signal)
+
+
+class _Hessian:
+    """``sum x x^T`` over the rows of every batch of one activation (a ``fold_batches`` folder)."""
+
+    def __init__(self) -> None:
+        self.sum: np.ndarray | None = None
+        self.rows = 0
+
+    def update(self, array: np.ndarray) -> None:
+        x = array.reshape(-1, array.shape[-1]).astype(np.float32)
+        h = (x.T @ x).astype(np.float64)
+        self.sum = h if self.sum is None else self.sum + h
+        self.rows += x.shape[0]
 
 
 class WeightOnlyGPTQPass(QPass):
@@ -104,7 +119,7 @@ class WeightOnlyGPTQPass(QPass):
             weight = layer_weight(model, node, self.exclude_nodes)
             if isinstance(weight, str) or layer_bits(node, self.bits, self.lm_head) is None:
                 continue
-            source = _transposed_constant(node.inputs[1]) or node.inputs[1]
+            source = transposed_constant(node.inputs[1]) or node.inputs[1]
             readers[id(source)] = readers.get(id(source), 0) + 1
             found.append((node, weight[0], source))
         layers = []
@@ -127,19 +142,12 @@ class WeightOnlyGPTQPass(QPass):
         if not layers:
             return ir.passes.PassResult(model, False)
         inputs = list(dict.fromkeys(node.inputs[0] for node, _ in layers))
-        hessians = {v.name: None for v in inputs}
-        rows = dict.fromkeys(hessians, 0)
-        session = io.ort_session(model, extra_outputs=inputs)
-        names = [v.name for v in inputs]
-        for feed in self.calibration_data.iter_batches(self.batch_size, self.max_samples):
-            for name, array in zip(names, session.run(names, feed), strict=True):
-                x = array.reshape(-1, array.shape[-1]).astype(np.float32)
-                h = (x.T @ x).astype(np.float64)
-                hessians[name] = h if hessians[name] is None else hessians[name] + h
-                rows[name] += x.shape[0]
-        del session
+        hessians = {v.name: _Hessian() for v in inputs}
+        fold_batches(io.ort_session(model, extra_outputs=inputs), hessians,
+                     self.calibration_data.iter_batches(self.batch_size, self.max_samples))
         for node, weight in layers:
-            self._choose(node, weight, hessians[node.inputs[0].name], rows[node.inputs[0].name])
+            h = hessians[node.inputs[0].name]
+            self._choose(node, weight, h.sum, h.rows)
         self.count("layers", len(layers))
         return ir.passes.PassResult(model, False)
 

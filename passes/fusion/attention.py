@@ -29,9 +29,10 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qcompiler.pass_manager import QPass
-from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unused_initializers
+from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unused_initializers, scalar_constant
 
 __all__ = ["FuseAttentionPass"]
 
@@ -54,13 +55,6 @@ def _only_use(value: ir.Value, node: ir.Node) -> bool:
 def _perm(node: ir.Node) -> tuple[int, ...]:
     attr = node.attributes.get("perm")
     return tuple(attr.as_ints()) if attr is not None else ()
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    array = const_array(value)
-    if array is None or array.size != 1 or not np.issubdtype(array.dtype, np.floating):
-        return None
-    return float(array.reshape(()))
 
 
 def _target_tail(reshape: ir.Node, count: int) -> list[int] | None:
@@ -150,7 +144,7 @@ def _match(softmax: ir.Node) -> _Attention | str:
         if not _only_use(value, found.nodes[-1] if found.nodes else softmax):
             return "scaled scores have other readers"
         scores = next((v for v in scale_node.inputs if _op(v, "MatMul")), None)
-        factor = _scalar(scale_node.inputs[1] if scale_node.inputs[0] is scores else scale_node.inputs[0])
+        factor = scalar_constant(scale_node.inputs[1] if scale_node.inputs[0] is scores else scale_node.inputs[0])
         if scores is None or factor is None or factor == 0:
             return "attention scale is not a scalar constant"
         if scale_node.op_type == "Div" and scale_node.inputs[1] is scores:
@@ -225,7 +219,7 @@ class FuseAttentionPass(QPass):
             fused += 1
         if fused:
             model.opset_imports.setdefault(_CONTRIB, 1)
-            self._remove_dead(graph)
+            RemoveUnusedNodesPass()(model)  # the shape computations that only fed the removed Reshapes
         self.count("fused", fused)
         return ir.passes.PassResult(model, fused > 0)
 
@@ -262,18 +256,3 @@ class FuseAttentionPass(QPass):
         constants = [v for n in found.nodes for v in n.inputs if v is not None and v.is_initializer()]
         ir.convenience.replace_nodes_and_values(graph, last, found.nodes, [mha], [found.output], mha.outputs)
         drop_unused_initializers(constants)
-
-    @staticmethod
-    def _remove_dead(graph: ir.Graph) -> None:
-        """Remove the shape computations that fed the removed Reshapes (nothing else reads them now)."""
-        changed = True
-        while changed:
-            changed = False
-            for node in reversed(list(graph)):
-                if all(not out.uses() and not out.is_graph_output() for out in node.outputs) and \
-                        node.op_type in ("Shape", "Gather", "Unsqueeze", "Concat", "Constant", "Slice", "Squeeze",
-                                         "Cast") and node.domain in ("", "ai.onnx"):
-                    constants = [v for v in node.inputs if v is not None and v.is_initializer()]
-                    graph.remove(node, safe=True)
-                    drop_unused_initializers(constants)
-                    changed = True

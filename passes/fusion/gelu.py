@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.pass_manager import QPass
-from qcompiler.passes._common import const_array, copy_type, drop_unused_initializers
+from qcompiler.passes._common import copy_type, drop_unused_initializers, other_operand, scalar_constant
 
 __all__ = ["FuseGeluPass"]
 
@@ -36,9 +36,8 @@ _CONTRIB = "com.microsoft"
 
 
 def _scalar(value: ir.Value | None, expected: float) -> bool:
-    array = const_array(value)
-    return array is not None and array.size == 1 and np.issubdtype(array.dtype, np.floating) and \
-        bool(np.isclose(float(array.reshape(())), expected, rtol=1e-5, atol=0.0))
+    found = scalar_constant(value)
+    return found is not None and bool(np.isclose(found, expected, rtol=1e-5, atol=0.0))
 
 
 def _only_reader(value: ir.Value) -> ir.Node | None:
@@ -47,12 +46,6 @@ def _only_reader(value: ir.Value) -> ir.Node | None:
     if len(uses) != 1 or value.is_graph_output():
         return None
     return uses[0][0]
-
-
-def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
-    """The other operand of a binary node that reads ``value``."""
-    a, b = node.inputs[0], node.inputs[1]
-    return b if a is value else a if b is value else None
 
 
 def _is(node: ir.Node | None, op_type: str) -> bool:
@@ -80,27 +73,27 @@ def _match(erf: ir.Node) -> _Match | None:
     if x is None or _only_reader(scaled) is not erf:
         return None
     add = _only_reader(erf.outputs[0])
-    if not _is(add, "Add") or not _scalar(_other(add, erf.outputs[0]), 1.0):
+    if not _is(add, "Add") or not _scalar(other_operand(add, erf.outputs[0]), 1.0):
         return None
     e = add.outputs[0]
     first = _only_reader(e)
     if not _is(first, "Mul"):
         return None
-    partner = _other(first, e)
+    partner = other_operand(first, e)
     head = [div, erf, add]
     if partner is x:  # (x * e) * 0.5
         last = _only_reader(first.outputs[0])
-        if _is(last, "Mul") and _scalar(_other(last, first.outputs[0]), 0.5):
+        if _is(last, "Mul") and _scalar(other_operand(last, first.outputs[0]), 0.5):
             return _Match(x, last.outputs[0], [*head, first, last])
         return None
     if _scalar(partner, 0.5):  # x * (e * 0.5)
         last = _only_reader(first.outputs[0])
-        if _is(last, "Mul") and _other(last, first.outputs[0]) is x:
+        if _is(last, "Mul") and other_operand(last, first.outputs[0]) is x:
             return _Match(x, last.outputs[0], [*head, first, last])
         return None
     half = partner.producer() if partner is not None else None  # (x * 0.5) * e
     if _is(half, "Mul") and _only_reader(partner) is first and x in half.inputs and \
-            _scalar(_other(half, x), 0.5):
+            _scalar(other_operand(half, x), 0.5):
         return _Match(x, first.outputs[0], [*head, half, first])
     return None
 

@@ -26,7 +26,14 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.pass_manager import QPass
-from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unused_initializers
+from qcompiler.passes._common import (
+    NameScope,
+    const_array,
+    copy_type,
+    drop_unused_initializers,
+    other_operand,
+    scalar_constant,
+)
 
 __all__ = ["FuseLayerNormPass"]
 
@@ -65,13 +72,6 @@ def _trailing(axes: tuple[int, ...], rank: int) -> int | None:
     if not normalized or normalized != list(range(rank - len(normalized), rank)):
         return None
     return normalized[0]
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    array = const_array(value)
-    if array is None or array.size != 1 or not np.issubdtype(array.dtype, np.floating):
-        return None
-    return float(array.reshape(()))
 
 
 class FuseLayerNormPass(QPass):
@@ -116,14 +116,14 @@ class FuseLayerNormPass(QPass):
         div = next((n for n in readers if n.op_type == "Div" and n.inputs[0] is d), None)
         if square is None or div is None or len(readers) != 2:
             return "centred value is not read by exactly a square and a division"
-        if square.op_type == "Pow" and _scalar(square.inputs[1]) != 2.0:
+        if square.op_type == "Pow" and scalar_constant(square.inputs[1]) != 2.0:
             return "Pow exponent is not 2"
         var = _single(square.outputs[0], "ReduceMean")
         add_eps = _single(var.outputs[0], "Add") if var is not None else None
         sqrt = _single(add_eps.outputs[0], "Sqrt") if add_eps is not None else None
         if sqrt is None or div.inputs[1] is not sqrt.outputs[0] or _readers(sqrt.outputs[0]) != [div]:
             return "variance path is not ReduceMean -> Add(eps) -> Sqrt -> Div"
-        eps = _scalar(add_eps.inputs[1] if add_eps.inputs[0] is var.outputs[0] else add_eps.inputs[0])
+        eps = scalar_constant(add_eps.inputs[1] if add_eps.inputs[0] is var.outputs[0] else add_eps.inputs[0])
         if eps is None or not eps > 0:
             return "epsilon is not a positive scalar constant"
         if x.shape is None or x.dtype != ir.DataType.FLOAT:
@@ -140,7 +140,7 @@ class FuseLayerNormPass(QPass):
         out, gamma, beta = div.outputs[0], np.ones(dims, np.float32), np.zeros(dims, np.float32)
         scale = _single(out, "Mul")
         if scale is not None:
-            g = const_array(_other(scale, out))
+            g = const_array(other_operand(scale, out))
             if g is not None:
                 fit = self._fit(g, dims)
                 if fit is None:
@@ -149,7 +149,7 @@ class FuseLayerNormPass(QPass):
                 nodes.append(scale)
         shift = _single(out, "Add")
         if shift is not None:
-            b = const_array(_other(shift, out))
+            b = const_array(other_operand(shift, out))
             if b is not None and self._fit(b, dims) is not None:
                 beta, out = self._fit(b, dims), shift.outputs[0]
                 nodes.append(shift)
@@ -180,8 +180,3 @@ class FuseLayerNormPass(QPass):
                          const_value=ir.tensor(array, name=name))
         graph.register_initializer(value)
         return value
-
-
-def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
-    a, b = node.inputs[0], node.inputs[1]
-    return b if a is value else a if b is value else None

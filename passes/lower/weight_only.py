@@ -41,7 +41,7 @@ from qcompiler.runtime import packing
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
 
-__all__ = ["BLOCKWISE_KEY", "LowerWeightOnlyPass", "layer_weight"]
+__all__ = ["BLOCKWISE_KEY", "LowerWeightOnlyPass", "is_lm_head", "layer_bits", "layer_weight", "transposed_constant"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def weight_sqnr_db(weight: np.ndarray, dequantized: np.ndarray) -> float:
     return sqnr_from_energies(float(np.vdot(w, w)), float(np.sum((w - dequantized) ** 2)))
 
 
-def _transposed_constant(value: ir.Value) -> ir.Value | None:
+def transposed_constant(value: ir.Value) -> ir.Value | None:
     """The constant 2-D float32 ``E`` when ``value = Transpose(E, perm=[1, 0])`` (a tied lm_head), else None."""
     node = value.producer()
     if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or not node.inputs:
@@ -80,7 +80,7 @@ def is_lm_head(node: ir.Node) -> bool:
     read by a Gather)."""
     if any(out.is_graph_output() for out in node.outputs):
         return True
-    source = _transposed_constant(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    source = transposed_constant(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
     return source is not None and any(user.op_type == "Gather" for user, _ in source.uses())
 
 
@@ -104,7 +104,7 @@ def layer_weight(model: ir.Model, node: ir.Node,
     if w.is_graph_input():
         return "weight is a graph input (overridable initializer)"
     array = const_array(w)
-    source = _transposed_constant(w)
+    source = transposed_constant(w)
     if array is None and source is not None:  # a tied lm_head: MatMul(x, Transpose(embedding))
         array = const_array(source).T
     if array is None:
@@ -129,6 +129,21 @@ def layer_weight(model: ir.Model, node: ir.Node,
             if b is None or b.shape != (array.shape[1],) or b.dtype != np.float32:
                 return "Gemm bias is not a constant float32 [N]"
     return np.ascontiguousarray(array), bias
+
+
+def register_constants(graph: ir.Graph, names: NameScope, base: str,
+                       arrays: list[tuple[str, np.ndarray | None]]) -> list[ir.Value | None]:
+    """New initializers named ``base_suffix`` (unique) for each array; None stays None (an absent input)."""
+    values: list[ir.Value | None] = []
+    for suffix, array in arrays:
+        if array is None:
+            values.append(None)
+            continue
+        name = names.fresh(f"{base}_{suffix}")
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        graph.register_initializer(value)
+        values.append(value)
+    return values
 
 
 class LowerWeightOnlyPass(QPass):
@@ -186,7 +201,7 @@ class LowerWeightOnlyPass(QPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = NameScope(model)
-        shared: dict[tuple[int, bool], tuple[list[ir.Value | None], BlockwiseWeight]] = {}
+        shared: dict[tuple[int, bool, int], tuple[list[ir.Value | None], BlockwiseWeight]] = {}
         old: list[ir.Value] = []
         lowered = 0
         for node in list(graph):
@@ -201,60 +216,60 @@ class LowerWeightOnlyPass(QPass):
             if bits is None:
                 self.skip(node, "lm_head left in float (lm_head = 'float')")
                 continue
-            source = _transposed_constant(node.inputs[1])
-            transposer = node.inputs[1].producer() if source is not None else None
+            source = transposed_constant(node.inputs[1])
             if self.nf4 and bits == 4:
                 if bias is not None:
                     self.skip(node, "nf4: MatMulBnb4 has no bias input (Gemm with a bias stays float)")
                     continue
                 replacement = self._nf4_node(graph, node, weight, names)
-                old.extend(v for v in node.inputs[1:] if v is not None)
-                ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [node.outputs[0]],
-                                                       replacement.outputs)
-                if transposer is not None and not transposer.outputs[0].uses() and \
-                        not transposer.outputs[0].is_graph_output():
-                    graph.remove(transposer, safe=True)
-                    old.append(source)
-                lowered += 1
-                self.count(f"lowered_{node.op_type}_nf4")
-                continue
-            transposed = source is not None or (node.op_type == "Gemm" and bool(_attr(node, "transB", 0)))
-            key = (id(source if source is not None else node.inputs[1]), transposed, bits)
-            chosen = node.meta.get(BLOCKWISE_KEY)
-            if isinstance(chosen, BlockwiseWeight) and not self._fits(chosen, weight, bits):
-                self.skip(node, "codes chosen for other bits, block size or symmetry: rounded to nearest instead")
-                chosen = None
-            if key not in shared:
-                shared[key] = self._quantize(graph, node, weight, names, chosen, bits)
+                kind = f"{node.op_type}_nf4"
             else:
-                self.count("weights_shared")
-            tensors, blockwise = shared[key]
-            k, n = weight.shape
-            inputs: list[ir.Value | None] = [node.inputs[0], *tensors]
-            if bias is not None:
-                inputs += [None] * (5 - len(inputs)) + [bias]
-            while inputs and inputs[-1] is None:
-                inputs.pop()
-            attributes = {"K": k, "N": n, "bits": blockwise.bits, "block_size": blockwise.block_size,
-                          "accuracy_level": self.accuracy_level}
-            replacement = ir.node("MatMulNBits", inputs, attributes=attributes, domain=_CONTRIB, name=node.name)
-            out = node.outputs[0]
-            copy_type(replacement.outputs[0], out)
+                replacement = self._matmulnbits_node(graph, node, weight, bias, bits, source, shared, names)
+                kind = node.op_type
+            transposer = node.inputs[1].producer() if source is not None else None
             old.extend(v for v in node.inputs[1:] if v is not None)
-            ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [out], replacement.outputs)
+            ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [node.outputs[0]],
+                                                   replacement.outputs)
             if transposer is not None:
                 self.count("tied_weight_transpose_read")
                 if not transposer.outputs[0].uses() and not transposer.outputs[0].is_graph_output():
                     graph.remove(transposer, safe=True)
                     old.append(source)
             lowered += 1
-            self.count(f"lowered_{node.op_type}")
+            self.count(f"lowered_{kind}")
         if self.embedding != "float":
             lowered += self._lower_embeddings(model, names, old)
         if lowered:
             model.opset_imports.setdefault(_CONTRIB, 1)
         self.count("float_weights_removed", drop_unused_initializers(old))
         return ir.passes.PassResult(model, lowered > 0)
+
+    def _matmulnbits_node(self, graph: ir.Graph, node: ir.Node, weight: np.ndarray, bias: ir.Value | None,
+                          bits: int, source: ir.Value | None, shared: dict[tuple[int, bool, int], Any],
+                          names: NameScope) -> ir.Node:
+        """MatMulNBits over ``W[K, N]``, its packed tensors shared by every reader of the same weight."""
+        transposed = source is not None or (node.op_type == "Gemm" and bool(_attr(node, "transB", 0)))
+        key = (id(source if source is not None else node.inputs[1]), transposed, bits)
+        chosen = node.meta.get(BLOCKWISE_KEY)
+        if isinstance(chosen, BlockwiseWeight) and not self._fits(chosen, weight, bits):
+            self.skip(node, "codes chosen for other bits, block size or symmetry: rounded to nearest instead")
+            chosen = None
+        if key not in shared:
+            shared[key] = self._quantize(graph, node, weight, names, chosen, bits)
+        else:
+            self.count("weights_shared")
+        tensors, blockwise = shared[key]
+        k, n = weight.shape
+        inputs: list[ir.Value | None] = [node.inputs[0], *tensors]
+        if bias is not None:
+            inputs += [None] * (5 - len(inputs)) + [bias]
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        attributes = {"K": k, "N": n, "bits": blockwise.bits, "block_size": blockwise.block_size,
+                      "accuracy_level": self.accuracy_level}
+        replacement = ir.node("MatMulNBits", inputs, attributes=attributes, domain=_CONTRIB, name=node.name)
+        copy_type(replacement.outputs[0], node.outputs[0])
+        return replacement
 
     def _fits(self, chosen: BlockwiseWeight, weight: np.ndarray, bits: int) -> bool:
         block = resolve_block_size(self.block_size, weight.shape[0])
@@ -272,16 +287,8 @@ class LowerWeightOnlyPass(QPass):
         else:
             blockwise = quantize_rtn(weight, bits, block, self.symmetric, self.float_zero_point and bits != 8)
         packed, scales, zero_points = blockwise.packed()
-        base = node.inputs[1].name or node.name or "weight"
-        values: list[ir.Value | None] = []
-        for suffix, array in (("packed", packed), ("scales", scales), ("zero_points", zero_points)):
-            if array is None:
-                values.append(None)
-                continue
-            name = names.fresh(f"{base}_{suffix}")
-            value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-            graph.register_initializer(value)
-            values.append(value)
+        values = register_constants(graph, names, node.inputs[1].name or node.name or "weight",
+                                    [("packed", packed), ("scales", scales), ("zero_points", zero_points)])
         self.record_layer(node, weight_sqnr_db=round(weight_sqnr_db(weight, blockwise.dequantize()), 3),
                           scheme=f"int{bits}-weight-only", block_size=block, symmetric=self.symmetric,
                           weight_shape=list(weight.shape))
@@ -307,17 +314,12 @@ class LowerWeightOnlyPass(QPass):
                 continue
             block = resolve_block_size(self.block_size, array.shape[1])
             q = quantize_rtn(np.ascontiguousarray(array.T), bits, block, self.symmetric)  # codes [rows, cols]
-            tensors = [packing.pack_rows(q.codes, bits), q.scales.astype(np.float32)]
-            if q.zero_points is not None:
-                tensors.append(packing.pack_zero_points(q.zero_points, bits).reshape(array.shape[0], -1))
-            base = table.name or node.name or "embedding"
-            values = []
-            for suffix, tensor in zip(("quantized", "scales", "zero_points"), tensors, strict=False):
-                name = names.fresh(f"{base}_{suffix}")
-                value = ir.Value(name=name, const_value=ir.tensor(tensor, name=name))
-                graph.register_initializer(value)
-                values.append(value)
-            inputs = [values[0], ids, *values[1:]]
+            zero_points = None if q.zero_points is None else \
+                packing.pack_zero_points(q.zero_points, bits).reshape(array.shape[0], -1)
+            values = register_constants(graph, names, table.name or node.name or "embedding",
+                                        [("quantized", packing.pack_rows(q.codes, bits)),
+                                         ("scales", q.scales.astype(np.float32)), ("zero_points", zero_points)])
+            inputs = [values[0], ids, *(v for v in values[1:] if v is not None)]
             replacement = ir.node("GatherBlockQuantized", inputs, domain=_CONTRIB, name=node.name,
                                   attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block,
                                               "bits": bits})
@@ -336,13 +338,8 @@ class LowerWeightOnlyPass(QPass):
         k, n = weight.shape
         block = resolve_block_size(self.block_size, k)
         codes, absmax = quantize_nf4(weight, block)
-        base = node.inputs[1].name or node.name or "weight"
-        values = []
-        for suffix, array in (("nf4", packing.pack_bnb4(codes)), ("absmax", absmax)):
-            name = names.fresh(f"{base}_{suffix}")
-            value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-            graph.register_initializer(value)
-            values.append(value)
+        values = register_constants(graph, names, node.inputs[1].name or node.name or "weight",
+                                    [("nf4", packing.pack_bnb4(codes)), ("absmax", absmax)])
         replacement = ir.node("MatMulBnb4", [node.inputs[0], *values], domain=_CONTRIB, name=node.name,
                               attributes={"K": k, "N": n, "block_size": block, "quant_type": 1})
         copy_type(replacement.outputs[0], node.outputs[0])
