@@ -123,7 +123,7 @@ def compile_model(
         model.metadata_props["qcompiler.weight_only"] = json.dumps(
             {"format": w.format, "algorithm": w.algorithm, "block_size": w.block_size, "symmetric": w.symmetric,
              "zero_point": w.zero_point, "accuracy_level": w.accuracy_level, "lm_head": w.lm_head,
-             "embedding": w.embedding}, sort_keys=True)
+             "embedding": w.embedding, "target_bits": w.target_bits}, sort_keys=True)
     if calibration_data is not None:
         from qcompiler.calibration.cache import data_digest
 

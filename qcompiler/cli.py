@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. 0.01); the most sensitive layers stay float until it holds")
     p.add_argument("--min-sqnr", type=float, metavar="DB",
                    help="accuracy budget: the model outputs' SQNR vs fp32 must reach DB decibels")
-    p.add_argument("--algorithm", choices=("rtn", "gptq", "awq"),
-                   help="weight-only recipes: how codes are chosen (rtn; gptq and awq need --calib)")
+    p.add_argument("--algorithm", choices=("rtn", "gptq", "awq", "hqq"),
+                   help="weight-only recipes: how codes are chosen (rtn, hqq: data-free; gptq and awq need --calib)")
     p.add_argument("--block-size", type=int, metavar="N",
                    help="weight-only recipes: values per scale along K (16-256, a power of two; 0: per channel)")
     sym = p.add_mutually_exclusive_group()
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-only recipes: the token embedding's format (GatherBlockQuantized)")
     p.add_argument("--accuracy-level", type=int, choices=range(5), metavar="{0-4}",
                    help="weight-only recipes: MatMulNBits accuracy_level (4: int8 activations on CPU)")
+    p.add_argument("--target-bits", type=float, metavar="BITS",
+                   help="weight-only recipes: mixed precision, bits per layer (2/4/8) chosen by measured sensitivity "
+                        "so the average code bits per weight is at most BITS (e.g. 3.5; needs --calib)")
     p.add_argument("--plugin", action="append", default=[], metavar="NAME", help="load an installed plugin pass")
     p.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="drop a pass from the pipeline")
     p.add_argument("--dump-after", action="append", default=[], metavar="PASS",
@@ -189,7 +192,8 @@ def _compile(args: argparse.Namespace) -> int:
     if args.percentile is not None:
         calibration["percentile"] = args.percentile
     weight_only: dict[str, object] = {}
-    for key in ("algorithm", "block_size", "symmetric", "zero_point", "accuracy_level", "lm_head", "embedding"):
+    for key in ("algorithm", "block_size", "symmetric", "zero_point", "accuracy_level", "lm_head", "embedding",
+                "target_bits"):
         if getattr(args, key) is not None:
             weight_only[key] = getattr(args, key)
     recipe = args.recipe or DEFAULT_RECIPE

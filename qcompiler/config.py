@@ -25,6 +25,7 @@ An unknown key anywhere is a :class:`~qcompiler.errors.ConfigError` naming it. B
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -119,8 +120,8 @@ class QuantizationOptions:
 
 
 #: weight-only formats and their bits (MatMulNBits codes)
-WEIGHT_ONLY_FORMATS = {"int8": 8, "int4": 4, "int2": 2, "nf4": 4}
-WEIGHT_ONLY_ALGORITHMS = ("rtn", "gptq", "awq")
+WEIGHT_ONLY_FORMATS = {"int8": 8, "int4": 4, "int2": 2, "nf4": 4, "ternary": 2}
+WEIGHT_ONLY_ALGORITHMS = ("rtn", "gptq", "awq", "hqq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,11 +129,13 @@ class WeightOnlyOptions:
     """Weight-only quantization of MatMul/Gemm weights (activations stay float): read by ``lower-weight-only``.
 
     Attributes:
-        format: "int8", "int4" or "int2" (codes of that many bits, lowered to ``com.microsoft.MatMulNBits``), or
-            "nf4" (4-bit NormalFloat with one absmax per block, lowered to ``com.microsoft.MatMulBnb4``).
+        format: "int8", "int4" or "int2" (codes of that many bits, lowered to ``com.microsoft.MatMulNBits``),
+            "ternary" (1.58-bit: ``{-1, 0, +1}`` times an absmean scale per block, stored as 2-bit MatMulNBits
+            codes), or "nf4" (4-bit NormalFloat with one absmax per block, lowered to ``com.microsoft.MatMulBnb4``).
         algorithm: how the codes are chosen: "rtn" (round to nearest on the block's grid) or "gptq" (the same grid,
             codes that minimise each layer's output error on the calibration data; needs ``--calib``) or "awq"
-            (activation-aware per-channel scales searched on the calibration data, then round to nearest).
+            (activation-aware per-channel scales searched on the calibration data, then round to nearest) or "hqq"
+            (data-free half-quadratic optimisation of each block's zero point, or of its scale when symmetric).
         block_size: values per scale along the reduction axis K: a power of two from 16 to 256 (a K that is not
             a multiple is padded), or 0 for one block over the whole of K (per channel).
         symmetric: zero point fixed at the middle code (no zero-point tensor), else a zero point per block.
@@ -145,6 +148,10 @@ class WeightOnlyOptions:
             is an embedding that a Gather reads: a tied lm_head): "same" as the other layers, "int8", or "float".
         embedding: the token embedding tables (a Gather over axis 0 of a constant float32 ``[rows, cols]``):
             "float", or "int8"/"int4" blockwise along ``cols`` (``com.microsoft.GatherBlockQuantized``).
+        target_bits: mixed precision (``select-weight-bits``): the average code bits per weight; each layer gets
+            one of ``candidate_bits`` by measured sensitivity (None: every layer gets the format's bits).
+        candidate_bits: the bit widths mixed precision chooses from (2 is ternary with the ternary format).
+        sensitivity_samples: calibration samples the sensitivities are measured on.
     """
 
     format: str = "int4"
@@ -156,6 +163,9 @@ class WeightOnlyOptions:
     exclude_nodes: tuple[str, ...] = ()
     lm_head: str = "same"
     embedding: str = "float"
+    target_bits: float | None = None
+    candidate_bits: tuple[int, ...] = (2, 4, 8)
+    sensitivity_samples: int = 1
 
     def __post_init__(self) -> None:
         if self.embedding not in ("float", "int8", "int4"):
@@ -183,11 +193,14 @@ class WeightOnlyOptions:
             raise ConfigError("weight-only.zero_point = 'float' with int8: ONNX Runtime's CPU MatMulNBits has no "
                               "8-bit kernel with float zero points")
         if self.format == "nf4":
-            if self.algorithm == "gptq":
-                raise ConfigError("weight-only.format 'nf4' is a fixed codebook with absmax scales: algorithm must "
-                                  "be 'rtn' or 'awq' (GPTQ here chooses codes on integer grids)")
+            if self.algorithm in ("gptq", "hqq"):
+                raise ConfigError(f"weight-only.format 'nf4' is a fixed codebook with absmax scales: algorithm must "
+                                  f"be 'rtn' or 'awq' ({self.algorithm} here works on integer grids)")
             if not self.symmetric:
                 raise ConfigError("weight-only.format 'nf4' is symmetric (absmax scales): no --asymmetric")
+        if self.format == "ternary" and not self.symmetric:
+            raise ConfigError("weight-only.format 'ternary' is symmetric ({-1, 0, +1} times a scale): no --asymmetric")
+        self._check_mixed_precision()
         level = self.accuracy_level
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 4:
             raise ConfigError(f"weight-only.accuracy_level must be an integer from 0 to 4, got {level!r}")
@@ -195,6 +208,35 @@ class WeightOnlyOptions:
     @property
     def bits(self) -> int:
         return WEIGHT_ONLY_FORMATS[self.format]
+
+    def _check_mixed_precision(self) -> None:
+        candidates = self.candidate_bits
+        if not isinstance(candidates, (tuple, list)) or not candidates or \
+                any(isinstance(b, bool) or b not in (2, 4, 8) for b in candidates):
+            raise ConfigError(f"weight-only.candidate_bits must be a list of 2, 4 and/or 8, got {candidates!r}")
+        object.__setattr__(self, "candidate_bits", tuple(sorted(set(candidates))))
+        samples = self.sensitivity_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ConfigError(f"weight-only.sensitivity_samples must be a positive integer, got {samples!r}")
+        target = self.target_bits
+        if target is None:
+            return
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+            raise ConfigError(f"weight-only.target_bits must be a number, got {target!r}")
+        low, high = self.candidate_bits[0], self.candidate_bits[-1]
+        if not low <= target <= high:
+            raise ConfigError(f"weight-only.target_bits must lie between the candidate bits {low} and {high}, "
+                              f"got {target}")
+        if self.format == "nf4":
+            raise ConfigError("weight-only.target_bits: mixed precision needs an integer format (int2/int4/int8/"
+                              "ternary), not nf4")
+        if self.zero_point == "float" and 8 in self.candidate_bits:
+            raise ConfigError("weight-only.target_bits with zero_point = 'float': 8-bit layers have no float "
+                              "zero-point kernel; set candidate_bits = [2, 4]")
+
+    @property
+    def ternary(self) -> bool:
+        return self.format == "ternary"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -183,7 +183,7 @@ def test_cli_int4_writes_matmulnbits_and_provenance(tmp_path, capsys):
     assert json.loads(meta["qcompiler.weight_only"]) == {"format": "int4", "algorithm": "rtn", "block_size": 64,
                                                           "symmetric": False, "zero_point": "int",
                                                           "accuracy_level": 4, "lm_head": "int8",
-                                                          "embedding": "int8"}
+                                                          "embedding": "int8", "target_bits": None}
     code = main([str(src), "-o", str(tmp_path / "bad.onnx"), "--recipe", "int4", "--block-size", "48", "-q"])
     assert code == 2 and "block_size" in capsys.readouterr().err and not (tmp_path / "bad.onnx").exists()
 

@@ -75,13 +75,13 @@ class WeightOnlyAWQPass(QPass):
 
     def __init__(self, *, calibration_data: Any = None, enabled: bool = True, bits: int = 4, block_size: int = 32,
                  symmetric: bool = True, float_zero_point: bool = False, exclude_nodes: tuple[str, ...] = (),
-                 lm_head: str = "same", max_samples: int | None = None, batch_size: int = 4,
-                 sample_rows: int = 512, seed: int = 0) -> None:
+                 lm_head: str = "same", ternary: bool = False, max_samples: int | None = None,
+                 batch_size: int = 4, sample_rows: int = 512, seed: int = 0) -> None:
         super().__init__()
         self.calibration_data, self.enabled = calibration_data, bool(enabled)
         self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
         self.float_zero_point = bool(float_zero_point) and not self.symmetric
-        self.exclude_nodes, self.lm_head = frozenset(exclude_nodes), lm_head
+        self.exclude_nodes, self.lm_head, self.ternary = frozenset(exclude_nodes), lm_head, bool(ternary)
         self.max_samples, self.batch_size, self.sample_rows, self.seed = max_samples, batch_size, sample_rows, seed
 
     @classmethod
@@ -92,19 +92,21 @@ class WeightOnlyAWQPass(QPass):
             "calibration_data": getattr(context, "calibration_data", None), "enabled": w.algorithm == "awq",
             "bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric,
             "float_zero_point": w.zero_point == "float", "exclude_nodes": w.exclude_nodes, "lm_head": w.lm_head,
-            "max_samples": recipe.calibration.max_samples, "batch_size": recipe.calibration.batch_size,
+            "ternary": w.ternary, "max_samples": recipe.calibration.max_samples, "batch_size": recipe.calibration.batch_size,
         }
         kwargs.update(options)
         return cls(**kwargs)
 
-    def _groups(self, model: ir.Model) -> dict[ir.Value, list[tuple[ir.Node, np.ndarray]]]:
-        """Candidate layers by the activation they read (only plain constant weights read by one node)."""
-        groups: dict[ir.Value, list[tuple[ir.Node, np.ndarray]]] = {}
+    def _groups(self, model: ir.Model) -> dict[ir.Value, list[tuple[ir.Node, np.ndarray, int]]]:
+        """Candidate layers (node, ``W``, bits) by the activation they read (plain constant weights read by one
+        node, lowered below 8 bits)."""
+        groups: dict[ir.Value, list[tuple[ir.Node, np.ndarray, int]]] = {}
         for node in model.graph:
             if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
                 continue
             found = layer_weight(model, node, self.exclude_nodes)
-            if isinstance(found, str) or layer_bits(node, self.bits, self.lm_head) != self.bits or self.bits == 8:
+            bits = layer_bits(node, self.bits, self.lm_head)
+            if isinstance(found, str) or bits is None or bits == 8:
                 continue
             if transposed_constant(node.inputs[1]) is not None or node.op_type == "Gemm":
                 self.skip(node, "AWQ scales plain MatMul weights only (not a tied or transposed one)")
@@ -112,7 +114,7 @@ class WeightOnlyAWQPass(QPass):
             if len(node.inputs[1].uses()) != 1:
                 self.skip(node, "weight read by several nodes")
                 continue
-            groups.setdefault(node.inputs[0], []).append((node, found[0]))
+            groups.setdefault(node.inputs[0], []).append((node, found[0], bits))
         return groups
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -138,20 +140,21 @@ class WeightOnlyAWQPass(QPass):
         self.count("groups_scaled", applied)
         return ir.passes.PassResult(model, applied > 0)
 
-    def _error(self, x: np.ndarray, layers: list[tuple[ir.Node, np.ndarray]], scale: np.ndarray) -> float:
+    def _error(self, x: np.ndarray, layers: list[tuple[ir.Node, np.ndarray, int]], scale: np.ndarray) -> float:
         total = 0.0
-        for _, weight in layers:
+        for _, weight, bits in layers:
             block = resolve_block_size(self.block_size, weight.shape[0])
             scaled = (weight * scale[:, None]).astype(np.float32)
-            deq = quantize_rtn(scaled, self.bits, block, self.symmetric, self.float_zero_point).dequantize()
+            deq = quantize_rtn(scaled, bits, block, self.symmetric, self.float_zero_point,
+                               ternary=self.ternary and bits == 2).dequantize()
             diff = x @ (weight - deq / scale[:, None])
             total += float(np.vdot(diff, diff))
         return total
 
-    def _apply(self, model: ir.Model, value: ir.Value, layers: list[tuple[ir.Node, np.ndarray]], mean: np.ndarray,
+    def _apply(self, model: ir.Model, value: ir.Value, layers: list[tuple[ir.Node, np.ndarray, int]], mean: np.ndarray,
                x: np.ndarray, scope: NameScope) -> int:
         mean = np.maximum(mean, 1e-8)
-        signal = sum(float(np.vdot(x @ w, x @ w)) for _, w in layers)
+        signal = sum(float(np.vdot(x @ w, x @ w)) for _, w, _ in layers)
         best_alpha, best_error, base_error = 0.0, math.inf, math.inf
         for alpha in ALPHAS:
             s = mean ** alpha
@@ -161,7 +164,7 @@ class WeightOnlyAWQPass(QPass):
                 base_error = error
             if error < best_error:
                 best_alpha, best_error = alpha, error
-        for node, _ in layers:
+        for node, _, _ in layers:
             self.record_layer(node, awq_alpha=best_alpha,
                               rtn_output_error_db=round(10 * math.log10(max(base_error, 1e-300) / signal), 3),
                               awq_output_error_db=round(10 * math.log10(max(best_error, 1e-300) / signal), 3))
@@ -178,7 +181,7 @@ class WeightOnlyAWQPass(QPass):
         copy_type(mul.outputs[0], value)
         first = layers[0][0]
         graph.insert_before(first, [mul])
-        for node, weight in layers:
+        for node, weight, _ in layers:
             node.replace_input_with(0, mul.outputs[0])
             w = node.inputs[1]
             w.const_value = ir.tensor((weight * s[:, None]).astype(np.float32), name=w.name)

@@ -30,7 +30,7 @@ from qcompiler.calibration.observers import fold_batches
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes.algorithms._gptq_core import gptq_round
-from qcompiler.passes.lower._blockwise import BlockwiseWeight, codes_on_grid, grid, resolve_block_size
+from qcompiler.passes.lower._blockwise import BlockwiseWeight, code_limits, codes_on_grid, grid, resolve_block_size
 from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, layer_bits, layer_weight, transposed_constant
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class WeightOnlyGPTQPass(QPass):
 
     def __init__(self, *, calibration_data: Any = None, enabled: bool = True, bits: int = 4, block_size: int = 32,
                  symmetric: bool = True, exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False,
-                 lm_head: str = "same", damp: float = 0.01,
+                 lm_head: str = "same", ternary: bool = False, damp: float = 0.01,
                  act_order: bool = True, max_samples: int | None = None, batch_size: int = 4) -> None:
         super().__init__()
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0.0 < damp < 1.0:
@@ -93,7 +93,7 @@ class WeightOnlyGPTQPass(QPass):
         self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
         self.exclude_nodes = frozenset(exclude_nodes)
         self.float_zero_point = bool(float_zero_point) and not self.symmetric
-        self.lm_head = lm_head
+        self.lm_head, self.ternary = lm_head, bool(ternary)
         self.damp, self.act_order = float(damp), bool(act_order)
         self.max_samples, self.batch_size = max_samples, batch_size
 
@@ -104,7 +104,7 @@ class WeightOnlyGPTQPass(QPass):
         kwargs: dict[str, Any] = {
             "calibration_data": getattr(context, "calibration_data", None), "enabled": w.algorithm == "gptq",
             "bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric, "exclude_nodes": w.exclude_nodes,
-            "float_zero_point": w.zero_point == "float", "lm_head": w.lm_head,
+            "float_zero_point": w.zero_point == "float", "lm_head": w.lm_head, "ternary": w.ternary,
             "max_samples": recipe.calibration.max_samples, "batch_size": recipe.calibration.batch_size,
         }
         kwargs.update(options)
@@ -155,14 +155,15 @@ class WeightOnlyGPTQPass(QPass):
         block = resolve_block_size(self.block_size, weight.shape[0])
         bits = layer_bits(node, self.bits, self.lm_head)
         float_zero = self.float_zero_point and bits != 8
-        scale, zero = grid(weight, bits, block, self.symmetric, float_zero)
+        ternary = self.ternary and bits == 2
+        scale, zero = grid(weight, bits, block, self.symmetric, float_zero, ternary)
         k = weight.shape[0]
         per_column_scale = np.repeat(scale, block, axis=1)[:, :k]  # [N, K]: each column's block grid
         per_column_zero = np.repeat(zero, block, axis=1)[:, :k].astype(np.float64)
-        q = gptq_round(weight.T, hessian, per_column_scale, 0, (1 << bits) - 1, per_column_zero,
+        q = gptq_round(weight.T, hessian, per_column_scale, *code_limits(bits, ternary), per_column_zero,
                        damp=self.damp, act_order=self.act_order)
         chosen = BlockwiseWeight(q.astype(np.uint8), scale, None if self.symmetric else zero, bits, block)
-        rtn = BlockwiseWeight(codes_on_grid(weight, scale, zero, bits, block), scale,
+        rtn = BlockwiseWeight(codes_on_grid(weight, scale, zero, bits, block, ternary), scale,
                               None if self.symmetric else zero, bits, block)
         node.meta[BLOCKWISE_KEY] = chosen
         self.record_layer(node, gptq_output_error_db=round(output_error_db(weight, chosen.dequantize(), hessian), 3),

@@ -10,7 +10,9 @@ block and output column (the layout is :mod:`qcompiler.runtime.packing`'s). Grid
 - asymmetric, uint8 zero point: the range ``[min(w, 0), max(w, 0)]`` on ``2^b - 1`` steps, ``z = round(-min / s)``
   (a code, so the grid must contain 0 and is shifted by at most ``s / 2``);
 - asymmetric, float zero point (``float_zero_point``): the block's own range ``[min w, max w]``, ``z = -min / s``:
-  the grid is exactly ``min + s * q``, so weights that came from such a grid (a GGUF Q4_1 file) come back exactly.
+  the grid is exactly ``min + s * q``, so weights that came from such a grid (a GGUF Q4_1 file) come back exactly;
+- ternary (1.58-bit, BitNet b1.58's absmean): 2-bit codes restricted to ``{1, 2, 3}`` around ``z = 2``, i.e. the
+  values ``{-s, 0, +s}``, with ``s = mean |w|`` over the block; a value rounds to ``+-s`` once ``|w| > s / 2``.
 
 Values in the padding of the last block (K not a multiple of the block size) take no part in the ranges. A block
 whose values are all equal gets ``s = |w| / (2^b - 1)`` (or 1 for zeros), so it is exact. Algorithms other than round-to-nearest
@@ -25,7 +27,8 @@ import numpy as np
 
 from qcompiler.runtime import packing
 
-__all__ = ["BlockwiseWeight", "quantize_nf4", "quantize_rtn", "resolve_block_size"]
+__all__ = ["BlockwiseWeight", "code_limits", "codes_on_grid", "grid", "quantize_nf4", "quantize_rtn",
+           "resolve_block_size"]
 
 
 def resolve_block_size(block_size: int, k: int) -> int:
@@ -86,11 +89,26 @@ def _blocks(weight: np.ndarray, block_size: int, fill: float = 0.0) -> np.ndarra
     return padded.reshape(n, blocks, block_size)
 
 
+def code_limits(bits: int, ternary: bool = False) -> tuple[int, int]:
+    """The smallest and largest code: ``[0, 2^b - 1]``, or ``[1, 3]`` for ternary (2-bit storage)."""
+    return (1, 3) if ternary else (0, (1 << bits) - 1)
+
+
+def _check_ternary(bits: int, symmetric: bool, float_zero_point: bool) -> None:
+    if bits != 2 or not symmetric or float_zero_point:
+        raise ValueError("ternary blocks are 2-bit and symmetric (one absmean scale per block, no zero point)")
+
+
 def grid(weight: np.ndarray, bits: int, block_size: int, symmetric: bool,
-         float_zero_point: bool = False) -> tuple[np.ndarray, np.ndarray]:
+         float_zero_point: bool = False, ternary: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Scales ``[N, n_blocks]`` (float32) and zero points ``[N, n_blocks]`` (uint8 codes, or float32)."""
     blocks = _blocks(weight, block_size, np.nan)
     top = (1 << bits) - 1
+    if ternary:
+        _check_ternary(bits, symmetric, float_zero_point)
+        scale = np.nanmean(np.abs(blocks), axis=2)
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        return scale, np.full(scale.shape, 2, np.uint8)
     if symmetric:
         middle = 1 << (bits - 1)
         scale = np.nanmax(np.abs(blocks), axis=2) / (middle - 0.5)
@@ -108,20 +126,21 @@ def grid(weight: np.ndarray, bits: int, block_size: int, symmetric: bool,
     return scale.astype(np.float32), np.clip(np.rint(exact), 0, top).astype(np.uint8)
 
 
-def codes_on_grid(weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, block_size: int) -> np.ndarray:
-    """Round-to-nearest codes ``[N, K]`` of ``W[K, N]`` on the given grids."""
+def codes_on_grid(weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, block_size: int,
+                  ternary: bool = False) -> np.ndarray:
+    """Round-to-nearest codes ``[N, K]`` of ``W[K, N]`` on the given grids (clipped to :func:`code_limits`)."""
     k = weight.shape[0]
     blocks = _blocks(weight, block_size)
     q = np.rint(blocks / scale[..., None].astype(np.float64) + zero[..., None].astype(np.float64))
-    q = np.clip(q, 0, (1 << bits) - 1).astype(np.uint8)
+    q = np.clip(q, *code_limits(bits, ternary)).astype(np.uint8)
     return q.reshape(q.shape[0], -1)[:, :k]
 
 
 def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, symmetric: bool,
-                 float_zero_point: bool = False) -> BlockwiseWeight:
+                 float_zero_point: bool = False, ternary: bool = False) -> BlockwiseWeight:
     """Round every value of ``W[K, N]`` to the nearest code of its block's grid."""
-    scale, zero = grid(weight, bits, block_size, symmetric, float_zero_point)
-    codes = codes_on_grid(weight, scale, zero, bits, block_size)
+    scale, zero = grid(weight, bits, block_size, symmetric, float_zero_point, ternary)
+    codes = codes_on_grid(weight, scale, zero, bits, block_size, ternary)
     return BlockwiseWeight(codes, scale, None if symmetric else zero, bits, block_size)
 
 

@@ -41,13 +41,16 @@ from qcompiler.runtime import packing
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
 
-__all__ = ["BLOCKWISE_KEY", "LowerWeightOnlyPass", "is_lm_head", "layer_bits", "layer_weight", "transposed_constant"]
+__all__ = ["BLOCKWISE_KEY", "WEIGHT_BITS_KEY", "LowerWeightOnlyPass", "is_lm_head", "layer_bits", "layer_weight",
+           "transposed_constant"]
 
 logger = logging.getLogger(__name__)
 
 _CONTRIB = "com.microsoft"
 #: node metadata key: a :class:`BlockwiseWeight` chosen by an algorithm pass (GPTQ...) for this node's weight
 BLOCKWISE_KEY = "qcompiler.blockwise_weight"
+#: node metadata key: the bits mixed precision (``select-weight-bits``) chose for this node's weight
+WEIGHT_BITS_KEY = "qcompiler.weight_bits"
 _BITS = (2, 4, 8)
 
 
@@ -85,10 +88,12 @@ def is_lm_head(node: ir.Node) -> bool:
 
 
 def layer_bits(node: ir.Node, bits: int, lm_head: str) -> int | None:
-    """The bits this node's weight gets (None: it stays float) under the ``lm_head`` choice."""
-    if lm_head == "same" or not is_lm_head(node):
-        return bits
-    return 8 if lm_head == "int8" else None
+    """The bits this node's weight gets (None: it stays float): the ``lm_head`` choice for the output projection,
+    else the bits mixed precision chose for it, else ``bits``."""
+    if lm_head != "same" and is_lm_head(node):
+        return 8 if lm_head == "int8" else None
+    chosen = node.meta.get(WEIGHT_BITS_KEY)
+    return bits if chosen is None else int(chosen)
 
 
 def layer_weight(model: ir.Model, node: ir.Node,
@@ -156,6 +161,7 @@ class LowerWeightOnlyPass(QPass):
         float_zero_point: asymmetric zero points as float32 (the exact block range) instead of uint8 codes.
         accuracy_level: MatMulNBits' ``accuracy_level`` attribute (0-4).
         exclude_nodes: node names to leave in float.
+        ternary: 2-bit layers get the ternary grid (codes 1..3: ``{-s, 0, +s}``, ``s`` the block's mean ``|w|``).
     """
 
     name = "lower-weight-only"
@@ -164,7 +170,7 @@ class LowerWeightOnlyPass(QPass):
 
     def __init__(self, *, bits: int = 4, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 0,
                  exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False, lm_head: str = "same",
-                 embedding: str = "float", nf4: bool = False) -> None:
+                 embedding: str = "float", nf4: bool = False, ternary: bool = False) -> None:
         super().__init__()
         if bits not in _BITS:
             raise ConfigError(f"{self.name}: bits must be one of {_BITS}, got {bits!r}")
@@ -185,6 +191,9 @@ class LowerWeightOnlyPass(QPass):
             raise ConfigError(f"{self.name}: nf4 needs bits=4 and symmetric (absmax) blocks")
         if self.float_zero_point and bits == 8:
             raise ConfigError(f"{self.name}: float zero points with 8 bits have no ONNX Runtime CPU kernel")
+        self.ternary = bool(ternary)
+        if self.ternary and (bits != 2 or not self.symmetric):
+            raise ConfigError(f"{self.name}: ternary needs bits=2 and symmetric blocks")
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> LowerWeightOnlyPass:
@@ -193,7 +202,8 @@ class LowerWeightOnlyPass(QPass):
         kwargs: dict[str, Any] = {"bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric,
                                   "accuracy_level": w.accuracy_level, "exclude_nodes": w.exclude_nodes,
                                   "float_zero_point": w.zero_point == "float", "lm_head": w.lm_head,
-                                  "embedding": w.embedding, "nf4": w.format == "nf4"}
+                                  "embedding": w.embedding, "nf4": w.format == "nf4",
+                                  "ternary": w.ternary}
         kwargs.update(options)
         return cls(**kwargs)
 
@@ -285,12 +295,14 @@ class LowerWeightOnlyPass(QPass):
             blockwise = chosen
             self.count("codes_chosen_by_algorithm")
         else:
-            blockwise = quantize_rtn(weight, bits, block, self.symmetric, self.float_zero_point and bits != 8)
+            blockwise = quantize_rtn(weight, bits, block, self.symmetric, self.float_zero_point and bits != 8,
+                                     ternary=self.ternary and bits == 2)
         packed, scales, zero_points = blockwise.packed()
         values = register_constants(graph, names, node.inputs[1].name or node.name or "weight",
                                     [("packed", packed), ("scales", scales), ("zero_points", zero_points)])
         self.record_layer(node, weight_sqnr_db=round(weight_sqnr_db(weight, blockwise.dequantize()), 3),
-                          scheme=f"int{bits}-weight-only", block_size=block, symmetric=self.symmetric,
+                          scheme="ternary-weight-only" if self.ternary and bits == 2 else f"int{bits}-weight-only",
+                          block_size=block, symmetric=self.symmetric,
                           weight_shape=list(weight.shape))
         return values, blockwise
 

@@ -1,0 +1,272 @@
+"""Mixed-precision weight-only quantization: bits per layer chosen by measured sensitivity under an average budget.
+
+With ``[weight-only] target_bits = T`` (``--target-bits 3.5``) every MatMul/Gemm that ``lower-weight-only`` will
+lower (the lm_head too unless ``lm_head`` fixes its format) gets one of ``candidate_bits`` (default 2, 4, 8; with
+the ternary format 2 means ternary) so that the weight-count-weighted average of the code bits is at most ``T``
+and the predicted damage to the model's output is smallest.
+
+Sensitivity, measured on the first ``samples`` calibration samples:
+
+1. in context, once per layer: the relative noise energy of the model's first output (the logits of an LLM),
+   ``||y - y_L||^2 / ||y||^2``, when only layer ``L`` is rounded to the *lowest* candidate (round to nearest on the
+   lowering's grid) and every other weight is float. One ONNX Runtime session serves every measurement: the
+   candidate weights are turned into graph inputs of a clone, so each measurement is one forward run with one
+   weight swapped, not a new session;
+2. for the other candidates the in-context noise is scaled by the layer's own output error
+   ``||X (W - Q_b(W))||^2`` (``X``: the layer's input on the same samples) relative to the lowest candidate's; a
+   first-order model that is good where the noise is small, which is where the higher candidates live.
+
+Allocation: minimise the sum of the layers' predicted noise (noise powers add, to first order) under the bit
+budget by Lagrangian relaxation (each layer picks ``argmin_b noise(L, b) + lambda * size(L) * b``, ``lambda``
+bisected to the smallest value that fits), then spend what is left of the budget on the upgrades with the best
+noise reduction per bit. The chosen bits go into each node's metadata (``WEIGHT_BITS_KEY``, read by
+:func:`~qcompiler.passes.lower.weight_only.layer_bits`, so GPTQ/AWQ/HQQ and the lowering follow them) and into the
+output model's ``metadata_props["qcompiler.weight_bits"]`` (JSON: target, achieved average, bits per node).
+
+Cost: one reference run plus one forward run per layer (SmolLM2-135M, 211 layers, one window of 256 tokens: about
+a minute on two cores). Not done: measuring every candidate in context, or interactions between layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler import io
+from qcompiler.errors import CalibrationError, ConfigError
+from qcompiler.pass_manager import QPass
+from qcompiler.passes._common import NameScope, drop_unused_initializers
+from qcompiler.passes.lower._blockwise import quantize_rtn, resolve_block_size
+from qcompiler.passes.lower.weight_only import (
+    WEIGHT_BITS_KEY,
+    is_lm_head,
+    layer_bits,
+    layer_weight,
+    transposed_constant,
+)
+from qcompiler.progress import track
+
+if TYPE_CHECKING:
+    from qcompiler.config import Recipe
+
+__all__ = ["SelectWeightBitsPass", "allocate_bits"]
+
+logger = logging.getLogger(__name__)
+
+METADATA_KEY = "qcompiler.weight_bits"
+
+
+def allocate_bits(noise: list[dict[int, float]], sizes: list[int], target: float) -> list[int]:
+    """Bits per layer minimising ``sum noise[i][bits_i]`` under ``sum sizes[i] bits_i <= target sum sizes``.
+
+    Lagrangian relaxation (bisection on the price of a bit) and then greedy upgrades with the budget left."""
+    candidates = sorted(noise[0])
+    budget = target * sum(sizes)
+    scale = max((max(n.values()) for n in noise), default=1.0) or 1.0
+
+    def pick(price: float) -> list[int]:
+        return [min(candidates, key=lambda b, n=n, s=s: (n[b] / scale + price * s * b, b))
+                for n, s in zip(noise, sizes, strict=True)]
+
+    def used(choice: list[int]) -> float:
+        return float(sum(s * b for s, b in zip(sizes, choice, strict=True)))
+
+    low, high = 0.0, 1.0
+    while used(pick(high)) > budget and high < 1e30:
+        high *= 4.0
+    for _ in range(100):
+        middle = (low + high) / 2
+        if used(pick(middle)) <= budget:
+            high = middle
+        else:
+            low = middle
+    choice = pick(high)
+    while True:  # spend what is left: the best noise reduction per extra bit that still fits
+        left = budget - used(choice)
+        best, best_gain = None, 0.0
+        for i, (n, s) in enumerate(zip(noise, sizes, strict=True)):
+            for b in candidates:
+                extra = s * (b - choice[i])
+                if b > choice[i] and extra <= left + 1e-9:
+                    gain = (n[choice[i]] - n[b]) / extra
+                    if gain > best_gain:
+                        best, best_gain = (i, b), gain
+        if best is None:
+            return choice
+        choice[best[0]] = best[1]
+
+
+@dataclasses.dataclass
+class _Layer:
+    """One weight and the MatMul/Gemm nodes that read it."""
+
+    nodes: list[ir.Node]
+    weight: np.ndarray  # W[K, N]
+    stored_transposed: bool  # the node reads W^T (Gemm with transB = 1)
+
+    @property
+    def activation(self) -> ir.Value:
+        return self.nodes[0].inputs[0]
+
+    def feed(self, weight: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(weight.T if self.stored_transposed else weight, dtype=np.float32)
+
+
+class SelectWeightBitsPass(QPass):
+    """Choose weight-only bits per layer under an average budget (see the module docstring).
+
+    Args:
+        calibration_data: the :class:`~qcompiler.calibration.data.CalibrationData` (token ids for an LLM).
+        target_bits: the average code bits per weight (None: the pass does nothing).
+        candidate_bits: the bit widths a layer may get.
+        bits, block_size, symmetric, float_zero_point, ternary, exclude_nodes, lm_head: the lowering's options.
+        samples: calibration samples the sensitivities are measured on.
+        progress: show a progress bar over the layers.
+    """
+
+    name = "select-weight-bits"
+    stage = "calibrate"
+    preserves_float = True
+
+    def __init__(self, *, calibration_data: Any = None, target_bits: float | None = None,
+                 candidate_bits: tuple[int, ...] = (2, 4, 8), bits: int = 4, block_size: int = 32,
+                 symmetric: bool = True, float_zero_point: bool = False, ternary: bool = False,
+                 exclude_nodes: tuple[str, ...] = (), lm_head: str = "same", samples: int = 1,
+                 progress: bool = False) -> None:
+        super().__init__()
+        self.calibration_data, self.target_bits = calibration_data, target_bits
+        self.candidate_bits = tuple(sorted(set(candidate_bits)))
+        if target_bits is not None and not self.candidate_bits[0] <= target_bits <= self.candidate_bits[-1]:
+            raise ConfigError(f"{self.name}: target_bits {target_bits} is outside the candidates "
+                              f"{list(self.candidate_bits)}")
+        self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
+        self.float_zero_point = bool(float_zero_point) and not self.symmetric
+        self.ternary, self.exclude_nodes, self.lm_head = bool(ternary), frozenset(exclude_nodes), lm_head
+        self.samples, self.progress = int(samples), bool(progress)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> SelectWeightBitsPass:
+        """Data and progress from the build context; the budget and grid from ``[weight-only]``."""
+        w = recipe.weight_only
+        kwargs: dict[str, Any] = {
+            "calibration_data": getattr(context, "calibration_data", None), "target_bits": w.target_bits,
+            "candidate_bits": w.candidate_bits, "bits": w.bits, "block_size": w.block_size,
+            "symmetric": w.symmetric, "float_zero_point": w.zero_point == "float", "ternary": w.ternary,
+            "exclude_nodes": w.exclude_nodes, "lm_head": w.lm_head, "samples": w.sensitivity_samples,
+            "progress": bool(getattr(context, "progress", False)),
+        }
+        kwargs.update(options)
+        return cls(**kwargs)
+
+    def _layers(self, model: ir.Model) -> list[_Layer]:
+        by_weight: dict[int, _Layer] = {}
+        for node in model.graph:
+            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+                continue
+            found = layer_weight(model, node, self.exclude_nodes)
+            if isinstance(found, str) or layer_bits(node, self.bits, self.lm_head) is None:
+                continue
+            if self.lm_head != "same" and is_lm_head(node):
+                self.skip(node, f"lm_head format fixed by lm_head = {self.lm_head!r}")
+                continue
+            key = id(node.inputs[1])
+            if key in by_weight:
+                by_weight[key].nodes.append(node)
+                continue
+            transposed = node.op_type == "Gemm" and node.attributes.get("transB") is not None and \
+                bool(node.attributes["transB"].value) and transposed_constant(node.inputs[1]) is None
+            by_weight[key] = _Layer([node], found[0], transposed)
+        return list(by_weight.values())
+
+    def _dequantized(self, weight: np.ndarray, bits: int) -> np.ndarray:
+        block = resolve_block_size(self.block_size, weight.shape[0])
+        return quantize_rtn(weight, bits, block, self.symmetric, self.float_zero_point and bits != 8,
+                            ternary=self.ternary and bits == 2).dequantize()
+
+    def _probe(self, model: ir.Model, layers: list[_Layer]) -> tuple[ir.Model, list[str]]:
+        """A clone whose layer weights are graph inputs (one per layer), and those inputs' names."""
+        clone = model.clone()
+        counterpart = dict(zip(model.graph, clone.graph, strict=True))
+        names = NameScope(clone)
+        inputs, old = [], []
+        for layer in layers:
+            k, n = layer.weight.shape
+            dims = [n, k] if layer.stored_transposed else [k, n]
+            value = ir.Value(name=names.fresh(f"{layer.nodes[0].name or 'layer'}_probe_weight"),
+                             type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(dims))
+            clone.graph.inputs.append(value)
+            for node in layer.nodes:
+                twin = counterpart[node]
+                old.append(twin.inputs[1])
+                twin.replace_input_with(1, value)
+            inputs.append(value.name)
+        for value in old:  # a Transpose of a tied embedding that nothing reads any more
+            producer = value.producer()
+            if producer is not None and not value.uses() and not value.is_graph_output():
+                clone.graph.remove(producer, safe=True)
+        drop_unused_initializers([v for v in clone.graph.initializers.values()])
+        return clone, inputs
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.target_bits is None:
+            self.count("not_requested")
+            return ir.passes.PassResult(model, False)
+        if self.calibration_data is None:
+            raise CalibrationError("--target-bits measures each layer's sensitivity: pass --calib DATA")
+        layers = self._layers(model)
+        if not layers:
+            return ir.passes.PassResult(model, False)
+        feeds = next(iter(self.calibration_data.iter_batches(self.samples, self.samples)))
+        activations = list(dict.fromkeys(layer.activation for layer in layers))
+        session = io.ort_session(model, extra_outputs=activations)
+        outputs = dict(zip((o.name for o in session.get_outputs()), session.run(None, feeds), strict=True))
+        reference = outputs[model.graph.outputs[0].name].astype(np.float64)
+        energy = float(np.vdot(reference, reference)) or 1.0
+        probe, weight_inputs = self._probe(model, layers)
+        probe_session = io.ort_session(probe)
+        first = [probe.graph.outputs[0].name]
+        float_feeds = {**feeds, **{name: layer.feed(layer.weight) for name, layer in zip(weight_inputs, layers,
+                                                                                           strict=True)}}
+        lowest = self.candidate_bits[0]
+        noise: list[dict[int, float]] = []
+        for name, layer in track(list(zip(weight_inputs, layers, strict=True)), enabled=self.progress,
+                                 desc="layer sensitivity", unit="layer"):
+            x = outputs[layer.activation.name].reshape(-1, layer.weight.shape[0]).astype(np.float64)
+            local = {}
+            dequantized = {}
+            for b in self.candidate_bits:
+                dequantized[b] = self._dequantized(layer.weight, b)
+                diff = x @ (layer.weight.astype(np.float64) - dequantized[b])
+                local[b] = float(np.vdot(diff, diff))
+            y = probe_session.run(first, {**float_feeds, name: layer.feed(dequantized[lowest])})[0]
+            measured = float(np.sum((y.astype(np.float64) - reference) ** 2)) / energy
+            noise.append({b: measured * (local[b] / local[lowest] if local[lowest] > 0 else 0.0)
+                          for b in self.candidate_bits})
+        sizes = [int(layer.weight.size) for layer in layers]
+        choice = allocate_bits(noise, sizes, float(self.target_bits))
+        per_node: dict[str, int] = {}
+        for layer, bits, n in zip(layers, choice, noise, strict=True):
+            for node in layer.nodes:
+                node.meta[WEIGHT_BITS_KEY] = bits
+                per_node[node.name] = bits
+                self.record_layer(node, chosen_bits=bits, **{f"noise_db_at_{b}": _db(n[b]) for b in n})
+            self.count(f"layers_at_{bits}_bits")
+        average = sum(s * b for s, b in zip(sizes, choice, strict=True)) / sum(sizes)
+        self.count("average_bits_x1000", round(average * 1000))
+        model.metadata_props[METADATA_KEY] = json.dumps(
+            {"target_bits": self.target_bits, "average_bits": round(average, 4), "candidates":
+             list(self.candidate_bits), "ternary": self.ternary, "bits": per_node}, sort_keys=True)
+        logger.info("%s: average %.3f bits over %d layers (target %s)", self.name, average, len(layers),
+                    self.target_bits)
+        return ir.passes.PassResult(model, True)
+
+
+def _db(noise: float) -> float:
+    """Relative noise power in dB (-inf for none, capped at -200)."""
+    return round(10 * math.log10(max(noise, 1e-20)), 3)
