@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ def compile_model(
     *,
     recipe: str | os.PathLike[str] | Recipe = DEFAULT_RECIPE,
     calib: str | os.PathLike[str] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    seq_len: int = 256,
     plugins: Sequence[str] = (),
     disable: Sequence[str] = (),
     quantization: Mapping[str, Any] | None = None,
@@ -69,7 +72,10 @@ def compile_model(
         input_path: the float model (never modified).
         output_path: where to write the result; written atomically, never equal to the input.
         recipe: a built-in recipe name, a TOML recipe path, or a :class:`Recipe`.
-        calib: calibration data (an ``.npz`` keyed by input names, or a folder of them).
+        calib: calibration data (an ``.npz`` keyed by input names, or a folder of them; token ids for a decoder,
+            whose mask, positions and empty KV cache are filled in; or a ``.txt`` with ``tokenizer``).
+        tokenizer: a ``tokenizer.json`` (or a folder holding one) for text calibration data.
+        seq_len: tokens per calibration window cut from text.
         plugins: extra plugin pass names to load and place.
         disable: pass names to drop from the pipeline.
         quantization: overrides of the recipe's ``[quantization]`` fields.
@@ -88,48 +94,55 @@ def compile_model(
                       quantization=quantization, calibration=calibration, weight_only=weight_only)
     input_path, output_path = Path(input_path), Path(output_path)
     io.check_output_path(input_path, output_path)
+    if tokenizer is not None and calib is None:
+        raise UsageError("--tokenizer reads text calibration data: pass --calib TEXT.txt too")
     if active.needs_calibration and calib is None:
         raise UsageError(f"recipe '{active.name}' needs calibration data: pass --calib DATA "
                          "(an .npz keyed by the model's input names)")
 
     model = io.load_model(input_path)
-    calibration_data = None
-    if calib is not None:
-        from qcompiler.calibration.data import load_calibration_data
+    with tempfile.TemporaryDirectory(prefix="qcompile-") as scratch:  # text calibration's tokenized .npz
+        calibration_data = None
+        if calib is not None:
+            from qcompiler.calibration.data import load_calibration_data
+            from qcompiler.calibration.text import prepare_calibration
 
-        calibration_data = load_calibration_data(calib, model)
+            prepared = prepare_calibration(Path(calib), model, Path(scratch),
+                                           None if tokenizer is None else Path(tokenizer), seq_len)
+            calibration_data = load_calibration_data(prepared, model)
 
-    instruments: list[Any] = []
-    if dump_after:
-        folder = Path(dump_dir) if dump_dir is not None else output_path.parent / f"{output_path.stem}.dumps"
-        instruments.append(DumpAfterInstrument(dump_after, folder))
-    if verify_each:
-        instruments.append(VerifyInstrument(calibration_data=calibration_data))
-    context = BuildContext(calibration_data=calibration_data, progress=progress, model_dir=str(input_path.parent))
-    pipeline = build_pipeline(active, context, instruments=instruments)
-    for instrument in instruments:
-        check = getattr(instrument, "check_pipeline", None)
-        if check is not None:
-            check(pipeline.names)
+        instruments: list[Any] = []
+        if dump_after:
+            folder = Path(dump_dir) if dump_dir is not None else output_path.parent / f"{output_path.stem}.dumps"
+            instruments.append(DumpAfterInstrument(dump_after, folder))
+        if verify_each:
+            instruments.append(VerifyInstrument(calibration_data=calibration_data))
+        context = BuildContext(calibration_data=calibration_data, progress=progress,
+                               model_dir=str(input_path.parent))
+        pipeline = build_pipeline(active, context, instruments=instruments)
+        for instrument in instruments:
+            check = getattr(instrument, "check_pipeline", None)
+            if check is not None:
+                check(pipeline.names)
 
-    report = pipeline.run(model)
+        report = pipeline.run(model)
 
-    from qcompiler import __version__
+        from qcompiler import __version__
 
-    model.metadata_props["qcompiler.version"] = __version__
-    model.metadata_props["qcompiler.recipe"] = active.name
-    if "lower-weight-only" in pipeline.names:
-        w = active.weight_only
-        model.metadata_props["qcompiler.weight_only"] = json.dumps(
-            {"format": w.format, "algorithm": w.algorithm, "block_size": w.block_size, "symmetric": w.symmetric,
-             "zero_point": w.zero_point, "accuracy_level": w.accuracy_level, "lm_head": w.lm_head,
-             "embedding": w.embedding, "target_bits": w.target_bits}, sort_keys=True)
-    if calibration_data is not None:
-        from qcompiler.calibration.cache import data_digest
+        model.metadata_props["qcompiler.version"] = __version__
+        model.metadata_props["qcompiler.recipe"] = active.name
+        if "lower-weight-only" in pipeline.names:
+            w = active.weight_only
+            model.metadata_props["qcompiler.weight_only"] = json.dumps(
+                {"format": w.format, "algorithm": w.algorithm, "block_size": w.block_size, "symmetric": w.symmetric,
+                 "zero_point": w.zero_point, "accuracy_level": w.accuracy_level, "lm_head": w.lm_head,
+                 "embedding": w.embedding, "target_bits": w.target_bits}, sort_keys=True)
+        if calibration_data is not None:
+            from qcompiler.calibration.cache import data_digest
 
-        model.metadata_props["qcompiler.calibration_sha256"] = data_digest(
-            calibration_data, active.calibration.batch_size, active.calibration.max_samples)
-    if not model.producer_name:
-        model.producer_name = "qcompiler"
-    io.save_model(model, output_path, input_path=input_path)
-    return CompileResult(output_path, active, report, io.model_bytes(input_path), io.model_bytes(output_path))
+            model.metadata_props["qcompiler.calibration_sha256"] = data_digest(
+                calibration_data, active.calibration.batch_size, active.calibration.max_samples)
+        if not model.producer_name:
+            model.producer_name = "qcompiler"
+        io.save_model(model, output_path, input_path=input_path)
+        return CompileResult(output_path, active, report, io.model_bytes(input_path), io.model_bytes(output_path))

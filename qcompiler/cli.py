@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="input ONNX model (never modified)")
     p.add_argument("-o", "--output", help="output ONNX model (written atomically; must differ from the input)")
     p.add_argument("--recipe", default=None, help="built-in recipe name or a TOML recipe file (default: int8-dynamic)")
-    p.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input names, or a folder of them")
+    p.add_argument("--calib", metavar="DATA", help="calibration data: .npz keyed by input names, or a folder of them "
+                                                   "(token ids for a decoder), or a .txt with --tokenizer")
+    p.add_argument("--tokenizer", metavar="JSON", help="a tokenizer.json (or its folder) for .txt calibration data")
+    p.add_argument("--seq-len", type=int, default=256, metavar="N",
+                   help="tokens per calibration window cut from text (default 256)")
     p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
     p.add_argument("--calib-batch-size", type=int, metavar="N", help="calibration samples per ONNX Runtime call")
     p.add_argument("--calib-cache", metavar="DIR",
@@ -207,7 +211,8 @@ def _compile(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     result = compile_model(
-        args.model, args.output, recipe=recipe, calib=args.calib, plugins=args.plugin, disable=args.disable_pass,
+        args.model, args.output, recipe=recipe, calib=args.calib, tokenizer=args.tokenizer, seq_len=args.seq_len,
+        plugins=args.plugin, disable=args.disable_pass,
         quantization=quantization or None, calibration=calibration or None, weight_only=weight_only or None,
         dump_after=args.dump_after,
         dump_dir=args.dump_dir, verify_each=args.verify_each, progress=progress,

@@ -1,0 +1,137 @@
+"""Calibration data for language models: text through a tokenizer, and the other inputs a decoder needs.
+
+Two jobs, both ending in an ordinary ``.npz`` that :func:`~qcompiler.calibration.data.load_calibration_data`
+then checks like any other:
+
+- ``--calib corpus.txt --tokenizer tokenizer.json``: the text (UTF-8) is tokenized with a Hugging Face
+  ``tokenizers`` file (or a folder holding ``tokenizer.json``; the ``tokenizers`` package is needed, no torch or
+  transformers) and cut into consecutive non-overlapping windows of ``seq_len`` tokens (the tail is dropped);
+- token ids (``.npz``/``.npy`` with ``input_ids`` only) for a decoder that also takes ``attention_mask``,
+  ``position_ids`` or a KV cache (``past_key_values.*``/``past_*`` inputs with a dynamic sequence axis): the rest
+  is filled in as for a prefill from an empty cache (mask of ones, positions ``0..S-1``, cache tensors with 0 past
+  positions).
+
+Any other input the data does not hold is left to the loader, which names it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import CalibrationError
+
+__all__ = ["TEXT_SUFFIXES", "complete_decoder_inputs", "prepare_calibration", "tokenize_text"]
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+_PAST = re.compile(r"^(past_key_values|past)[._]", re.IGNORECASE)
+
+
+def _load_tokenizer(path: Path):  # noqa: ANN202 -- tokenizers.Tokenizer, imported lazily
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise CalibrationError("text calibration needs the 'tokenizers' package: pip install tokenizers") from exc
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise CalibrationError(f"tokenizer not found: {file} (give a tokenizer.json or a folder holding one)")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # the library raises a bare Exception on a malformed file
+        raise CalibrationError(f"cannot read tokenizer {file}: {str(exc).splitlines()[0]}") from exc
+
+
+def tokenize_text(text_path: Path, tokenizer_path: Path, seq_len: int) -> np.ndarray:
+    """``input_ids`` int64 ``[windows, seq_len]``: the text's tokens in consecutive windows."""
+    if seq_len < 2:
+        raise CalibrationError(f"--seq-len must be at least 2, got {seq_len}")
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"cannot read calibration text {text_path}: {exc}") from exc
+    ids = _load_tokenizer(tokenizer_path).encode(text, add_special_tokens=False).ids
+    count = len(ids) // seq_len
+    if count == 0:
+        raise CalibrationError(f"calibration text {text_path} has {len(ids)} tokens, fewer than one window of "
+                               f"{seq_len} (--seq-len)")
+    logger.info("calibration text %s: %d tokens -> %d windows of %d", text_path, len(ids), count, seq_len)
+    return np.asarray(ids[:count * seq_len], dtype=np.int64).reshape(count, seq_len)
+
+
+def _dtype(value: ir.Value) -> np.dtype:
+    return np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.int64)
+
+
+def complete_decoder_inputs(model: ir.Model, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` (holding ``input_ids`` ``[N, S]``) plus a prefill's mask, positions and empty KV cache."""
+    ids = arrays["input_ids"]
+    n, s = ids.shape
+    out = dict(arrays)
+    for value in model.graph.inputs:
+        name = value.name
+        if name in out or name in model.graph.initializers:
+            continue
+        if name == "attention_mask":
+            out[name] = np.ones((n, s), _dtype(value))
+        elif name == "position_ids":
+            out[name] = np.broadcast_to(np.arange(s, dtype=_dtype(value)), (n, s)).copy()
+        elif _PAST.match(name) and value.shape is not None and value.shape.rank() >= 3:
+            dims = list(value.shape)
+            dynamic = [i for i, d in enumerate(dims[1:], start=1) if not isinstance(d, int)]
+            if len(dynamic) != 1:
+                raise CalibrationError(f"decoder input '{name}' {dims}: cannot tell its past-sequence axis (one "
+                                       "dynamic axis besides the batch expected)")
+            dims = [n if i == 0 else (0 if i == dynamic[0] else d) for i, d in enumerate(dims)]
+            out[name] = np.zeros(dims, _dtype(value))
+    return out
+
+
+def prepare_calibration(calib: Path, model: ir.Model, workdir: Path, tokenizer: Path | None = None,
+                        seq_len: int = 256) -> Path:
+    """The path to hand to the loader: ``calib`` itself, or an ``.npz`` in ``workdir`` made from text or token ids
+    (see the module docstring)."""
+    input_names = {v.name for v in model.graph.inputs if v.name not in model.graph.initializers}
+    if calib.suffix in TEXT_SUFFIXES:
+        if tokenizer is None:
+            raise CalibrationError(f"calibration text {calib} needs --tokenizer (a tokenizer.json)")
+        if "input_ids" not in input_names:
+            raise CalibrationError("text calibration feeds 'input_ids', which the model does not take")
+        arrays = {"input_ids": tokenize_text(calib, tokenizer, seq_len)}
+    else:
+        if tokenizer is not None:
+            raise CalibrationError(f"--tokenizer is for text calibration data (.txt), not {calib.name}")
+        if not calib.is_file() or calib.suffix not in (".npz", ".npy") or "input_ids" not in input_names or \
+                len(input_names) == 1:
+            return calib
+        arrays = _read_token_ids(calib)
+        if arrays is None:
+            return calib
+    ids_value = next(v for v in model.graph.inputs if v.name == "input_ids")
+    arrays["input_ids"] = arrays["input_ids"].astype(_dtype(ids_value))
+    completed = complete_decoder_inputs(model, arrays)
+    path = workdir / "calibration.npz"
+    np.savez(path, **completed)
+    return path
+
+
+def _read_token_ids(calib: Path) -> dict[str, np.ndarray] | None:
+    """``{"input_ids": [N, S]}`` when the file holds token ids only (else None: the loader checks it as is)."""
+    try:
+        if calib.suffix == ".npy":
+            ids = np.load(calib, allow_pickle=False)
+        else:
+            with np.load(calib, allow_pickle=False) as archive:
+                if list(archive.files) != ["input_ids"]:
+                    return None
+                ids = archive["input_ids"]
+    except (ValueError, OSError, EOFError) as exc:
+        raise CalibrationError(f"cannot read calibration file {calib}: {exc}") from exc
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        return None
+    return {"input_ids": ids}
