@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the sibling module import
 else:
     from ._cache import model_dir
 
-__all__ = ["NAME", "WINDOW", "CALIB_TEXTS", "EVAL_TEXTS", "GGUF_NAME", "windows", "main"]
+__all__ = ["NAME", "WINDOW", "CALIB_TEXTS", "EVAL_TEXTS", "GGUF_NAME", "windows", "load_model", "main"]
 
 NAME = "smollm2-135m"
 WINDOW = 256
@@ -57,6 +57,22 @@ def _gguf_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def load_model():  # type: ignore[no-untyped-def]
+    """The tokenizer and the fp32 ``LlamaForCausalLM`` (in eval mode) from the package's GGUF file.
+
+    Shared by the export scripts (this one and ``export_smollm2_kv.py``); needs torch, transformers, gguf and
+    accelerate.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = str(_gguf_dir())
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    llm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, torch_dtype=torch.float32)
+    llm.eval()
+    return tokenizer, llm
+
+
 def main(argv: list[str] | None = None) -> int:
     """Export the model and data into the cache; print a summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -67,12 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = str(_gguf_dir())
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
-    llm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, torch_dtype=torch.float32)
-    llm.eval()
+    tokenizer, llm = load_model()
     llm.config.use_cache = False
 
     class Logits(torch.nn.Module):
