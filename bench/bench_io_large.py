@@ -6,7 +6,9 @@ runs in a fresh subprocess so that ``ru_maxrss`` is that step's peak:
 - ``qcompiler.io.load_model`` (external tensors stay lazy),
 - ``load_model`` + ``check_model`` (the checker without copying weights),
 - ``load_model`` + ``save_model`` (the >2 GB path: streamed external data, atomic rename),
-- ``onnx.load`` with external data, for comparison.
+- ``onnx.load`` with external data, for comparison;
+- ``qcompile`` weight-only int4 and int8 (RTN) of the whole model: weights are read, quantized and dropped one at a
+  time, so the peak is about one weight's working set, not the model.
 
 Disk use is bounded by two copies of the model (input and round-trip output; the output is deleted right after it
 is verified) and everything is removed at the end. Prints a markdown table.
@@ -44,12 +46,16 @@ _STEPS = {
     "load+check": "from qcompiler import io\nmodel = io.load_model(SRC)\nio.check_model(model)",
     "load+save": "from qcompiler import io\nmodel = io.load_model(SRC)\nio.save_model(model, OUT, input_path=SRC)",
     "onnx.load (all weights)": "import onnx\nmodel = onnx.load(SRC)",
+    "qcompile --recipe int4 (RTN, block 32)": "from qcompiler.api import compile_model\n"
+                                              "compile_model(SRC, OUT, recipe='int4')",
+    "qcompile --recipe int8-weight (RTN)": "from qcompiler.api import compile_model\n"
+                                           "compile_model(SRC, OUT, recipe='int8-weight')",
 }
 
 _RUNNER = """
 import json, resource, sys, time
 SRC, OUT = sys.argv[1], sys.argv[2]
-import onnx, onnx_ir, qcompiler.io  # imports are not part of the measurement
+import onnx, onnx_ir, qcompiler.io, qcompiler.api  # imports are not part of the measurement
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 {body}
@@ -123,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if step == "load+save":
                 os.sync()
+            if step.startswith("qcompile"):
+                shutil.rmtree(work / "out", ignore_errors=True)
+                (work / "out").mkdir()
             stats = _measure(step, src, out)
             rows.append((step, stats))
             logger.info("%s: %.2f s", step, stats["seconds"])

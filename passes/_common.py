@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["NameScope", "clone_with_meta", "const_array", "drop_unused_initializers", "paused_gc"]
+__all__ = ["NameScope", "clone_with_meta", "const_array", "drop_unused_initializers", "paused_gc", "release_external"]
 
 
 @contextlib.contextmanager
@@ -94,6 +94,16 @@ def other_operand(node: ir.Node, value: ir.Value) -> ir.Value | None:
     """The other input of a binary node that reads ``value`` (None if it does not read it)."""
     a, b = node.inputs[0], node.inputs[1]
     return b if a is value else a if b is value else None
+
+
+def release_external(value: ir.Value | None) -> None:
+    """Unmap an external-data tensor's bytes (they are read again from the file if used later): a pass that reads
+    weights one at a time keeps its resident memory to about one weight, not the model."""
+    if value is not None and isinstance(value.const_value, ir.ExternalTensor):
+        try:
+            value.const_value.release()
+        except BufferError:  # a numpy view of the bytes is still alive: they stay mapped, nothing is wrong
+            pass
 
 
 def drop_unused_initializers(values: Iterable[ir.Value | None]) -> int:

@@ -120,7 +120,7 @@ class QuantizationOptions:
 
 
 #: weight-only formats and their bits (MatMulNBits codes)
-WEIGHT_ONLY_FORMATS = {"int8": 8, "int4": 4, "int2": 2, "nf4": 4, "ternary": 2}
+WEIGHT_ONLY_FORMATS = {"int8": 8, "int4": 4, "int2": 2, "nf4": 4, "ternary": 2, "fp8": 8}
 WEIGHT_ONLY_ALGORITHMS = ("rtn", "gptq", "awq", "hqq")
 
 
@@ -131,7 +131,8 @@ class WeightOnlyOptions:
     Attributes:
         format: "int8", "int4" or "int2" (codes of that many bits, lowered to ``com.microsoft.MatMulNBits``),
             "ternary" (1.58-bit: ``{-1, 0, +1}`` times an absmean scale per block, stored as 2-bit MatMulNBits
-            codes), or "nf4" (4-bit NormalFloat with one absmax per block, lowered to ``com.microsoft.MatMulBnb4``).
+            codes), "nf4" (4-bit NormalFloat with one absmax per block, lowered to ``com.microsoft.MatMulBnb4``), or
+            "fp8" (FP8 E4M3 weights with one scale per output column and a ``DequantizeLinear``; RTN only).
         algorithm: how the codes are chosen: "rtn" (round to nearest on the block's grid) or "gptq" (the same grid,
             codes that minimise each layer's output error on the calibration data; needs ``--calib``) or "awq"
             (activation-aware per-channel scales searched on the calibration data, then round to nearest) or "hqq"
@@ -198,6 +199,9 @@ class WeightOnlyOptions:
                                   f"be 'rtn' or 'awq' ({self.algorithm} here works on integer grids)")
             if not self.symmetric:
                 raise ConfigError("weight-only.format 'nf4' is symmetric (absmax scales): no --asymmetric")
+        if self.format == "fp8" and (self.algorithm != "rtn" or not self.symmetric or self.target_bits is not None):
+            raise ConfigError("weight-only.format 'fp8' is symmetric per-channel FP8 with round to nearest: no "
+                              "--algorithm, --asymmetric or --target-bits")
         if self.format == "ternary" and not self.symmetric:
             raise ConfigError("weight-only.format 'ternary' is symmetric ({-1, 0, +1} times a scale): no --asymmetric")
         self._check_mixed_precision()

@@ -158,3 +158,31 @@ def test_cli_ternary_with_hqq(tmp_path, capsys):
     code = main([str(src), "-o", str(out), "--recipe", "ternary", "--asymmetric", "-q"])
     err = capsys.readouterr().err
     assert code == 2 and "symmetric" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fp8_weights_dequantize_before_a_float_matmul():
+    import ml_dtypes
+
+    model, reference = _mlp(), _mlp()  # opset 17: converted to 19 for FP8 DequantizeLinear
+    w1, w2 = (reference.graph.initializers[n].const_value.numpy() for n in ("w1", "w2"))
+    result = LowerWeightOnlyPass(bits=8, fp8=True)(model)
+    assert result.stats.counters["lowered_MatMul_fp8"] == 2 and model.opset_imports[""] == 19
+    assert result.stats.counters["opset_17_converted_to_19"] == 1
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == 2 and dqs[0].inputs[0].dtype == ir.DataType.FLOAT8E4M3FN
+
+    def reference_fp8(w):
+        scale = np.abs(w).max(axis=0) / 448.0
+        return (w / scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale
+
+    x = np.random.default_rng(6).standard_normal((2, 3, 100)).astype(np.float32)
+    expected = np.maximum(x @ reference_fp8(w1), 0) @ reference_fp8(w2)
+    np.testing.assert_allclose(run(model, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
+    assert rel_l2(run(model, {"x": x})[0], run(reference, {"x": x})[0]) < 0.06
+    with pytest.raises(ConfigError):
+        LowerWeightOnlyPass(bits=4, fp8=True)
+    recipe = load_recipe("fp8-weight")
+    assert recipe.weight_only.format == "fp8"
+    for bad in ({"algorithm": "gptq"}, {"symmetric": False}, {"target_bits": 8}):
+        with pytest.raises(ConfigError, match="fp8"):
+            override(recipe, weight_only=bad)

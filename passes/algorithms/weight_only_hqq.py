@@ -33,8 +33,16 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.pass_manager import QPass
-from qcompiler.passes.lower._blockwise import BlockwiseWeight, code_limits, grid, quantize_rtn, resolve_block_size
-from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, layer_bits, layer_weight, weight_sqnr_db
+from qcompiler.passes.lower._blockwise import (
+    BlockwiseWeight,
+    code_limits,
+    column_chunks,
+    grid,
+    quantize_rtn,
+    resolve_block_size,
+)
+from qcompiler.passes.lower._weights import sqnr_from_energies
+from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, layer_bits, layer_weight
 from qcompiler.runtime import packing
 
 if TYPE_CHECKING:
@@ -44,7 +52,6 @@ __all__ = ["WeightOnlyHQQPass", "quantize_hqq"]
 
 logger = logging.getLogger(__name__)
 
-_COLUMNS_PER_CHUNK = 4096  # output columns optimised at once: bounds the temporaries (~10 MB each at K=576)
 
 
 def _shrink(x: np.ndarray, beta: float, p: float) -> np.ndarray:
@@ -111,8 +118,7 @@ def quantize_hqq(weight: np.ndarray, bits: int, block_size: int, symmetric: bool
     scales = np.empty(scale0.shape, np.float32)
     zeros = np.empty(scale0.shape, zero0.dtype)
     codes = np.empty((n, k), np.uint8)
-    for start in range(0, n, _COLUMNS_PER_CHUNK):
-        cols = slice(start, min(start + _COLUMNS_PER_CHUNK, n))
+    for cols in column_chunks(weight.shape):  # bounded temporaries
         w, valid = _column_blocks(weight, cols, block_size)
         s0, z0 = scale0[cols].astype(np.float32), zero0[cols].astype(np.float32)
         mode = "scale" if symmetric else "zero"
@@ -186,7 +192,7 @@ class WeightOnlyHQQPass(QPass):
                                   beta=self.beta, kappa=self.kappa, iterations=self.iterations)
             rtn = quantize_rtn(weight, bits, block, self.symmetric, float_zero, ternary)
             node.meta[BLOCKWISE_KEY] = chosen
-            self.record_layer(node, hqq_weight_sqnr_db=round(weight_sqnr_db(weight, chosen.dequantize()), 3),
-                              rtn_weight_sqnr_db=round(weight_sqnr_db(weight, rtn.dequantize()), 3))
+            self.record_layer(node, hqq_weight_sqnr_db=round(sqnr_from_energies(*chosen.error_energies(weight)), 3),
+                              rtn_weight_sqnr_db=round(sqnr_from_energies(*rtn.error_energies(weight)), 3))
             self.count("layers")
         return ir.passes.PassResult(model, False)

@@ -27,7 +27,7 @@ import numpy as np
 
 from qcompiler.runtime import packing
 
-__all__ = ["BlockwiseWeight", "code_limits", "codes_on_grid", "grid", "quantize_nf4", "quantize_rtn",
+__all__ = ["CHUNK_ELEMENTS", "BlockwiseWeight", "code_limits", "column_chunks", "codes_on_grid", "grid", "quantize_nf4", "quantize_rtn",
            "resolve_block_size"]
 
 
@@ -68,16 +68,39 @@ class BlockwiseWeight:
         return (packing.pack_codes(self.codes, self.bits, self.block_size),
                 np.ascontiguousarray(self.scales.reshape(-1), dtype=np.float32), zp)
 
-    def dequantize(self) -> np.ndarray:
-        """The float32 ``W[K, N]`` the codes stand for."""
-        n, k = self.codes.shape
-        blocks = self.scales.shape[1]
+    def dequantize(self, columns: slice = slice(None)) -> np.ndarray:
+        """The float32 ``W[K, N]`` the codes stand for (or only its ``columns``)."""
+        codes, scales = self.codes[columns], self.scales[columns]
+        n, k = codes.shape
+        blocks = scales.shape[1]
         pad = blocks * self.block_size - k
-        zp = self.zero_points if self.zero_points is not None else \
-            np.full(self.scales.shape, packing.default_zero_point(self.bits), np.uint8)
-        codes = np.pad(self.codes, ((0, 0), (0, pad))).reshape(n, blocks, self.block_size).astype(np.float32)
-        w = (codes - zp[..., None].astype(np.float32)) * self.scales[..., None]
+        zp = self.zero_points[columns] if self.zero_points is not None else \
+            np.full(scales.shape, packing.default_zero_point(self.bits), np.uint8)
+        codes = np.pad(codes, ((0, 0), (0, pad))).reshape(n, blocks, self.block_size).astype(np.float32)
+        w = (codes - zp[..., None].astype(np.float32)) * scales[..., None]
         return np.ascontiguousarray(w.reshape(n, -1)[:, :k].T)
+
+    def error_energies(self, weight: np.ndarray) -> tuple[float, float]:
+        """(``sum w^2``, ``sum (w - w_q)^2``) against the float ``W[K, N]``, a slice of columns at a time."""
+        signal = noise = 0.0
+        for cols in column_chunks(weight.shape):
+            w = weight[:, cols].astype(np.float64)
+            signal += float(np.vdot(w, w))
+            diff = w - self.dequantize(cols)
+            noise += float(np.vdot(diff, diff))
+        return signal, noise
+
+
+#: elements of a weight processed at once (float64 temporaries of 32 MB): large weights go a slice of columns at a
+#: time, so quantizing a 256 MB weight costs tens of MB of working memory, not several copies of it
+CHUNK_ELEMENTS = 1 << 22
+
+
+def column_chunks(shape: tuple[int, int]) -> list[slice]:
+    """Slices of the columns of a ``[K, N]`` weight with at most about :data:`CHUNK_ELEMENTS` values each."""
+    k, n = shape
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def _blocks(weight: np.ndarray, block_size: int, fill: float = 0.0) -> np.ndarray:
@@ -138,10 +161,17 @@ def codes_on_grid(weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits:
 
 def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, symmetric: bool,
                  float_zero_point: bool = False, ternary: bool = False) -> BlockwiseWeight:
-    """Round every value of ``W[K, N]`` to the nearest code of its block's grid."""
-    scale, zero = grid(weight, bits, block_size, symmetric, float_zero_point, ternary)
-    codes = codes_on_grid(weight, scale, zero, bits, block_size, ternary)
-    return BlockwiseWeight(codes, scale, None if symmetric else zero, bits, block_size)
+    """Round every value of ``W[K, N]`` to the nearest code of its block's grid (columns in bounded slices)."""
+    codes, scales, zeros = [], [], []
+    for cols in column_chunks(weight.shape):
+        part = weight[:, cols]
+        scale, zero = grid(part, bits, block_size, symmetric, float_zero_point, ternary)
+        codes.append(codes_on_grid(part, scale, zero, bits, block_size, ternary))
+        scales.append(scale)
+        zeros.append(zero)
+    joined = (np.concatenate(x, axis=0) if len(x) > 1 else x[0] for x in (codes, scales, zeros))
+    codes_all, scale_all, zero_all = joined
+    return BlockwiseWeight(codes_all, scale_all, None if symmetric else zero_all, bits, block_size)
 
 
 def quantize_nf4(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,9 +33,9 @@ import onnx_ir as ir
 
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass
-from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unused_initializers
+from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unused_initializers, release_external
 from qcompiler.passes.lower._blockwise import BlockwiseWeight, quantize_nf4, quantize_rtn, resolve_block_size
-from qcompiler.passes.lower._weights import sqnr_from_energies
+from qcompiler.passes.lower._weights import quantize_weight_fp8, sqnr_from_energies
 from qcompiler.runtime import packing
 
 if TYPE_CHECKING:
@@ -145,7 +145,8 @@ def register_constants(graph: ir.Graph, names: NameScope, base: str,
             values.append(None)
             continue
         name = names.fresh(f"{base}_{suffix}")
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        tensor = ir.tensor(array, name=name)
+        value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=tensor.shape)
         graph.register_initializer(value)
         values.append(value)
     return values
@@ -162,6 +163,10 @@ class LowerWeightOnlyPass(QPass):
         accuracy_level: MatMulNBits' ``accuracy_level`` attribute (0-4).
         exclude_nodes: node names to leave in float.
         ternary: 2-bit layers get the ternary grid (codes 1..3: ``{-s, 0, +s}``, ``s`` the block's mean ``|w|``).
+        nf4: 4-bit layers become MatMulBnb4 (NF4 codebook, absmax per block).
+        fp8: 8-bit layers store FP8 E4M3 weights with one scale per output column and a ``DequantizeLinear``
+            before the float MatMul/Gemm (no fused ONNX Runtime kernel exists for it; needs default opset 19,
+            to which the model is converted when older).
     """
 
     name = "lower-weight-only"
@@ -170,7 +175,7 @@ class LowerWeightOnlyPass(QPass):
 
     def __init__(self, *, bits: int = 4, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 0,
                  exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False, lm_head: str = "same",
-                 embedding: str = "float", nf4: bool = False, ternary: bool = False) -> None:
+                 embedding: str = "float", nf4: bool = False, ternary: bool = False, fp8: bool = False) -> None:
         super().__init__()
         if bits not in _BITS:
             raise ConfigError(f"{self.name}: bits must be one of {_BITS}, got {bits!r}")
@@ -194,6 +199,9 @@ class LowerWeightOnlyPass(QPass):
         self.ternary = bool(ternary)
         if self.ternary and (bits != 2 or not self.symmetric):
             raise ConfigError(f"{self.name}: ternary needs bits=2 and symmetric blocks")
+        self.fp8 = bool(fp8)
+        if self.fp8 and bits != 8:
+            raise ConfigError(f"{self.name}: fp8 weights are 8-bit (bits=8)")
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> LowerWeightOnlyPass:
@@ -203,15 +211,17 @@ class LowerWeightOnlyPass(QPass):
                                   "accuracy_level": w.accuracy_level, "exclude_nodes": w.exclude_nodes,
                                   "float_zero_point": w.zero_point == "float", "lm_head": w.lm_head,
                                   "embedding": w.embedding, "nf4": w.format == "nf4",
-                                  "ternary": w.ternary}
+                                  "ternary": w.ternary, "fp8": w.format == "fp8"}
         kwargs.update(options)
         return cls(**kwargs)
 
     # -- the pass ---------------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.fp8:
+            self._ensure_opset(model, 19)
         graph = model.graph
         names = NameScope(model)
-        shared: dict[tuple[int, bool, int], tuple[list[ir.Value | None], BlockwiseWeight]] = {}
+        shared: dict[tuple[int, bool, int], tuple[list[ir.Value | None], int]] = {}
         old: list[ir.Value] = []
         lowered = 0
         for node in list(graph):
@@ -227,7 +237,10 @@ class LowerWeightOnlyPass(QPass):
                 self.skip(node, "lm_head left in float (lm_head = 'float')")
                 continue
             source = transposed_constant(node.inputs[1])
-            if self.nf4 and bits == 4:
+            if self.fp8 and bits == 8 and not (self.lm_head == "int8" and is_lm_head(node)):
+                replacement = self._fp8_node(graph, node, weight, bias, names)
+                kind = f"{node.op_type}_fp8"
+            elif self.nf4 and bits == 4:
                 if bias is not None:
                     self.skip(node, "nf4: MatMulBnb4 has no bias input (Gemm with a bias stays float)")
                     continue
@@ -238,6 +251,7 @@ class LowerWeightOnlyPass(QPass):
                 kind = node.op_type
             transposer = node.inputs[1].producer() if source is not None else None
             old.extend(v for v in node.inputs[1:] if v is not None)
+            read = (node.inputs[1], source)
             ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [node.outputs[0]],
                                                    replacement.outputs)
             if transposer is not None:
@@ -247,6 +261,9 @@ class LowerWeightOnlyPass(QPass):
                     old.append(source)
             lowered += 1
             self.count(f"lowered_{kind}")
+            del weight, found  # the last views of the float bytes: unmap them
+            for value in read:
+                release_external(value)
         if self.embedding != "float":
             lowered += self._lower_embeddings(model, names, old)
         if lowered:
@@ -268,14 +285,14 @@ class LowerWeightOnlyPass(QPass):
             shared[key] = self._quantize(graph, node, weight, names, chosen, bits)
         else:
             self.count("weights_shared")
-        tensors, blockwise = shared[key]
+        tensors, block = shared[key]
         k, n = weight.shape
         inputs: list[ir.Value | None] = [node.inputs[0], *tensors]
         if bias is not None:
             inputs += [None] * (5 - len(inputs)) + [bias]
         while inputs and inputs[-1] is None:
             inputs.pop()
-        attributes = {"K": k, "N": n, "bits": blockwise.bits, "block_size": blockwise.block_size,
+        attributes = {"K": k, "N": n, "bits": bits, "block_size": block,
                       "accuracy_level": self.accuracy_level}
         replacement = ir.node("MatMulNBits", inputs, attributes=attributes, domain=_CONTRIB, name=node.name)
         copy_type(replacement.outputs[0], node.outputs[0])
@@ -288,8 +305,9 @@ class LowerWeightOnlyPass(QPass):
             (chosen.zero_points is None or (chosen.zero_points.dtype != np.uint8) == self.float_zero_point)
 
     def _quantize(self, graph: ir.Graph, node: ir.Node, weight: np.ndarray, names: NameScope,
-                  chosen: BlockwiseWeight | None, bits: int) -> tuple[list[ir.Value | None], BlockwiseWeight]:
-        """Quantize ``W[K, N]`` (or take the codes an algorithm chose) and register its packed tensors."""
+                  chosen: BlockwiseWeight | None, bits: int) -> tuple[list[ir.Value | None], int]:
+        """Quantize ``W[K, N]`` (or take the codes an algorithm chose), register its packed tensors; return them
+        and the block size (the codes themselves are not kept: only the packed copy lives on)."""
         block = resolve_block_size(self.block_size, weight.shape[0])
         if chosen is not None:
             blockwise = chosen
@@ -300,11 +318,11 @@ class LowerWeightOnlyPass(QPass):
         packed, scales, zero_points = blockwise.packed()
         values = register_constants(graph, names, node.inputs[1].name or node.name or "weight",
                                     [("packed", packed), ("scales", scales), ("zero_points", zero_points)])
-        self.record_layer(node, weight_sqnr_db=round(weight_sqnr_db(weight, blockwise.dequantize()), 3),
+        self.record_layer(node, weight_sqnr_db=round(sqnr_from_energies(*blockwise.error_energies(weight)), 3),
                           scheme="ternary-weight-only" if self.ternary and bits == 2 else f"int{bits}-weight-only",
                           block_size=block, symmetric=self.symmetric,
                           weight_shape=list(weight.shape))
-        return values, blockwise
+        return values, blockwise.block_size
 
     def _lower_embeddings(self, model: ir.Model, names: NameScope, old: list[ir.Value]) -> int:
         """Gather(E, ids) over a constant table -> GatherBlockQuantized (codes blockwise along E's rows)."""
@@ -339,11 +357,43 @@ class LowerWeightOnlyPass(QPass):
             ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [node.outputs[0]],
                                                    replacement.outputs)
             old.append(table)
-            self.record_layer(node, weight_sqnr_db=round(weight_sqnr_db(array.T, q.dequantize()), 3),
+            self.record_layer(node, weight_sqnr_db=round(sqnr_from_energies(*q.error_energies(array.T)), 3),
                               scheme=f"int{bits}-embedding", block_size=block, weight_shape=list(array.shape))
             self.count("lowered_Gather")
             lowered += 1
         return lowered
+
+    def _ensure_opset(self, model: ir.Model, version: int) -> None:
+        """Convert the model's default-domain opset up to ``version`` (onnxscript's version converter)."""
+        current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        if current >= version:
+            return
+        from onnxscript import version_converter
+
+        try:
+            version_converter.convert_version(model, version)
+        except Exception as exc:  # the converter raises many types; the reason is what the user needs
+            raise ConfigError(f"{self.name}: fp8 needs default opset {version}; converting this opset-{current} "
+                              f"model failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+                from exc
+        self.count(f"opset_{current}_converted_to_{version}")
+
+    def _fp8_node(self, graph: ir.Graph, node: ir.Node, weight: np.ndarray, bias: ir.Value | None,
+                  names: NameScope) -> ir.Node:
+        """``DequantizeLinear(W_fp8[K, N], scale[N], axis=1)`` feeding a copy of the MatMul/Gemm (``transB = 0``)."""
+        quantized = quantize_weight_fp8(weight, 1)
+        base = node.inputs[1].name or node.name or "weight"
+        values = register_constants(graph, names, base, [("fp8", quantized.q), ("scale", quantized.scale)])
+        dq = ir.node("DequantizeLinear", values, attributes={"axis": 1}, name=names.fresh(f"{base}_fp8_dq"))
+        dq.outputs[0].name = names.fresh(f"{base}_dequantized")
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(weight.shape)
+        graph.insert_before(node, [dq])
+        inputs = [node.inputs[0], dq.outputs[0]] + ([bias] if bias is not None else [])
+        replacement = ir.node(node.op_type, inputs, name=node.name)
+        copy_type(replacement.outputs[0], node.outputs[0])
+        self.record_layer(node, weight_sqnr_db=round(quantized.sqnr_db, 3), scheme="fp8-weight-only",
+                          weight_shape=list(weight.shape))
+        return replacement
 
     def _nf4_node(self, graph: ir.Graph, node: ir.Node, weight: np.ndarray, names: NameScope) -> ir.Node:
         """MatMulBnb4 (quant_type 1, NF4) over ``W[K, N]``; the weight is not shared (each reader quantizes it)."""
