@@ -76,6 +76,13 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "qcompile ternary b32": _qc("ternary", block_size=32),
     "qcompile ternary b32 gptq": _qc("ternary", block_size=32, algorithm="gptq"),
     "qcompile ternary b32 hqq": _qc("ternary", block_size=32, algorithm="hqq"),
+    "qcompile fp8-weight": _qc("fp8-weight"),
+    "qcompile int4 b128 asym mixed 3.5": _qc("int4", block_size=128, symmetric=False, target_bits=3.5),
+    "qcompile int4 b128 asym gptq mixed 3.5": _qc("int4", block_size=128, symmetric=False, algorithm="gptq",
+                                                  target_bits=3.5),
+    "qcompile int2 b32 asym gptq mixed 3": _qc("int2", block_size=32, symmetric=False, algorithm="gptq",
+                                               target_bits=3.0),
+    "qcompile ternary b32 gptq mixed 3": _qc("ternary", block_size=32, algorithm="gptq", target_bits=3.0),
     "ORT int8 RTN b32 sym": _ort(8, 32, True),
     "ORT int4 RTN b32 asym": _ort(4, 32, False),
     "ORT int4 RTN b32 sym": _ort(4, 32, True),
@@ -96,7 +103,9 @@ def _job(payload: dict[str, Any]) -> dict[str, Any]:
     if payload["tool"] == "qcompile":
         from qcompiler.api import compile_model
 
-        calib = payload["calib"] if payload["weight_only"].get("algorithm") in ("gptq", "awq") else None
+        options = payload["weight_only"]
+        calib = payload["calib"] if options.get("algorithm") in ("gptq", "awq") or options.get("target_bits") \
+            else None
         compile_model(src, dst, recipe=payload["recipe"], weight_only=payload["weight_only"], calib=calib)
         return {"seconds": time.perf_counter() - start}
     import onnx

@@ -64,6 +64,9 @@ logger = logging.getLogger(__name__)
 #: Save with external data when the tensors total more than this many bytes (protobuf's limit is 2 GiB; the
 #: margin leaves room for the graph itself). Tests monkeypatch it small.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+#: An output whose input model kept its weights in external data is saved the same way once its tensors exceed this
+#: many bytes: an inline save holds the serialized model in memory twice, which is what a large model cannot afford.
+EXTERNAL_LIKE_INPUT_BYTES = 64 << 20
 #: When saving with external data, initializers smaller than this stay inline in the ``.onnx`` file.
 EXTERNAL_MIN_TENSOR_BYTES = 1024
 #: The keys of ``TensorProto.external_data`` that the ONNX spec defines.
@@ -532,7 +535,8 @@ def _fsync_folder(folder: Path) -> None:
 
 def save_model(model: ir.Model, output_path: str | os.PathLike[str], *,
                input_path: str | os.PathLike[str] | None = None) -> None:
-    """Write the model atomically; external data ``<name>.data`` when it is too large for one protobuf.
+    """Write the model atomically; external data ``<name>.data`` when it is too large for one protobuf, or when the
+    input model kept its weights in external data and the output's tensors exceed 64 MiB.
 
     The model object is left unchanged. Nothing is written in place: temporaries in the target folder are renamed
     over the destination once complete, and removed on any failure or interrupt.
@@ -563,7 +567,9 @@ def _save(model: ir.Model, output_path: Path, *, input_path: Path | None = None,
                                      f"tensor '{tensor.name}' from; choose another output path")
     total = sum(_tensor_nbytes(t) for t, _, _ in slots)
     if external is None:
-        external = total > EXTERNAL_DATA_THRESHOLD
+        external = total > EXTERNAL_DATA_THRESHOLD or (
+            total > EXTERNAL_LIKE_INPUT_BYTES and input_path is not None and input_path.is_file()
+            and bool(external_data_files(input_path)))
     temps: list[Path] = []
     try:
         if external:

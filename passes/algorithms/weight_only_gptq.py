@@ -32,6 +32,7 @@ from qcompiler.pass_manager import QPass
 from qcompiler.passes.algorithms._gptq_core import gptq_round
 from qcompiler.passes.lower._blockwise import BlockwiseWeight, code_limits, codes_on_grid, grid, resolve_block_size
 from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, layer_bits, layer_weight, transposed_constant
+from qcompiler.progress import track
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -85,7 +86,8 @@ class WeightOnlyGPTQPass(QPass):
     def __init__(self, *, calibration_data: Any = None, enabled: bool = True, bits: int = 4, block_size: int = 32,
                  symmetric: bool = True, exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False,
                  lm_head: str = "same", ternary: bool = False, damp: float = 0.01,
-                 act_order: bool = True, max_samples: int | None = None, batch_size: int = 4) -> None:
+                 act_order: bool = True, max_samples: int | None = None, batch_size: int = 4,
+                 progress: bool = False) -> None:
         super().__init__()
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0.0 < damp < 1.0:
             raise ConfigError(f"{self.name}: damp must be a fraction in (0, 1), got {damp!r}")
@@ -95,7 +97,7 @@ class WeightOnlyGPTQPass(QPass):
         self.float_zero_point = bool(float_zero_point) and not self.symmetric
         self.lm_head, self.ternary = lm_head, bool(ternary)
         self.damp, self.act_order = float(damp), bool(act_order)
-        self.max_samples, self.batch_size = max_samples, batch_size
+        self.max_samples, self.batch_size, self.progress = max_samples, batch_size, bool(progress)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> WeightOnlyGPTQPass:
@@ -106,6 +108,7 @@ class WeightOnlyGPTQPass(QPass):
             "bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric, "exclude_nodes": w.exclude_nodes,
             "float_zero_point": w.zero_point == "float", "lm_head": w.lm_head, "ternary": w.ternary,
             "max_samples": recipe.calibration.max_samples, "batch_size": recipe.calibration.batch_size,
+            "progress": bool(getattr(context, "progress", False)),
         }
         kwargs.update(options)
         return cls(**kwargs)
@@ -143,9 +146,12 @@ class WeightOnlyGPTQPass(QPass):
             return ir.passes.PassResult(model, False)
         inputs = list(dict.fromkeys(node.inputs[0] for node, _ in layers))
         hessians = {v.name: _Hessian() for v in inputs}
+        batches = self.calibration_data.iter_batches(self.batch_size, self.max_samples)
+        total = -(-min(self.calibration_data.num_samples, self.max_samples or self.calibration_data.num_samples)
+                  // self.batch_size)
         fold_batches(io.ort_session(model, extra_outputs=inputs), hessians,
-                     self.calibration_data.iter_batches(self.batch_size, self.max_samples))
-        for node, weight in layers:
+                     track(batches, enabled=self.progress, desc="GPTQ statistics", total=total, unit="batch"))
+        for node, weight in track(layers, enabled=self.progress, desc="GPTQ", unit="layer"):
             h = hessians[node.inputs[0].name]
             self._choose(node, weight, h.sum, h.rows)
         self.count("layers", len(layers))

@@ -36,6 +36,7 @@ from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unused_initializers, release_external
 from qcompiler.passes.lower._blockwise import BlockwiseWeight, quantize_nf4, quantize_rtn, resolve_block_size
 from qcompiler.passes.lower._weights import quantize_weight_fp8, sqnr_from_energies
+from qcompiler.progress import track
 from qcompiler.runtime import packing
 
 if TYPE_CHECKING:
@@ -175,7 +176,8 @@ class LowerWeightOnlyPass(QPass):
 
     def __init__(self, *, bits: int = 4, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 0,
                  exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False, lm_head: str = "same",
-                 embedding: str = "float", nf4: bool = False, ternary: bool = False, fp8: bool = False) -> None:
+                 embedding: str = "float", nf4: bool = False, ternary: bool = False, fp8: bool = False,
+                 progress: bool = False) -> None:
         super().__init__()
         if bits not in _BITS:
             raise ConfigError(f"{self.name}: bits must be one of {_BITS}, got {bits!r}")
@@ -199,7 +201,7 @@ class LowerWeightOnlyPass(QPass):
         self.ternary = bool(ternary)
         if self.ternary and (bits != 2 or not self.symmetric):
             raise ConfigError(f"{self.name}: ternary needs bits=2 and symmetric blocks")
-        self.fp8 = bool(fp8)
+        self.fp8, self.progress = bool(fp8), bool(progress)
         if self.fp8 and bits != 8:
             raise ConfigError(f"{self.name}: fp8 weights are 8-bit (bits=8)")
 
@@ -211,7 +213,8 @@ class LowerWeightOnlyPass(QPass):
                                   "accuracy_level": w.accuracy_level, "exclude_nodes": w.exclude_nodes,
                                   "float_zero_point": w.zero_point == "float", "lm_head": w.lm_head,
                                   "embedding": w.embedding, "nf4": w.format == "nf4",
-                                  "ternary": w.ternary, "fp8": w.format == "fp8"}
+                                  "ternary": w.ternary, "fp8": w.format == "fp8",
+                                  "progress": bool(getattr(context, "progress", False))}
         kwargs.update(options)
         return cls(**kwargs)
 
@@ -224,9 +227,9 @@ class LowerWeightOnlyPass(QPass):
         shared: dict[tuple[int, bool, int], tuple[list[ir.Value | None], int]] = {}
         old: list[ir.Value] = []
         lowered = 0
-        for node in list(graph):
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-                continue
+        candidates = [n for n in graph if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx")]
+        for node in track(candidates, enabled=self.progress and len(candidates) > 8, desc="lower weights",
+                          unit="layer"):
             found = layer_weight(model, node, self.exclude_nodes)
             if isinstance(found, str):
                 self.skip(node, found)
