@@ -35,7 +35,7 @@ def test_allocation_fits_the_budget_and_beats_every_uniform_choice(data, layers,
     for _ in range(layers):
         at2 = data.draw(st.floats(1e-4, 10.0))
         noise.append({2: at2, 4: at2 * data.draw(st.floats(0.01, 1.0)), 8: at2 * 1e-4})
-        sizes.append(data.draw(st.integers(1, 1000)))
+        sizes.append(data.draw(st.integers(1, 500)))  # budget <= 20000 weight-bits: exact DP
     choice = allocate_bits(noise, sizes, target)
     assert all(b in candidates for b in choice)
     assert sum(s * b for s, b in zip(sizes, choice, strict=True)) <= target * sum(sizes) + 1e-6
@@ -45,7 +45,7 @@ def test_allocation_fits_the_budget_and_beats_every_uniform_choice(data, layers,
     best = min((c for c in itertools.product(candidates, repeat=layers)
                 if sum(s * b for s, b in zip(sizes, c, strict=True)) <= target * sum(sizes) + 1e-6),
                key=lambda c: _cost(noise, c))
-    assert _cost(noise, choice) <= 2.0 * _cost(noise, best) + 1e-12  # Lagrangian + greedy: near the optimum
+    assert _cost(noise, choice) <= _cost(noise, best) * (1 + 1e-9) + 1e-12  # small budgets: the DP is exact
 
 
 def _two_branches(k: int = 64, n: int = 32, gain: float = 10.0) -> ir.Model:

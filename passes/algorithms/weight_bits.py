@@ -17,9 +17,7 @@ Sensitivity, measured on the first ``samples`` calibration samples:
    first-order model that is good where the noise is small, which is where the higher candidates live.
 
 Allocation: minimise the sum of the layers' predicted noise (noise powers add, to first order) under the bit
-budget by Lagrangian relaxation (each layer picks ``argmin_b noise(L, b) + lambda * size(L) * b``, ``lambda``
-bisected to the smallest value that fits), then spend what is left of the budget on the upgrades with the best
-noise reduction per bit. The chosen bits go into each node's metadata (``WEIGHT_BITS_KEY``, read by
+budget: a multiple-choice knapsack, solved by dynamic programming over the budget (:func:`allocate_bits`). The chosen bits go into each node's metadata (``WEIGHT_BITS_KEY``, read by
 :func:`~qcompiler.passes.lower.weight_only.layer_bits`, so GPTQ/AWQ/HQQ and the lowering follow them) and into the
 output model's ``metadata_props["qcompiler.weight_bits"]`` (JSON: target, achieved average, bits per node).
 
@@ -62,44 +60,38 @@ logger = logging.getLogger(__name__)
 METADATA_KEY = "qcompiler.weight_bits"
 
 
+#: budget resolution of the allocation: the bit budget is counted in at most this many units
+_BUDGET_UNITS = 20_000
+
+
 def allocate_bits(noise: list[dict[int, float]], sizes: list[int], target: float) -> list[int]:
     """Bits per layer minimising ``sum noise[i][bits_i]`` under ``sum sizes[i] bits_i <= target sum sizes``.
 
-    Lagrangian relaxation (bisection on the price of a bit) and then greedy upgrades with the budget left."""
+    A multiple-choice knapsack solved by dynamic programming over the budget, counted in units of
+    ``max(1, budget / 20000)`` weight-bits; each choice's cost is rounded up to whole units, so the result always
+    fits the budget and is optimal up to that rounding (exact when the budget is at most 20000 weight-bits)."""
     candidates = sorted(noise[0])
     budget = target * sum(sizes)
-    scale = max((max(n.values()) for n in noise), default=1.0) or 1.0
-
-    def pick(price: float) -> list[int]:
-        return [min(candidates, key=lambda b, n=n, s=s: (n[b] / scale + price * s * b, b))
-                for n, s in zip(noise, sizes, strict=True)]
-
-    def used(choice: list[int]) -> float:
-        return float(sum(s * b for s, b in zip(sizes, choice, strict=True)))
-
-    low, high = 0.0, 1.0
-    while used(pick(high)) > budget and high < 1e30:
-        high *= 4.0
-    for _ in range(100):
-        middle = (low + high) / 2
-        if used(pick(middle)) <= budget:
-            high = middle
-        else:
-            low = middle
-    choice = pick(high)
-    while True:  # spend what is left: the best noise reduction per extra bit that still fits
-        left = budget - used(choice)
-        best, best_gain = None, 0.0
-        for i, (n, s) in enumerate(zip(noise, sizes, strict=True)):
-            for b in candidates:
-                extra = s * (b - choice[i])
-                if b > choice[i] and extra <= left + 1e-9:
-                    gain = (n[choice[i]] - n[b]) / extra
-                    if gain > best_gain:
-                        best, best_gain = (i, b), gain
-        if best is None:
-            return choice
-        choice[best[0]] = best[1]
+    unit = max(1.0, budget / _BUDGET_UNITS)
+    capacity = int(math.floor(budget / unit + 1e-9))
+    best = np.zeros(capacity + 1)  # before any layer: no noise, whatever budget is left
+    picks = np.zeros((len(sizes), capacity + 1), np.int8)
+    for i, (n, size) in enumerate(zip(noise, sizes, strict=True)):
+        options = np.full((len(candidates), capacity + 1), np.inf)
+        for c, bits in enumerate(candidates):
+            weight = int(math.ceil(size * bits / unit - 1e-9))
+            if weight <= capacity:
+                options[c, weight:] = best[:capacity + 1 - weight] + n[bits]
+        picks[i] = np.argmin(options, axis=0)
+        best = options[picks[i], np.arange(capacity + 1)]
+    if not np.isfinite(best[capacity]):  # the smallest candidate everywhere must fit: the caller checks the target
+        return [candidates[0]] * len(sizes)
+    choice, left = [], capacity
+    for i in range(len(sizes) - 1, -1, -1):
+        bits = candidates[picks[i, left]]
+        choice.append(bits)
+        left -= int(math.ceil(sizes[i] * bits / unit - 1e-9))
+    return choice[::-1]
 
 
 @dataclasses.dataclass
