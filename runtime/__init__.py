@@ -1,8 +1,8 @@
 """The qcompiler runtime: run compiled models with ONNX Runtime.
 
 Imports only the standard library, numpy and onnxruntime (never onnx, onnx_ir, networkx or torch), so that an
-application can embed it without the compiler. GPU kernels, when they exist, live in ``qcompiler.runtime.cuda`` and
-are imported only when asked for.
+application can embed it without the compiler. The Triton GPU kernels for the low-bit layouts
+live in ``qcompiler.runtime.cuda`` (torch and triton are imported there only, when it is imported).
 """
 
 from __future__ import annotations
