@@ -134,3 +134,15 @@ def test_cli_target_bits(tmp_path, capsys):
     chosen = json.loads(meta["qcompiler.weight_bits"])
     assert chosen["average_bits"] <= 5 and chosen["bits"]["a"] > chosen["bits"]["b"]
     assert json.loads(meta["qcompiler.weight_only"])["target_bits"] == 5
+
+
+def test_a_uniform_choice_that_measures_better_is_kept(tmp_path, monkeypatch):
+    import qcompiler.passes.algorithms.weight_bits as weight_bits
+
+    model = _two_branches()
+    data, _ = _data(tmp_path, model)
+    monkeypatch.setattr(weight_bits, "allocate_bits", lambda noise, sizes, target: [2, 4])  # a bad allocation
+    result = SelectWeightBitsPass(calibration_data=data, target_bits=4.0, candidate_bits=(2, 4, 8))(model)
+    assert result.stats.counters["uniform_assignment_kept"] == 1
+    assert result.stats.counters["assignments_measured"] == 3  # the allocation, uniform 2, uniform 4
+    assert {name: layer["chosen_bits"] for name, layer in result.stats.layers.items()} == {"a": 4, "b": 4}
