@@ -408,3 +408,22 @@ def test_awq_is_off_unless_asked_and_needs_data(tmp_path):
     assert not WeightOnlyAWQPass(enabled=False)(_mlp()).modified
     with pytest.raises(CalibrationError):
         WeightOnlyAWQPass()(_mlp())
+
+
+def test_awq_clipping_search_hands_codes_with_less_output_error(tmp_path):
+    from qcompiler.passes.algorithms.weight_only_awq import WeightOnlyAWQPass, clipped_codes
+    from qcompiler.passes.lower._blockwise import quantize_rtn as rtn
+
+    rng = np.random.default_rng(9)
+    w = (rng.standard_t(3, size=(96, 8)) * 0.05).astype(np.float32)  # heavy tails: clipping pays
+    x = rng.standard_normal((64, 96)).astype(np.float32)
+    chosen, error = clipped_codes(w, x, 4, 32, False, False, False)
+    plain = rtn(w, 4, 32, False)
+    diff = x.astype(np.float64) @ (w - plain.dequantize())
+    assert error < float(np.vdot(diff, diff))
+    assert np.all(chosen.scales <= plain.scales * (1 + 1e-6))  # ranges only ever shrink
+    model = _mlp()
+    data, _ = _outlier_data(tmp_path, model)
+    WeightOnlyAWQPass(calibration_data=data, bits=4, block_size=32, symmetric=False)(model)
+    lowered = LowerWeightOnlyPass(bits=4, block_size=32, symmetric=False)(model)
+    assert lowered.stats.counters["codes_chosen_by_algorithm"] == 2

@@ -12,6 +12,12 @@ grid (``alpha = 0`` is plain RTN, so the result is never worse on that measure),
 weights become ``s W`` (float) and one ``Mul(X, 1 / s)`` node feeds the group, so the float function is unchanged
 up to float rounding ("scales kept exact"; folding ``1 / s`` into a preceding RMSNorm weight is not done yet).
 
+Then the clipping search (AWQ's second step, ``clip = True``): for every layer, each block's grid range is shrunk
+by the ratio in ``1.0, 0.95, ..., 0.55`` that gives the block's part of the output error on the sampled rows,
+``||x_b (W_b - Q(W_b))||^2``, its least value; those codes go to the lowering in node metadata
+(``BLOCKWISE_KEY``), like GPTQ's. Measured on SmolLM2-135M int4 block 128 (8 windows): AWQ with clipping 27.6,
+without it worse, plain rounding 25.6: this model's weights sit on GGUF Q4_1 grids that both steps break up.
+
 Runs only with ``[weight-only] algorithm = "awq"`` and calibration data; layers whose bits are 8 (an int8 lm_head)
 are left alone (nothing to gain). Skipped with a reason: a weight read by several groups, an activation that is a
 graph input of another type. Per layer it records the chosen ``awq_alpha`` and the group's output error before and
@@ -32,8 +38,8 @@ from qcompiler.calibration.observers import fold_batches
 from qcompiler.errors import CalibrationError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, copy_type
-from qcompiler.passes.lower._blockwise import quantize_rtn, resolve_block_size
-from qcompiler.passes.lower.weight_only import layer_bits, layer_weight, transposed_constant
+from qcompiler.passes.lower._blockwise import BlockwiseWeight, codes_on_grid, grid, quantize_rtn, resolve_block_size
+from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, layer_bits, layer_weight, transposed_constant
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -66,6 +72,49 @@ class _ChannelStats:
         self.sample = merged
 
 
+CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(10))  # 1.0 down to 0.55
+
+
+def clipped_codes(weight: np.ndarray, x: np.ndarray, bits: int, block_size: int, symmetric: bool,
+                  float_zero_point: bool, ternary: bool) -> tuple[BlockwiseWeight, float]:
+    """Codes for ``W[K, N]`` whose block ranges are shrunk by the ratio (of :data:`CLIP_RATIOS`, per block and
+    column) that minimises the block's share of the output error on the rows ``x[R, K]``:
+    ``||x_b (W_b - Q(W_b))||^2``, ``b`` the block's rows of ``W`` (AWQ's clipping search; cross-block terms
+    ignored, as there). Returns the codes and the summed error."""
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    x64 = x.astype(np.float64)
+    best = np.full((n, blocks), np.inf)
+    scale = np.zeros((n, blocks), np.float32)
+    zero = np.zeros((n, blocks), np.float32 if float_zero_point else np.uint8)
+    for ratio in CLIP_RATIOS:
+        s_r, z_r = grid_clipped(weight, bits, block_size, symmetric, float_zero_point, ternary, ratio)
+        deq = BlockwiseWeight(codes_on_grid(weight, s_r, z_r, bits, block_size, ternary), s_r,
+                              None if symmetric else z_r, bits, block_size).dequantize()
+        diff = weight.astype(np.float64) - deq
+        for b in range(blocks):
+            rows = slice(b * block_size, min((b + 1) * block_size, k))
+            part = x64[:, rows] @ diff[rows]
+            error = np.einsum("rn,rn->n", part, part)
+            better = error < best[:, b]
+            best[better, b] = error[better]
+            scale[better, b], zero[better, b] = s_r[better, b], z_r[better, b]
+    codes = codes_on_grid(weight, scale, zero, bits, block_size, ternary)
+    return BlockwiseWeight(codes, scale, None if symmetric else zero, bits, block_size), float(best.sum())
+
+
+def grid_clipped(weight: np.ndarray, bits: int, block_size: int, symmetric: bool, float_zero_point: bool,
+                 ternary: bool, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """The block grids of ``W`` with every block's range shrunk to ``ratio`` of its extremes."""
+    if ratio == 1.0:
+        return grid(weight, bits, block_size, symmetric, float_zero_point, ternary)
+    clipped = np.array(weight, dtype=np.float32, copy=True)
+    for start in range(0, weight.shape[0], block_size):
+        part = weight[start:start + block_size]
+        clipped[start:start + block_size] = np.clip(part, part.min(axis=0) * ratio, part.max(axis=0) * ratio)
+    return grid(clipped, bits, block_size, symmetric, float_zero_point, ternary)
+
+
 class WeightOnlyAWQPass(QPass):
     """Activation-aware per-channel scaling before weight-only rounding (see the module docstring)."""
 
@@ -76,13 +125,14 @@ class WeightOnlyAWQPass(QPass):
     def __init__(self, *, calibration_data: Any = None, enabled: bool = True, bits: int = 4, block_size: int = 32,
                  symmetric: bool = True, float_zero_point: bool = False, exclude_nodes: tuple[str, ...] = (),
                  lm_head: str = "same", ternary: bool = False, max_samples: int | None = None,
-                 batch_size: int = 4, sample_rows: int = 512, seed: int = 0) -> None:
+                 batch_size: int = 4, sample_rows: int = 512, seed: int = 0, clip: bool = True) -> None:
         super().__init__()
         self.calibration_data, self.enabled = calibration_data, bool(enabled)
         self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
         self.float_zero_point = bool(float_zero_point) and not self.symmetric
         self.exclude_nodes, self.lm_head, self.ternary = frozenset(exclude_nodes), lm_head, bool(ternary)
         self.max_samples, self.batch_size, self.sample_rows, self.seed = max_samples, batch_size, sample_rows, seed
+        self.clip = bool(clip)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> WeightOnlyAWQPass:
@@ -168,10 +218,20 @@ class WeightOnlyAWQPass(QPass):
             self.record_layer(node, awq_alpha=best_alpha,
                               rtn_output_error_db=round(10 * math.log10(max(base_error, 1e-300) / signal), 3),
                               awq_output_error_db=round(10 * math.log10(max(best_error, 1e-300) / signal), 3))
-        if best_alpha == 0.0:
-            return 0
         s = mean ** best_alpha
         s = (s / math.sqrt(float(s.max() * s.min()))).astype(np.float32)
+        if self.clip:
+            for node, weight, bits in layers:
+                block = resolve_block_size(self.block_size, weight.shape[0])
+                chosen, error = clipped_codes((weight * s[:, None]).astype(np.float32), x / s, bits, block,
+                                              self.symmetric, self.float_zero_point and bits != 8,
+                                              self.ternary and bits == 2)
+                node.meta[BLOCKWISE_KEY] = chosen
+                w_signal = float(np.vdot(x @ weight, x @ weight))
+                self.record_layer(node, awq_clip_output_error_db=round(
+                    10 * math.log10(max(error, 1e-300) / max(w_signal, 1e-300)), 3))
+        if best_alpha == 0.0:
+            return 0
         graph = model.graph
         name = scope.fresh(f"{value.name or 'x'}_awq_inverse_scale")
         inverse = ir.Value(name=name, const_value=ir.tensor((1.0 / s).astype(np.float32), name=name))
