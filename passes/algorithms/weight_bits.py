@@ -55,7 +55,6 @@ from qcompiler.passes.lower.weight_only import (
     is_lm_head,
     layer_bits,
     layer_weight,
-    transposed_constant,
 )
 from qcompiler.progress import track
 
@@ -194,8 +193,7 @@ class SelectWeightBitsPass(QPass):
             if key in by_weight:
                 by_weight[key].nodes.append(node)
                 continue
-            transposed = node.op_type == "Gemm" and node.attributes.get("transB") is not None and \
-                bool(node.attributes["transB"].value) and transposed_constant(node.inputs[1]) is None
+            transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))  # reads W^T
             by_weight[key] = _Layer([node], found[0], transposed)
         return list(by_weight.values())
 

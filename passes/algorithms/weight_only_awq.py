@@ -41,6 +41,7 @@ from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, copy_type
 from qcompiler.passes.lower._blockwise import BlockwiseWeight, codes_on_grid, grid, quantize_rtn, resolve_block_size
 from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, layer_bits, layer_weight, transposed_constant
+from qcompiler.runtime import packing
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -83,7 +84,7 @@ def clipped_codes(weight: np.ndarray, x: np.ndarray, bits: int, block_size: int,
     ``||x_b (W_b - Q(W_b))||^2``, ``b`` the block's rows of ``W`` (AWQ's clipping search; cross-block terms
     ignored, as there). Returns the codes and the summed error."""
     k, n = weight.shape
-    blocks = -(-k // block_size)
+    blocks = packing.block_count(k, block_size)
     x64 = x.astype(np.float64)
     best = np.full((n, blocks), np.inf)
     scale = np.zeros((n, blocks), np.float32)

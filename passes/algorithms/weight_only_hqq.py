@@ -114,13 +114,14 @@ def quantize_hqq(weight: np.ndarray, bits: int, block_size: int, symmetric: bool
     """HQQ codes for ``W[K, N]`` on blocks of ``block_size`` along K (see the module docstring)."""
     k, n = weight.shape
     lo, hi = code_limits(bits, ternary)
-    scale0, zero0 = grid(weight, bits, block_size, symmetric, float_zero_point, ternary)
-    scales = np.empty(scale0.shape, np.float32)
-    zeros = np.empty(scale0.shape, zero0.dtype)
+    shape = (n, packing.block_count(k, block_size))
+    scales = np.empty(shape, np.float32)
+    zeros = np.empty(shape, np.float32 if float_zero_point else np.uint8)
     codes = np.empty((n, k), np.uint8)
-    for cols in column_chunks(weight.shape):  # bounded temporaries
+    for cols in column_chunks(weight.shape):  # bounded temporaries, the starting grids too
         w, valid = _column_blocks(weight, cols, block_size)
-        s0, z0 = scale0[cols].astype(np.float32), zero0[cols].astype(np.float32)
+        s0, z0 = (g.astype(np.float32) for g in grid(weight[:, cols], bits, block_size, symmetric,
+                                                    float_zero_point, ternary))
         mode = "scale" if symmetric else "zero"
         s, z = _optimise(w, valid, s0, z0, lo, hi, mode, p, beta, kappa, iterations)
         if not symmetric and not float_zero_point:  # a uint8 zero point: round it, refit the scale to it
