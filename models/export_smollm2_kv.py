@@ -45,7 +45,7 @@ else:
     from ._cache import model_dir
     from .export_smollm2 import load_model
 
-__all__ = ["NAME", "PREFILL", "DECODE_STEPS", "input_names", "output_names", "main"]
+__all__ = ["NAME", "PREFILL", "DECODE_STEPS", "export_kv_decoder", "input_names", "output_names", "main"]
 
 NAME = "smollm2-135m-kv"
 PREFILL = 16
@@ -87,6 +87,30 @@ def _decoder(llm):  # type: ignore[no-untyped-def]
     return KVDecoder().eval()
 
 
+def export_kv_decoder(llm, onnx_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Export a transformers causal LM as the KV-cache decoder described above (dynamo exporter, opset 18)."""
+    import torch
+
+    config = llm.config
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    decoder = _decoder(llm)
+    # Trace with batch 2 (a batch of 1 would be specialized), 3 new tokens and 5 past ones.
+    generator = torch.Generator().manual_seed(0)
+    past = [torch.randn(2, kv_heads, 5, head_dim, generator=generator) for _ in range(2 * layers)]
+    sample = (torch.randint(0, config.vocab_size, (2, 3), generator=generator), torch.ones(2, 8, dtype=torch.int64),
+              past)
+    batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("sequence", max=4096)
+    past_seq, total = torch.export.Dim("past_sequence", max=4096), torch.export.Dim("total_sequence", max=8192)
+    kv_spec = {0: batch, 2: past_seq}
+    with torch.no_grad():
+        program = torch.onnx.export(decoder, sample, dynamo=True, opset_version=18,
+                                    input_names=input_names(layers), output_names=output_names(layers),
+                                    dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: total},
+                                                    [kv_spec] * (2 * layers)))
+    program.save(str(onnx_path))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Export the KV-cache model and the tokenizer into the cache, check it against torch; print a summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -104,21 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     decoder = _decoder(llm)
 
-    # Trace with batch 2 (a batch of 1 would be specialized), 3 new tokens and 5 past ones.
-    generator = torch.Generator().manual_seed(0)
-    past = [torch.randn(2, kv_heads, 5, head_dim, generator=generator) for _ in range(2 * layers)]
-    sample = (torch.randint(0, config.vocab_size, (2, 3), generator=generator), torch.ones(2, 8, dtype=torch.int64),
-              past)
-    batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("sequence", max=4096)
-    past_seq, total = torch.export.Dim("past_sequence", max=4096), torch.export.Dim("total_sequence", max=8192)
-    kv_spec = {0: batch, 2: past_seq}
     onnx_path = out / "model.onnx"
-    with torch.no_grad():
-        program = torch.onnx.export(decoder, sample, dynamo=True, opset_version=18,
-                                    input_names=input_names(layers), output_names=output_names(layers),
-                                    dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: total},
-                                                    [kv_spec] * (2 * layers)))
-    program.save(str(onnx_path))
+    export_kv_decoder(llm, onnx_path)
     tokenizer.save_pretrained(str(out))
 
     # Check: a prefill of PREFILL tokens from empty caches, then DECODE_STEPS greedy steps feeding the caches back.

@@ -50,12 +50,13 @@ import logging
 import math
 import os
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from qcompiler.runtime import packing
+from qcompiler.runtime.cuda.dequant import codebook as _codebook
+from qcompiler.runtime.cuda.dequant import dequantize_bnb4, dequantize_nbits, to_device
 
 __all__ = [
     "KernelConfig",
@@ -560,7 +561,6 @@ def default_config(m: int, k: int, n: int, bits: int, block_size: int, *, nf4: b
 # ---------------------------------------------------------------------------------------------------------------
 
 _WORKSPACE: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
-_CODEBOOK: dict[tuple[str, int | None], torch.Tensor] = {}
 
 
 def _workspace(device: torch.device, values: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -574,30 +574,6 @@ def _workspace(device: torch.device, values: int, tiles: int) -> tuple[torch.Ten
                                                                                  device=device))
         _WORKSPACE[key] = ws
     return ws
-
-
-def _codebook(device: torch.device) -> torch.Tensor:
-    key = (device.type, device.index)
-    if key not in _CODEBOOK:
-        _CODEBOOK[key] = torch.from_numpy(packing.NF4_CODEBOOK.copy()).to(device)
-    return _CODEBOOK[key]
-
-
-def to_device(*arrays: np.ndarray | torch.Tensor | None, device: str | torch.device = "cuda"
-              ) -> tuple[torch.Tensor | None, ...]:
-    """The packed initializers (numpy arrays, as the ONNX model holds them) as contiguous tensors on ``device``.
-
-    Shapes and dtypes are kept (uint8 stays uint8, float32 scales stay float32); ``None`` stays ``None``.
-    """
-    out = []
-    for array in arrays:
-        if array is None:
-            out.append(None)
-        elif isinstance(array, torch.Tensor):
-            out.append(array.to(device).contiguous())
-        else:
-            out.append(torch.from_numpy(np.ascontiguousarray(array)).to(device))
-    return tuple(out)
 
 
 def _as_words(packed: torch.Tensor, rows: int) -> torch.Tensor:
@@ -745,33 +721,3 @@ def matmul_bnb4(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, *, 
     y = _launch(a2, _as_words(packed, n), absmax.reshape(-1).contiguous(), None, 0, k=k, n=n, bits=4,
                 block_size=block_size, n_blocks=k // block_size, zp_row_bytes=0, nf4=True, config=config)
     return y.view(*lead, n)
-
-
-def dequantize_nbits(packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, *, k: int,
-                     n: int, bits: int, block_size: int) -> torch.Tensor:
-    """The float32 ``W[K, N]`` of a MatMulNBits weight with torch ops (the GPU twin of ``packing.dequantize``)."""
-    n_blocks = packing.block_count(k, block_size)
-    per_byte = 8 // bits
-    mask = (1 << bits) - 1
-    raw = packed.reshape(n, -1).to(torch.int32)
-    codes = torch.stack([(raw >> (i * bits)) & mask for i in range(per_byte)], dim=-1).reshape(n, n_blocks, -1)
-    scale = scales.reshape(n, n_blocks, 1).float()
-    if zero_points is None:
-        zp = torch.full_like(scale, float(packing.default_zero_point(bits)))
-    elif zero_points.dtype != torch.uint8:
-        zp = zero_points.reshape(n, n_blocks, 1).float()
-    else:
-        zraw = zero_points.reshape(n, -1).to(torch.int32)
-        zc = torch.stack([(zraw >> (i * bits)) & mask for i in range(per_byte)], dim=-1).reshape(n, -1)
-        zp = zc[:, :n_blocks].float().reshape(n, n_blocks, 1)
-    weight = ((codes.float() - zp) * scale).reshape(n, n_blocks * block_size)[:, :k]
-    return weight.t().contiguous()
-
-
-def dequantize_bnb4(packed: torch.Tensor, absmax: torch.Tensor, *, k: int, n: int, block_size: int) -> torch.Tensor:
-    """The float32 ``W[K, N]`` of a MatMulBnb4 NF4 weight with torch ops (the twin of ``packing.dequantize_bnb4``)."""
-    raw = packed.reshape(-1).to(torch.int64)
-    codes = torch.stack([raw >> 4, raw & 0x0F], dim=1).reshape(-1)[:n * k]
-    values = _codebook(packed.device)[codes]
-    scale = absmax.reshape(-1).float().repeat_interleave(block_size)[:n * k]
-    return (values * scale).reshape(n, k).t().contiguous()

@@ -1,0 +1,80 @@
+"""The GPU side of :class:`qcompiler.runtime.Session`: numpy in, numpy out, over :class:`GraphExecutor`.
+
+``Session(path, device="cuda")`` builds one of these (imported only then), so an application switches device with
+one argument and keeps its code: the same input/output descriptions, the same feed checks, numpy arrays back.
+:meth:`GpuSession.run_torch` skips the host round trip for callers that keep tensors on the GPU (a decode loop).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from qcompiler.runtime.cuda.executor import GraphExecutor
+from qcompiler.runtime.cuda.graph import TensorSpec
+
+__all__ = ["GpuSession", "ORT_TYPE_NAMES"]
+
+#: ORT's type strings for the dtypes the executor handles (what Session.inputs reports on the CPU too)
+ORT_TYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float32: "tensor(float)", torch.float16: "tensor(float16)", torch.bfloat16: "tensor(bfloat16)",
+    torch.float64: "tensor(double)", torch.int8: "tensor(int8)", torch.uint8: "tensor(uint8)",
+    torch.int16: "tensor(int16)", torch.int32: "tensor(int32)", torch.int64: "tensor(int64)",
+    torch.bool: "tensor(bool)",
+}
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
+    if dtype == torch.bfloat16:
+        return None
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+class GpuSession:
+    """A model on a torch device (CUDA: qcompiler's kernels and CUDA graphs).
+
+    Args:
+        path: the ``.onnx`` file.
+        device: a torch device string (``"cuda"``, ``"cuda:1"``; ``"cpu"`` runs the same executor with torch's
+            CPU ops, which is how it is tested without a GPU).
+        cuda_graphs: replay each input signature from a CUDA graph after its first run.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], device: str = "cuda", *, cuda_graphs: bool = True) -> None:
+        self.executor = GraphExecutor(path, device, cuda_graphs=cuda_graphs)
+
+    @staticmethod
+    def describe(spec: TensorSpec) -> tuple[str, tuple[Any, ...], str, np.dtype | None]:
+        """(name, shape, ORT type string, numpy dtype) of a graph input or output."""
+        shape = tuple(spec.shape) if spec.shape is not None else ()
+        return spec.name, shape, ORT_TYPE_NAMES.get(spec.dtype, str(spec.dtype)), _numpy_dtype(spec.dtype)
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.executor.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.executor.outputs
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.executor.metadata
+
+    @property
+    def opsets(self) -> dict[str, int]:
+        return self.executor.opsets
+
+    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run on numpy feeds (already checked by Session) and return numpy copies of ``output_names``."""
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in feeds.items()}
+        results = self.executor.run(tensors)
+        return {name: results[name].detach().cpu().numpy() for name in output_names}
+
+    def run_torch(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run on torch tensors and return the device tensors (with CUDA graphs: valid until the next run)."""
+        return self.executor.run(feeds)
