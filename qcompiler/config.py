@@ -119,8 +119,11 @@ class QuantizationOptions:
             raise ConfigError(f"quantization.max_accuracy_drop must be a fraction in [0, 1), got {drop!r}")
 
 
-#: weight-only formats and their bits (MatMulNBits codes)
-WEIGHT_ONLY_FORMATS = {"int8": 8, "int4": 4, "int2": 2, "nf4": 4, "ternary": 2, "fp8": 8}
+#: weight-only formats and their bits (MatMulNBits codes; int3 is our own ai.qcompiler.MatMulIntN)
+WEIGHT_ONLY_FORMATS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2, "nf4": 4, "ternary": 2, "fp8": 8}
+FP8_KERNELS = ("dequantize", "fused")
+#: the bits a layer may get under mixed precision (3: MatMulIntN)
+CANDIDATE_BITS = (2, 3, 4, 8)
 WEIGHT_ONLY_ALGORITHMS = ("rtn", "gptq", "awq", "hqq")
 
 
@@ -130,9 +133,13 @@ class WeightOnlyOptions:
 
     Attributes:
         format: "int8", "int4" or "int2" (codes of that many bits, lowered to ``com.microsoft.MatMulNBits``),
+            "int3" (3-bit codes in our ``ai.qcompiler.MatMulIntN``: ONNX Runtime's CPU MatMulNBits runs only 2, 4
+            and 8 bits; the model then needs qcompiler's runtime Session with onnxruntime-extensions),
             "ternary" (1.58-bit: ``{-1, 0, +1}`` times an absmean scale per block, stored as 2-bit MatMulNBits
             codes), "nf4" (4-bit NormalFloat with one absmax per block, lowered to ``com.microsoft.MatMulBnb4``), or
             "fp8" (FP8 E4M3 weights with one scale per output column and a ``DequantizeLinear``; RTN only).
+        fp8_kernel: with "fp8", "dequantize" (``DequantizeLinear`` + float MatMul: plain ONNX) or "fused" (our
+            ``ai.qcompiler.MatMulFp8``, which dequantizes inside the op; needs qcompiler's runtime Session).
         algorithm: how the codes are chosen: "rtn" (round to nearest on the block's grid) or "gptq" (the same grid,
             codes that minimise each layer's output error on the calibration data; needs ``--calib``) or "awq"
             (activation-aware per-channel scales searched on the calibration data, then round to nearest) or "hqq"
@@ -151,11 +158,13 @@ class WeightOnlyOptions:
             "float", or "int8"/"int4" blockwise along ``cols`` (``com.microsoft.GatherBlockQuantized``).
         target_bits: mixed precision (``select-weight-bits``): the average code bits per weight; each layer gets
             one of ``candidate_bits`` by measured sensitivity (None: every layer gets the format's bits).
-        candidate_bits: the bit widths mixed precision chooses from (2 is ternary with the ternary format).
+        candidate_bits: the bit widths mixed precision chooses from (2 is ternary with the ternary format; 3 is
+            MatMulIntN, so a model with 3-bit layers needs qcompiler's runtime Session).
         sensitivity_samples: calibration samples the sensitivities are measured on.
     """
 
     format: str = "int4"
+    fp8_kernel: str = "dequantize"
     algorithm: str = "rtn"
     block_size: int = 32
     symmetric: bool = True
@@ -190,6 +199,15 @@ class WeightOnlyOptions:
             raise ConfigError(f"weight-only.zero_point must be 'int' or 'float', got {self.zero_point!r}")
         if self.zero_point == "float" and self.symmetric:
             raise ConfigError("weight-only.zero_point = 'float' needs symmetric = false (--asymmetric)")
+        if self.fp8_kernel not in FP8_KERNELS:
+            raise ConfigError(f"weight-only.fp8_kernel must be one of {', '.join(FP8_KERNELS)}, got "
+                              f"{self.fp8_kernel!r}")
+        if self.fp8_kernel != "dequantize" and self.format != "fp8":
+            raise ConfigError(f"weight-only.fp8_kernel = {self.fp8_kernel!r} needs format = 'fp8', not "
+                              f"{self.format!r}")
+        if self.zero_point == "float" and self.format == "int3":
+            raise ConfigError("weight-only.zero_point = 'float' with int3: MatMulIntN stores uint8 zero points "
+                              "only (--zero-point int)")
         if self.zero_point == "float" and self.format == "int8":
             raise ConfigError("weight-only.zero_point = 'float' with int8: ONNX Runtime's CPU MatMulNBits has no "
                               "8-bit kernel with float zero points")
@@ -216,8 +234,8 @@ class WeightOnlyOptions:
     def _check_mixed_precision(self) -> None:
         candidates = self.candidate_bits
         if not isinstance(candidates, (tuple, list)) or not candidates or \
-                any(isinstance(b, bool) or b not in (2, 4, 8) for b in candidates):
-            raise ConfigError(f"weight-only.candidate_bits must be a list of 2, 4 and/or 8, got {candidates!r}")
+                any(isinstance(b, bool) or b not in CANDIDATE_BITS for b in candidates):
+            raise ConfigError(f"weight-only.candidate_bits must be a list of 2, 3, 4 and/or 8, got {candidates!r}")
         object.__setattr__(self, "candidate_bits", tuple(sorted(set(candidates))))
         samples = self.sensitivity_samples
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -232,10 +250,10 @@ class WeightOnlyOptions:
             raise ConfigError(f"weight-only.target_bits must lie between the candidate bits {low} and {high}, "
                               f"got {target}")
         if self.format == "nf4":
-            raise ConfigError("weight-only.target_bits: mixed precision needs an integer format (int2/int4/int8/"
-                              "ternary), not nf4")
-        if self.zero_point == "float" and 8 in self.candidate_bits:
-            raise ConfigError("weight-only.target_bits with zero_point = 'float': 8-bit layers have no float "
+            raise ConfigError("weight-only.target_bits: mixed precision needs an integer format (int2/int3/int4/"
+                              "int8/ternary), not nf4")
+        if self.zero_point == "float" and (8 in self.candidate_bits or 3 in self.candidate_bits):
+            raise ConfigError("weight-only.target_bits with zero_point = 'float': 3- and 8-bit layers have no float "
                               "zero-point kernel; set candidate_bits = [2, 4]")
 
     @property
@@ -328,7 +346,11 @@ def _section(cls: type, data: Any, section: str, base: Any) -> Any:
             raise ConfigError(f"unknown recipe key '{section}.{key}' (known: {', '.join(sorted(fields))})")
     values = {}
     for key, value in data.items():
-        if isinstance(getattr(base, key), tuple) or isinstance(value, list):
+        default = getattr(base, key)
+        if isinstance(value, list) and isinstance(default, tuple) and default and \
+                all(isinstance(v, int) for v in default):
+            value = tuple(value)  # a list of numbers (candidate_bits): the options class checks its elements
+        elif isinstance(default, tuple) or isinstance(value, list):
             value = _tuple_of_str(value, f"{section}.{key}")
         elif isinstance(getattr(base, key), bool) != isinstance(value, bool) and getattr(base, key) is not None:
             raise ConfigError(f"recipe key '{section}.{key}' has the wrong type: {value!r}")

@@ -3,6 +3,12 @@
 This module imports only the standard library, numpy and onnxruntime, so that an application can run qcompiler's
 output without the compiler's dependencies (onnx, onnx_ir, networkx, torch).
 
+Before ONNX Runtime sees the file, its opset imports and metadata are read (:mod:`._onnx_scan`, without parsing the
+weights). A model that imports qcompiler's own domain (``ai.qcompiler``: the int3 and fused FP8 matmuls of
+:mod:`qcompiler.runtime.custom_ops`) is checked against this runtime's operator set (its version, the op names,
+their input counts) and its ops are registered through onnxruntime-extensions (with ORT's spinning workers off:
+they would steal the cores from the ops' BLAS threads); every refusal is one line.
+
 :meth:`Session.run` takes a dict of numpy arrays keyed by input name and returns a dict keyed by output name (in the
 model's output order). Feeds are checked before ORT sees them: unknown or missing names, wrong
 element types and wrong ranks or fixed dimensions raise :class:`InvalidFeedError` with one clear line. Feeds are
@@ -20,6 +26,9 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from qcompiler.runtime import custom_ops
+from qcompiler.runtime._onnx_scan import ModelScan, scan_model
 
 __all__ = ["Session", "TensorInfo", "SessionError", "InvalidFeedError"]
 
@@ -79,11 +88,13 @@ class Session:
     Args:
         path: the ``.onnx`` file (external data is read from its folder).
         providers: ORT execution providers, in order of preference (default: CPU only).
-        intra_op_threads: threads used inside one operator (None: ORT's default).
+        intra_op_threads: threads used inside one operator (None: ORT's default). Our custom ops run numpy, whose
+            BLAS threads follow ``OPENBLAS_NUM_THREADS`` (and the like) instead.
         inter_op_threads: threads used across operators (None: ORT's default).
 
     Raises:
-        SessionError: the file is missing, a provider is not available, or ORT cannot load the model.
+        SessionError: the file is missing, it uses ``ai.qcompiler`` ops this runtime cannot run (a newer opset, an
+            unknown op, onnxruntime-extensions not installed), a provider is not available, or ORT cannot load it.
     """
 
     def __init__(self, path: str | os.PathLike[str], providers: Sequence[str] | None = None, *,
@@ -91,6 +102,9 @@ class Session:
         self.path = Path(path)
         if not self.path.is_file():
             raise SessionError(f"{self.path}: no such model file")
+        scan = self._scan()
+        self._opsets = dict(scan.opsets) if scan is not None else {}
+        self._custom_ops = self._check_custom_ops(scan) if scan is not None else ()
         wanted = list(providers) if providers is not None else ["CPUExecutionProvider"]
         available = ort.get_available_providers()
         missing = [p for p in wanted if p not in available]
@@ -102,6 +116,16 @@ class Session:
             options.intra_op_num_threads = intra_op_threads
         if inter_op_threads is not None:
             options.inter_op_num_threads = inter_op_threads
+        if self._custom_ops:
+            # ORT's idle workers spin, taking the cores from numpy's BLAS threads inside our ops (SmolLM2 int3,
+            # 2 threads: 362 ms per 8-token forward with spinning, 144 ms without)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            try:
+                custom_ops.register(options)
+            except ImportError as exc:
+                raise SessionError(f"{self.path}: the model uses qcompiler's custom ops "
+                                   f"({', '.join(self._custom_ops)}); they run through onnxruntime-extensions, which "
+                                   "is not installed: pip install onnxruntime-extensions==0.15.2") from exc
         try:
             self._session = ort.InferenceSession(str(self.path), options, providers=wanted)
         except Exception as exc:
@@ -110,6 +134,36 @@ class Session:
         self._inputs = [_info(a) for a in self._session.get_inputs()]
         self._outputs = [_info(a) for a in self._session.get_outputs()]
         logger.debug("session on %s with %s", self.path, self._session.get_providers())
+
+    def _scan(self) -> ModelScan | None:
+        """The file's opsets, metadata and ``ai.qcompiler`` nodes, or None when it is not readable protobuf (ORT
+        then reports why it cannot load it)."""
+        try:
+            return scan_model(self.path, custom_ops.DOMAIN)
+        except (OSError, ValueError) as exc:
+            logger.debug("%s: not scanned (%s)", self.path, exc)
+            return None
+
+    def _check_custom_ops(self, scan: ModelScan) -> tuple[str, ...]:
+        version = scan.opsets.get(custom_ops.DOMAIN)
+        if version is None:
+            return ()
+        try:
+            return custom_ops.check_nodes(version, scan.nodes)
+        except custom_ops.CustomOpError as exc:
+            written_by = scan.metadata.get("qcompiler.version")
+            by = f" (written by qcompiler {written_by})" if written_by else ""
+            raise SessionError(f"{self.path}{by}: {exc}") from exc
+
+    @property
+    def opsets(self) -> dict[str, int]:
+        """The model's opset imports: domain -> version (the default domain is ``""``)."""
+        return dict(self._opsets)
+
+    @property
+    def custom_ops(self) -> tuple[str, ...]:
+        """The ``ai.qcompiler`` ops the model uses (registered for this session), sorted; empty for most models."""
+        return self._custom_ops
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -176,7 +230,7 @@ class Session:
 
         Raises:
             InvalidFeedError: wrong input names, element types or shapes, or an unknown output name.
-            SessionError: ONNX Runtime failed while running.
+            SessionError: ONNX Runtime, or one of our custom ops, failed while running.
         """
         checked = self._check_feeds(feeds)
         names = [o.name for o in self._outputs] if output_names is None else list(output_names)
@@ -185,12 +239,22 @@ class Session:
         if unknown:
             raise InvalidFeedError(f"unknown output name(s) {', '.join(map(repr, unknown))}; the model's outputs "
                                    f"are {', '.join(repr(o.name) for o in self._outputs)}")
+        mark = custom_ops.failure_count() if self._custom_ops else 0
         try:
             results = self._session.run(names, checked)
         except Exception as exc:
+            self._raise_custom_op_failure(mark)
             message = " ".join(str(exc).split())
             raise SessionError(f"{self.path}: onnxruntime failed: {message[:500]}") from exc
+        if self._custom_ops:
+            self._raise_custom_op_failure(mark)
         return dict(zip(names, results, strict=True))
+
+    def _raise_custom_op_failure(self, mark: int) -> None:
+        """Raise the first failure of one of our custom ops since ``mark`` (they cannot raise into ORT)."""
+        failed = custom_ops.failures_since(mark)
+        if failed:
+            raise SessionError(f"{self.path}: custom op failed: {failed[0][:500]}")
 
     def __repr__(self) -> str:
         return f"Session({str(self.path)!r}, providers={self.providers})"

@@ -222,8 +222,8 @@ def test_list_keys_reject_a_string() -> None:
 
 
 def test_unknown_recipe_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown recipe 'int3'"):
-        load_recipe("int3")
+    with pytest.raises(ConfigError, match="unknown recipe 'int5'"):
+        load_recipe("int5")
     with pytest.raises(ConfigError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="recipe file not found"):

@@ -109,7 +109,7 @@ def test_ternary_candidates_and_no_budget(tmp_path):
 def test_budget_options_are_checked():
     recipe = load_recipe("int4")
     assert override(recipe, weight_only={"target_bits": 3.5}).weight_only.target_bits == 3.5
-    for bad in ({"target_bits": 1.5}, {"target_bits": 9}, {"candidate_bits": [3, 4]}, {"target_bits": "x"},
+    for bad in ({"target_bits": 1.5}, {"target_bits": 9}, {"candidate_bits": [3, 5]}, {"target_bits": "x"},
                 {"sensitivity_samples": 0}):
         with pytest.raises(ConfigError):
             override(recipe, weight_only=bad)

@@ -14,6 +14,9 @@ block and output column (the layout is :mod:`qcompiler.runtime.packing`'s). Grid
 - ternary (1.58-bit, BitNet b1.58's absmean): 2-bit codes restricted to ``{1, 2, 3}`` around ``z = 2``, i.e. the
   values ``{-s, 0, +s}``, with ``s = mean |w|`` over the block; a value rounds to ``+-s`` once ``|w| > s / 2``.
 
+The grids and the algorithms on them are the same for any width from 1 to 8 bits; 3 bits (and the other widths
+that MatMulNBits lacks) are packed for ``ai.qcompiler.MatMulIntN`` by :meth:`BlockwiseWeight.packed_intn`.
+
 Values in the padding of the last block (K not a multiple of the block size) take no part in the ranges. A block
 whose values are all equal gets ``s = |w| / (2^b - 1)`` (or 1 for zeros), so it is exact. Algorithms other than round-to-nearest
 (GPTQ, AWQ, HQQ) choose codes on the same grids.
@@ -68,6 +71,18 @@ class BlockwiseWeight:
         return (packing.pack_codes(self.codes, self.bits, self.block_size),
                 np.ascontiguousarray(self.scales.reshape(-1), dtype=np.float32), zp)
 
+    def packed_intn(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(B ``[N, n_blocks, blob]``, scales ``[N * n_blocks]``, zero points, empty when symmetric): the inputs of
+        ``ai.qcompiler.MatMulIntN`` in its generic packing (any bits from 1 to 8; uint8 zero points only)."""
+        if self.zero_points is None:
+            zp = np.zeros(0, np.uint8)
+        elif self.zero_points.dtype == np.uint8:
+            zp = packing.pack_zero_points_intn(self.zero_points, self.bits)
+        else:
+            raise ValueError("MatMulIntN stores uint8 zero points only, not float ones")
+        return (packing.pack_codes_intn(self.codes, self.bits, self.block_size),
+                np.ascontiguousarray(self.scales.reshape(-1), dtype=np.float32), zp)
+
     def dequantize(self, columns: slice = slice(None)) -> np.ndarray:
         """The float32 ``W[K, N]`` the codes stand for (or only its ``columns``)."""
         codes, scales = self.codes[columns], self.scales[columns]
@@ -75,7 +90,7 @@ class BlockwiseWeight:
         blocks = scales.shape[1]
         pad = blocks * self.block_size - k
         zp = self.zero_points[columns] if self.zero_points is not None else \
-            np.full(scales.shape, packing.default_zero_point(self.bits), np.uint8)
+            np.full(scales.shape, packing.middle_code(self.bits), np.uint8)
         codes = np.pad(codes, ((0, 0), (0, pad))).reshape(n, blocks, self.block_size).astype(np.float32)
         w = (codes - zp[..., None].astype(np.float32)) * scales[..., None]
         return np.ascontiguousarray(w.reshape(n, -1)[:, :k].T)

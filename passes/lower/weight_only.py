@@ -7,8 +7,18 @@ along K (:mod:`qcompiler.passes.lower._blockwise`, layout :mod:`qcompiler.runtim
     Y = MatMulNBits(A, B_packed, scales, [zero_points], , [bias]; K, N, bits, block_size, accuracy_level)
 
 Activations stay float (the kernel dequantizes the weights, or, at ``accuracy_level = 4`` on CPU, quantizes the
-activations to int8 per block). A weight read by several MatMul/Gemm nodes is quantized once and its packed
-tensors are shared; the float weight is dropped when nothing else reads it (a tied embedding's Gather keeps it).
+activations to int8 per block). Widths MatMulNBits lacks on CPU (3, 5, 6, 7 bits; it runs 2, 4 and 8 in ORT 1.32)
+go to our own op, in the same arrangement with a generic packing and uint8 zero points only::
+
+    Y = ai.qcompiler.MatMulIntN(A, B_packed, scales, zero_points, bias; K, N, bits, block_size)
+
+and FP8 E4M3 weights go either to ``DequantizeLinear`` + the float MatMul/Gemm (``fp8_fused = False``, plain ONNX)
+or to the fused ``Y = ai.qcompiler.MatMulFp8(A, W^T_e4m3 [N, K] as uint8, scale [N], bias; K, N)``. The custom ops
+take every input (an absent zero point or bias is an empty tensor) and run through :mod:`qcompiler.runtime`'s
+``Session`` (:mod:`qcompiler.runtime.custom_ops`); the model then imports ``ai.qcompiler`` opset 1.
+
+A weight read by several MatMul/Gemm nodes is quantized once and its packed tensors are shared; the float weight is
+dropped when nothing else reads it (a tied embedding's Gather keeps it).
 
 Skipped with a counted reason: excluded names, nodes in subgraphs, non-constant or non-float32 weights (or weights
 that are graph inputs), weights not 2-D, a 1-D activation, Gemm with ``transA = 1``, ``alpha``/``beta`` other than
@@ -37,7 +47,7 @@ from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unu
 from qcompiler.passes.lower._blockwise import BlockwiseWeight, quantize_nf4, quantize_rtn, resolve_block_size
 from qcompiler.passes.lower._weights import quantize_weight_fp8, sqnr_from_energies
 from qcompiler.progress import track
-from qcompiler.runtime import packing
+from qcompiler.runtime import custom_ops, packing
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -52,7 +62,9 @@ _CONTRIB = "com.microsoft"
 BLOCKWISE_KEY = "qcompiler.blockwise_weight"
 #: node metadata key: the bits mixed precision (``select-weight-bits``) chose for this node's weight
 WEIGHT_BITS_KEY = "qcompiler.weight_bits"
-_BITS = (2, 4, 8)
+#: the bits the pass lowers; MatMulNBits takes :data:`_NBITS` (its CPU widths), MatMulIntN the others
+_BITS = (2, 3, 4, 5, 6, 7, 8)
+_NBITS = (2, 4, 8)
 
 
 def _attr(node: ir.Node, name: str, default: Any) -> Any:
@@ -137,6 +149,16 @@ def layer_weight(model: ir.Model, node: ir.Node,
     return np.ascontiguousarray(array), bias
 
 
+def empty_constant(graph: ir.Graph, names: NameScope, dtype: type) -> ir.Value:
+    """A shared empty 1-D initializer of ``dtype``: the "absent" input of our custom ops (created once per graph)."""
+    name = f"qcompiler_empty_{np.dtype(dtype).name}"
+    value = graph.initializers.get(name)
+    if value is not None and value.const_value is not None and value.const_value.numpy().size == 0 and \
+            value.const_value.numpy().dtype == np.dtype(dtype):
+        return value
+    return register_constants(graph, names, "qcompiler_empty", [(np.dtype(dtype).name, np.zeros(0, dtype))])[0]
+
+
 def register_constants(graph: ir.Graph, names: NameScope, base: str,
                        arrays: list[tuple[str, np.ndarray | None]]) -> list[ir.Value | None]:
     """New initializers named ``base_suffix`` (unique) for each array; None stays None (an absent input)."""
@@ -157,7 +179,7 @@ class LowerWeightOnlyPass(QPass):
     """Replace MatMul/Gemm with constant weights by MatMulNBits over blockwise low-bit codes.
 
     Args:
-        bits: 2, 4 or 8.
+        bits: 2, 4 or 8 (MatMulNBits), or 3, 5, 6 or 7 (``ai.qcompiler.MatMulIntN``).
         block_size: values per block along K (a power of two from 16 to 256), or 0 for one block per column.
         symmetric: fixed middle zero point (no zero-point input) or a zero point per block.
         float_zero_point: asymmetric zero points as float32 (the exact block range) instead of uint8 codes.
@@ -168,6 +190,8 @@ class LowerWeightOnlyPass(QPass):
         fp8: 8-bit layers store FP8 E4M3 weights with one scale per output column and a ``DequantizeLinear``
             before the float MatMul/Gemm (no fused ONNX Runtime kernel exists for it; needs default opset 19,
             to which the model is converted when older).
+        fp8_fused: with ``fp8``, the fused ``ai.qcompiler.MatMulFp8`` instead (no DequantizeLinear, no opset
+            change; needs qcompiler's runtime Session and onnxruntime-extensions).
     """
 
     name = "lower-weight-only"
@@ -177,7 +201,7 @@ class LowerWeightOnlyPass(QPass):
     def __init__(self, *, bits: int = 4, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 0,
                  exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False, lm_head: str = "same",
                  embedding: str = "float", nf4: bool = False, ternary: bool = False, fp8: bool = False,
-                 progress: bool = False) -> None:
+                 fp8_fused: bool = False, progress: bool = False) -> None:
         super().__init__()
         if bits not in _BITS:
             raise ConfigError(f"{self.name}: bits must be one of {_BITS}, got {bits!r}")
@@ -198,12 +222,17 @@ class LowerWeightOnlyPass(QPass):
             raise ConfigError(f"{self.name}: nf4 needs bits=4 and symmetric (absmax) blocks")
         if self.float_zero_point and bits == 8:
             raise ConfigError(f"{self.name}: float zero points with 8 bits have no ONNX Runtime CPU kernel")
+        if self.float_zero_point and bits not in _NBITS:
+            raise ConfigError(f"{self.name}: float zero points need 2 or 4 bits (MatMulNBits); {bits}-bit "
+                              "MatMulIntN stores uint8 zero points")
         self.ternary = bool(ternary)
         if self.ternary and (bits != 2 or not self.symmetric):
             raise ConfigError(f"{self.name}: ternary needs bits=2 and symmetric blocks")
-        self.fp8, self.progress = bool(fp8), bool(progress)
+        self.fp8, self.fp8_fused, self.progress = bool(fp8), bool(fp8_fused), bool(progress)
         if self.fp8 and bits != 8:
             raise ConfigError(f"{self.name}: fp8 weights are 8-bit (bits=8)")
+        if self.fp8_fused and not self.fp8:
+            raise ConfigError(f"{self.name}: fp8_fused needs fp8 = True")
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> LowerWeightOnlyPass:
@@ -214,13 +243,14 @@ class LowerWeightOnlyPass(QPass):
                                   "float_zero_point": w.zero_point == "float", "lm_head": w.lm_head,
                                   "embedding": w.embedding, "nf4": w.format == "nf4",
                                   "ternary": w.ternary, "fp8": w.format == "fp8",
+                                  "fp8_fused": w.format == "fp8" and w.fp8_kernel == "fused",
                                   "progress": bool(getattr(context, "progress", False))}
         kwargs.update(options)
         return cls(**kwargs)
 
     # -- the pass ---------------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.fp8:
+        if self.fp8 and not self.fp8_fused:
             self._ensure_opset(model, 19)
         graph = model.graph
         names = NameScope(model)
@@ -241,8 +271,12 @@ class LowerWeightOnlyPass(QPass):
                 continue
             source = transposed_constant(node.inputs[1])
             if self.fp8 and bits == 8 and not (self.lm_head == "int8" and is_lm_head(node)):
-                replacement = self._fp8_node(graph, node, weight, bias, names)
+                fp8_node = self._fp8_fused_node if self.fp8_fused else self._fp8_node
+                replacement = fp8_node(graph, node, weight, bias, names)
                 kind = f"{node.op_type}_fp8"
+            elif self.float_zero_point and bits not in _NBITS:
+                self.skip(node, f"float zero points: {bits}-bit MatMulIntN stores uint8 zero points only")
+                continue
             elif self.nf4 and bits == 4:
                 if bias is not None:
                     self.skip(node, "nf4: MatMulBnb4 has no bias input (Gemm with a bias stays float)")
@@ -251,7 +285,7 @@ class LowerWeightOnlyPass(QPass):
                 kind = f"{node.op_type}_nf4"
             else:
                 replacement = self._matmulnbits_node(graph, node, weight, bias, bits, source, shared, names)
-                kind = node.op_type
+                kind = node.op_type if bits in _NBITS else f"{node.op_type}_intn"
             transposer = node.inputs[1].producer() if source is not None else None
             old.extend(v for v in node.inputs[1:] if v is not None)
             read = (node.inputs[1], source)
@@ -271,13 +305,16 @@ class LowerWeightOnlyPass(QPass):
             lowered += self._lower_embeddings(model, names, old)
         if lowered:
             model.opset_imports.setdefault(_CONTRIB, 1)
+        if any(n.domain == custom_ops.DOMAIN for n in graph):
+            model.opset_imports.setdefault(custom_ops.DOMAIN, custom_ops.OPSET_VERSION)
         self.count("float_weights_removed", drop_unused_initializers(old))
         return ir.passes.PassResult(model, lowered > 0)
 
     def _matmulnbits_node(self, graph: ir.Graph, node: ir.Node, weight: np.ndarray, bias: ir.Value | None,
                           bits: int, source: ir.Value | None, shared: dict[tuple[int, bool, int], Any],
                           names: NameScope) -> ir.Node:
-        """MatMulNBits over ``W[K, N]``, its packed tensors shared by every reader of the same weight."""
+        """MatMulNBits (or MatMulIntN for the other widths) over ``W[K, N]``, its packed tensors shared by every
+        reader of the same weight."""
         transposed = source is not None or (node.op_type == "Gemm" and bool(_attr(node, "transB", 0)))
         key = (id(source if source is not None else node.inputs[1]), transposed, bits)
         chosen = node.meta.get(BLOCKWISE_KEY)
@@ -290,6 +327,12 @@ class LowerWeightOnlyPass(QPass):
             self.count("weights_shared")
         tensors, block = shared[key]
         k, n = weight.shape
+        if bits not in _NBITS:
+            inputs = [node.inputs[0], *tensors, bias if bias is not None else empty_constant(graph, names, np.float32)]
+            replacement = ir.node("MatMulIntN", inputs, domain=custom_ops.DOMAIN, name=node.name,
+                                  attributes={"K": k, "N": n, "bits": bits, "block_size": block})
+            copy_type(replacement.outputs[0], node.outputs[0])
+            return replacement
         inputs: list[ir.Value | None] = [node.inputs[0], *tensors]
         if bias is not None:
             inputs += [None] * (5 - len(inputs)) + [bias]
@@ -318,9 +361,16 @@ class LowerWeightOnlyPass(QPass):
         else:
             blockwise = quantize_rtn(weight, bits, block, self.symmetric, self.float_zero_point and bits != 8,
                                      ternary=self.ternary and bits == 2)
-        packed, scales, zero_points = blockwise.packed()
-        values = register_constants(graph, names, node.inputs[1].name or node.name or "weight",
-                                    [("packed", packed), ("scales", scales), ("zero_points", zero_points)])
+        base = node.inputs[1].name or node.name or "weight"
+        if bits in _NBITS:
+            packed, scales, zero_points = blockwise.packed()
+            values = register_constants(graph, names, base, [("packed", packed), ("scales", scales),
+                                                             ("zero_points", zero_points)])
+        else:  # MatMulIntN: every input present, symmetric zero points an empty tensor
+            packed, scales, zero_points = blockwise.packed_intn()
+            values = register_constants(graph, names, base, [("packed", packed), ("scales", scales)])
+            values.append(register_constants(graph, names, base, [("zero_points", zero_points)])[0]
+                          if zero_points.size else empty_constant(graph, names, np.uint8))
         self.record_layer(node, weight_sqnr_db=round(sqnr_from_energies(*blockwise.error_energies(weight)), 3),
                           scheme="ternary-weight-only" if self.ternary and bits == 2 else f"int{bits}-weight-only",
                           block_size=block, symmetric=self.symmetric,
@@ -396,6 +446,23 @@ class LowerWeightOnlyPass(QPass):
         copy_type(replacement.outputs[0], node.outputs[0])
         self.record_layer(node, weight_sqnr_db=round(quantized.sqnr_db, 3), scheme="fp8-weight-only",
                           weight_shape=list(weight.shape))
+        return replacement
+
+    def _fp8_fused_node(self, graph: ir.Graph, node: ir.Node, weight: np.ndarray, bias: ir.Value | None,
+                        names: NameScope) -> ir.Node:
+        """``ai.qcompiler.MatMulFp8(A, W^T_e4m3 [N, K] as uint8, scale [N], bias)``: the same codes and scales as
+        :meth:`_fp8_node`, dequantized inside the op."""
+        k, n = weight.shape
+        quantized = quantize_weight_fp8(weight, 1)
+        values = register_constants(graph, names, node.inputs[1].name or node.name or "weight",
+                                    [("fp8", np.ascontiguousarray(quantized.q.view(np.uint8).T)),
+                                     ("scale", quantized.scale.astype(np.float32))])
+        inputs = [node.inputs[0], *values, bias if bias is not None else empty_constant(graph, names, np.float32)]
+        replacement = ir.node("MatMulFp8", inputs, attributes={"K": k, "N": n}, domain=custom_ops.DOMAIN,
+                              name=node.name)
+        copy_type(replacement.outputs[0], node.outputs[0])
+        self.record_layer(node, weight_sqnr_db=round(quantized.sqnr_db, 3), scheme="fp8-weight-only",
+                          kernel="fused", weight_shape=list(weight.shape))
         return replacement
 
     def _nf4_node(self, graph: ir.Graph, node: ir.Node, weight: np.ndarray, names: NameScope) -> ir.Node:
