@@ -680,6 +680,11 @@ def ort_session(model: ir.Model, *, extra_outputs: Iterable[ir.Value] = (), intr
         options.intra_op_num_threads = intra_op_threads
     if optimization_level is not None:
         options.graph_optimization_level = optimization_level
+    from qcompiler.runtime import custom_ops
+
+    if custom_ops.DOMAIN in clone.opset_imports:  # int3 / fused FP8 nodes: register our ops (as Session does)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        custom_ops.register(options)
     names: list[str] = []
     arrays: list[np.ndarray] = []
     for value in clone.graph.initializers.values():

@@ -39,4 +39,21 @@ def random_inputs(model: ir.Model, *, seed: int = 0, dynamic_dim: int = 1) -> di
             feeds[value.name] = rng.integers(0, 8, shape).astype(dtype.numpy())
         else:
             raise UnsupportedModelError(f"graph input '{value.name}' has type {dtype}: cannot make sample data")
-    return feeds
+    return _as_decoder_prefill(model, feeds, rng)
+
+
+def _as_decoder_prefill(model: ir.Model, feeds: dict[str, np.ndarray], rng: np.random.Generator
+                        ) -> dict[str, np.ndarray]:
+    """For a decoder (``input_ids`` with a mask, positions or KV cache), a consistent prefill of 4 random tokens
+    from an empty cache: independent random masks and cache lengths would not agree with each other."""
+    from qcompiler.calibration.text import _PAST, complete_decoder_inputs
+    from qcompiler.errors import CalibrationError
+
+    if "input_ids" not in feeds or not any(name in ("attention_mask", "position_ids") or _PAST.match(name)
+                                           for name in feeds):
+        return feeds
+    ids = rng.integers(0, 8, (1, 4)).astype(feeds["input_ids"].dtype)
+    try:
+        return complete_decoder_inputs(model, {"input_ids": ids})
+    except CalibrationError:  # an unusual cache layout: keep the plain random feeds
+        return feeds

@@ -1,7 +1,9 @@
 """Run a compiled model file with ONNX Runtime: a thin, checked wrapper around ``onnxruntime.InferenceSession``.
 
 This module imports only the standard library, numpy and onnxruntime, so that an application can run qcompiler's
-output without the compiler's dependencies (onnx, onnx_ir, networkx, torch).
+output without the compiler's dependencies (onnx, onnx_ir, networkx, torch). ``Session(path, device="cuda")``
+runs the same file on qcompiler's GPU executor instead (:mod:`qcompiler.runtime.cuda`, which imports torch and
+onnx when, and only when, it is asked for), behind the same inputs, outputs, feed checks and numpy results.
 
 Before ONNX Runtime sees the file, its opset imports and metadata are read (:mod:`._onnx_scan`, without parsing the
 weights). A model that imports qcompiler's own domain (``ai.qcompiler``: the int3 and fused FP8 matmuls of
@@ -91,6 +93,11 @@ class Session:
         intra_op_threads: threads used inside one operator (None: ORT's default). Our custom ops run numpy, whose
             BLAS threads follow ``OPENBLAS_NUM_THREADS`` (and the like) instead.
         inter_op_threads: threads used across operators (None: ORT's default).
+        device: ``"cpu"`` (ONNX Runtime), ``"cuda"`` / ``"cuda:N"`` (qcompiler's GPU executor: our Triton kernels
+            for the quantized ops, PyTorch for the rest, CUDA graphs; needs torch and triton, imported only then),
+            or ``"torch-cpu"`` (the same executor on the CPU with torch ops: checks a model's GPU path on a machine
+            without a GPU).
+        cuda_graphs: on CUDA, replay each input signature from a CUDA graph after its first run.
 
     Raises:
         SessionError: the file is missing, it uses ``ai.qcompiler`` ops this runtime cannot run (a newer opset, an
@@ -98,13 +105,21 @@ class Session:
     """
 
     def __init__(self, path: str | os.PathLike[str], providers: Sequence[str] | None = None, *,
-                 intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
+                 intra_op_threads: int | None = None, inter_op_threads: int | None = None, device: str = "cpu",
+                 cuda_graphs: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise SessionError(f"{self.path}: no such model file")
         scan = self._scan()
         self._opsets = dict(scan.opsets) if scan is not None else {}
         self._custom_ops = self._check_custom_ops(scan) if scan is not None else ()
+        self.device = device
+        self._gpu: Any = None
+        if device != "cpu":
+            if providers is not None:
+                raise SessionError(f"providers are ONNX Runtime's: they go with device='cpu', not {device!r}")
+            self._start_gpu(device, cuda_graphs)
+            return
         wanted = list(providers) if providers is not None else ["CPUExecutionProvider"]
         available = ort.get_available_providers()
         missing = [p for p in wanted if p not in available]
@@ -134,6 +149,31 @@ class Session:
         self._inputs = [_info(a) for a in self._session.get_inputs()]
         self._outputs = [_info(a) for a in self._session.get_outputs()]
         logger.debug("session on %s with %s", self.path, self._session.get_providers())
+
+    def _start_gpu(self, device: str, cuda_graphs: bool) -> None:
+        """The GPU executor (imported only here: torch and onnx are never loaded for a CPU session)."""
+        if not (device in ("torch-cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise SessionError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'torch-cpu', got {device!r}")
+        if self._custom_ops:
+            raise SessionError(f"{self.path}: qcompiler's CPU custom ops ({', '.join(self._custom_ops)}) have no GPU "
+                               "kernels; run this model with device='cpu'")
+        try:
+            import torch
+
+            from qcompiler.runtime.cuda.executor import UnsupportedOpError
+            from qcompiler.runtime.cuda.session import GpuSession
+        except ImportError as exc:
+            raise SessionError(f"device={device!r} needs torch (and triton for the CUDA kernels): {exc}") from exc
+        if device != "torch-cpu" and not torch.cuda.is_available():
+            raise SessionError(f"device={device!r}: torch sees no CUDA device")
+        try:
+            self._gpu = GpuSession(self.path, "cpu" if device == "torch-cpu" else device, cuda_graphs=cuda_graphs)
+        except (UnsupportedOpError, ValueError) as exc:
+            raise SessionError(f"{self.path}: the GPU executor cannot run this model: {exc}") from exc
+        self._session = None
+        self._inputs = [TensorInfo(*self._gpu.describe(spec)) for spec in self._gpu.inputs]
+        self._outputs = [TensorInfo(*self._gpu.describe(spec)) for spec in self._gpu.outputs]
+        logger.debug("GPU executor on %s for %s", device, self.path)
 
     def _scan(self) -> ModelScan | None:
         """The file's opsets, metadata and ``ai.qcompiler`` nodes, or None when it is not readable protobuf (ORT
@@ -177,18 +217,31 @@ class Session:
 
     @property
     def providers(self) -> list[str]:
-        """The execution providers the session really uses."""
+        """The execution providers the session really uses (for the GPU executor: its name and device)."""
+        if self._gpu is not None:
+            return [f"qcompiler.GraphExecutor({self._gpu.executor.device})"]
         return list(self._session.get_providers())
 
     @property
     def metadata(self) -> dict[str, str]:
         """The model's ``metadata_props`` (e.g. ``qcompiler.version``, ``qcompiler.recipe``)."""
+        if self._gpu is not None:
+            return self._gpu.metadata
         return dict(self._session.get_modelmeta().custom_metadata_map)
 
     @property
     def inference_session(self) -> ort.InferenceSession:
-        """The underlying ``onnxruntime.InferenceSession``."""
+        """The underlying ``onnxruntime.InferenceSession`` (SessionError on the GPU executor, which has none)."""
+        if self._session is None:
+            raise SessionError(f"a device={self.device!r} session runs no onnxruntime.InferenceSession")
         return self._session
+
+    def run_torch(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """GPU executor only: run on torch tensors and get the device tensors back (no host copies; with CUDA
+        graphs they are the graph's buffers, valid until the next run). Feeds are not checked here."""
+        if self._gpu is None:
+            raise SessionError("run_torch is for device='cuda' sessions; use run() on the CPU")
+        return self._gpu.run_torch(feeds)
 
     def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         expected = {i.name: i for i in self._inputs}
@@ -239,6 +292,12 @@ class Session:
         if unknown:
             raise InvalidFeedError(f"unknown output name(s) {', '.join(map(repr, unknown))}; the model's outputs "
                                    f"are {', '.join(repr(o.name) for o in self._outputs)}")
+        if self._gpu is not None:
+            try:
+                return self._gpu.run(checked, names)
+            except (RuntimeError, ValueError) as exc:
+                message = " ".join(str(exc).split())
+                raise SessionError(f"{self.path}: the GPU executor failed: {message[:500]}") from exc
         mark = custom_ops.failure_count() if self._custom_ops else 0
         try:
             results = self._session.run(names, checked)
@@ -257,4 +316,4 @@ class Session:
             raise SessionError(f"{self.path}: custom op failed: {failed[0][:500]}")
 
     def __repr__(self) -> str:
-        return f"Session({str(self.path)!r}, providers={self.providers})"
+        return f"Session({str(self.path)!r}, device={self.device!r}, providers={self.providers})"

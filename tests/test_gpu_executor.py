@@ -244,3 +244,70 @@ def test_cuda_graph_replay_matches_eager(tmp_path: Path) -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     plan = next(iter(graphed._plans.values()))
     assert plan.graph is not None and graphed.traces == 1
+
+
+# -- qcompiler.runtime.Session(device=...) over the executor ----------------------------------------------------------
+def test_session_on_the_executor_matches_the_cpu_session(tmp_path: Path) -> None:
+    from qcompiler.runtime import Session
+
+    path = _compiled(tmp_path, "int4", accuracy_level=0)
+    device = "cuda" if torch.cuda.is_available() else "torch-cpu"
+    gpu, cpu = Session(path, device=device), Session(path)
+    assert gpu.inputs == cpu.inputs and gpu.outputs == cpu.outputs
+    assert gpu.metadata == cpu.metadata and gpu.metadata["qcompiler.recipe"] == "int4"
+    assert gpu.providers[0].startswith("qcompiler.GraphExecutor(")
+    feeds = _feeds(np.array([[4, 2, 9]], np.int64), [np.zeros((1, KV_HEADS, 0, HEAD_DIM), np.float32)] * 4,
+                   np.ones((1, 3), np.int64))
+    for _ in range(3):  # trace, capture (on CUDA), replay
+        got, want = gpu.run(feeds, ["logits", "present.1.value"]), cpu.run(feeds, ["logits", "present.1.value"])
+        assert list(got) == ["logits", "present.1.value"]
+        for name in got:
+            np.testing.assert_allclose(got[name], want[name], atol=2e-4 if device == "torch-cpu" else 3e-2, rtol=0)
+    from qcompiler.runtime import InvalidFeedError, SessionError
+
+    with pytest.raises(InvalidFeedError, match="input 'input_ids' must be int64"):
+        gpu.run(dict(feeds, input_ids=feeds["input_ids"].astype(np.int32)))
+    with pytest.raises(SessionError, match="runs no onnxruntime.InferenceSession"):
+        gpu.inference_session  # noqa: B018
+
+
+def test_session_device_errors_are_one_line(tmp_path: Path, monkeypatch) -> None:
+    from qcompiler.runtime import Session, SessionError
+
+    with pytest.raises(SessionError, match="device must be 'cpu', 'cuda', 'cuda:N' or 'torch-cpu', got 'gpu'"):
+        Session(TINY, device="gpu")
+    with pytest.raises(SessionError, match="providers are ONNX Runtime's"):
+        Session(TINY, providers=["CPUExecutionProvider"], device="torch-cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SessionError, match="torch sees no CUDA device"):
+            Session(TINY, device="cuda")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
+    graph = helper.make_graph([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2])], "g", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = tmp_path / "pool.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
+    with pytest.raises(SessionError, match="the GPU executor cannot run this model: .*MaxPool"):
+        Session(path, device="torch-cpu")
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch":
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(SessionError, match="needs torch"):
+        Session(TINY, device="torch-cpu")
+
+
+def test_cpu_session_never_imports_torch_or_onnx(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from qcompiler.runtime import Session\n"
+            f"s = Session({str(TINY)!r}); s.inputs\n"
+            "print(','.join(m for m in ('torch', 'onnx', 'triton') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""

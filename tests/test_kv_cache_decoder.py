@@ -10,6 +10,8 @@ padding mask built from the shapes and ``attention_mask`` -> output projection -
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -163,3 +165,22 @@ def test_prefill_then_decode_with_the_cache_stays_close_to_float(compiled):
     empty = {name: np.zeros((2, HEADS, 0, HEAD_DIM), np.float32) for name in KV_NAMES}
     full = int4_session.run(None, {"input_ids": sequence, "attention_mask": np.ones((2, 7), np.int64), **empty})[0]
     np.testing.assert_allclose(np.concatenate(actual, axis=1), full, rtol=1e-4, atol=1e-4)
+
+
+TINY_LLAMA = Path(__file__).resolve().parents[1] / "models" / "tiny_llama_kv.onnx"
+
+
+@pytest.mark.parametrize("recipe", ["int4", "int3"])
+def test_verify_each_runs_an_exported_kv_decoder(tmp_path: Path, recipe: str) -> None:
+    """The verifier's sample inputs for a KV-cache decoder are a consistent prefill (random masks and cache
+    lengths made ORT fail inside the exporter's GatherND), and its ORT sessions register our custom ops (int3)."""
+    import onnx_ir as ir
+
+    from qcompiler.sample_inputs import random_inputs
+
+    feeds = random_inputs(ir.load(TINY_LLAMA))
+    assert feeds["input_ids"].shape == (1, 4) and feeds["attention_mask"].tolist() == [[1, 1, 1, 1]]
+    assert feeds["past_key_values.0.key"].shape == (1, 2, 0, 16)
+    ort.InferenceSession(str(TINY_LLAMA)).run(None, feeds)
+    result = compile_model(TINY_LLAMA, tmp_path / "out.onnx", recipe=recipe, verify_each=True)
+    assert isinstance(result, CompileResult)

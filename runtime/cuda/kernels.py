@@ -37,7 +37,8 @@ the last program of an output tile (an atomic counter says which) reads the tota
 the workspace and the counter to zero, so a call is one launch and the workspace stays zero between calls. The
 workspace is per device: calls that use split-K must not run concurrently on several streams of one device.
 
-Limits: activations float16 or bfloat16 (float32 is cast to float16), ``[..., K]`` with any leading dims; weights
+Limits: activations float16 or bfloat16 (float32 is cast to float16, except a single token: the GEMV reads
+float32 activations as they are and writes float32), ``[..., K]`` with any leading dims; weights
 on the same CUDA device; accumulation in float32, output in the activation dtype. NF4 needs ``K % 8 == 0``,
 ``K % block_size == 0`` and a power-of-two ``block_size >= 8`` for the kernels (every block inside one row);
 other NF4 shapes are dequantized with torch ops and multiplied with ``torch.matmul`` (correct, slower).
@@ -591,8 +592,8 @@ def _activations(a: torch.Tensor, k: int, device: torch.device) -> tuple[torch.T
         raise ValueError(f"activations end in {a.shape[-1]}, expected K = {k}")
     if a.device != device:
         raise ValueError(f"activations on {a.device}, weights on {device}")
-    if a.dtype not in (torch.float16, torch.bfloat16):
-        a = a.to(torch.float16)
+    if a.dtype not in (torch.float16, torch.bfloat16) and not (a.dtype == torch.float32 and a.numel() == k):
+        a = a.to(torch.float16)  # one float32 token stays float32: the GEMV reads it as it is (no cast kernels)
     lead = tuple(a.shape[:-1])
     a2 = a.reshape(-1, k)
     if a2.stride(1) != 1:
@@ -611,6 +612,8 @@ def _launch(a2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zp: tor
     if m == 0:
         return y
     cfg = config or default_config(m, k, n, bits, block_size, nf4=nf4, sms=_sm_count(device))
+    if a2.dtype == torch.float32 and not (m == 1 and cfg.gemv):  # the tiled kernel takes 16-bit operands
+        a2 = a2.to(torch.float16)
     z = zp if zp is not None else scales  # an unused pointer when there are no zero points
     cb = _codebook(device) if nf4 else scales
     row_words = words.shape[1]
@@ -661,7 +664,8 @@ def matmul_nbits(a: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     """``a @ W`` for a ``com.microsoft.MatMulNBits`` weight, read in its packed layout.
 
     Args:
-        a: activations ``[..., K]`` (float16 or bfloat16; float32 is cast to float16) on a CUDA device.
+        a: activations ``[..., K]`` (float16 or bfloat16; float32 is cast to float16 but for one token) on a CUDA
+            device.
         packed: uint8 ``[N, n_blocks, blob_size]`` (any shape with that many bytes, contiguous).
         scales: float32 or float16 ``[N * n_blocks]``.
         zero_points: ``None`` (the middle code), packed uint8 ``[N * ceil(n_blocks * bits / 8)]`` or float
