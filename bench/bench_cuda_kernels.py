@@ -32,7 +32,7 @@ import torch
 import triton
 
 from qcompiler.runtime import packing
-from qcompiler.runtime.cuda import kernels
+from qcompiler.runtime.cuda import gemv_cuda, kernels
 from qcompiler.runtime.cuda.kernels import KernelConfig
 
 SHAPES = [(4096, 14336), (14336, 4096)]
@@ -370,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                 used = cfg or kernels.default_config(m, k, n, case.bits, case.block, nf4=case.nf4,
                                                      sms=props.multi_processor_count)
                 notes[(case.name, k, n, m)] = _describe(used, m)
+                if cfg is None and m == 1 and not case.nf4 and gemv_cuda.supports(
+                        k, case.bits, case.block, w0["scales"], w0["zp"]) and gemv_cuda.available():
+                    rows, warps_k = gemv_cuda.launch_shape(n, k, case.bits, props.multi_processor_count)
+                    notes[(case.name, k, n, m)] = f"CUDA C++ gemv rows {rows} warps_k {warps_k}"
                 log(f"{case.name} {k}x{n} m={m}: {t:.1f} us, err {err:.1e}, {_describe(used, m)}")
             del weights, w0
             torch.cuda.empty_cache()

@@ -216,3 +216,37 @@ def test_bad_inputs_raise():
         kernels.matmul_nbits(a, packed_t, scales_t, zp_t, k=64, n=8, bits=3, block_size=32)
     with pytest.raises(ValueError, match="power of two"):
         kernels.matmul_nbits(a, packed_t[:, :1], scales_t[:8], None, k=24, n=8, bits=4, block_size=24)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the CUDA C++ GEMV needs a GPU")
+@pytest.mark.parametrize(("bits", "block", "zp_kind", "k", "n"), [
+    (4, 32, "none", 4096, 1000), (4, 128, "uint8", 1536, 333), (4, 64, "uint8", 576, 1536),
+    (8, 32, "none", 3072, 70), (8, 128, "uint8", 4096, 64), (8, 16, "none", 512, 96)])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_cuda_cpp_gemv_matches_the_numpy_reference(bits, block, zp_kind, k, n, dtype) -> None:
+    from qcompiler.runtime.cuda import gemv_cuda
+
+    if not gemv_cuda.available():
+        pytest.skip("the CUDA C++ GEMV does not compile here (nvcc/ninja)")
+    rng = np.random.default_rng(bits + block + k)
+    packed, scales, zp = _nbits_case(rng, bits=bits, block=block, k=k, n=n, zp_kind=zp_kind)
+    weight = packing.dequantize(packed, scales, zp, k=k, bits=bits, block_size=block).astype(np.float64)
+    a = (rng.standard_normal((1, k)) * 2).astype(np.float32)
+    want = a.astype(np.float16).astype(np.float64) @ weight
+    tensors = kernels.to_device(packed, scales, zp, device=DEVICE)
+    act = torch.from_numpy(a).to(DEVICE).to(getattr(torch, dtype))
+    for rows, warps_k in [(2, 1), (4, 2), (8, 8), gemv_cuda.launch_shape(n, k, bits, 132)]:
+        got = gemv_cuda.gemv(act, *tensors, k=k, n=n, bits=bits, block_size=block, rows=rows, warps_k=warps_k)
+        assert got.dtype == act.dtype and got.shape == (1, n)
+        err = np.linalg.norm(got.double().cpu().numpy() - want) / np.linalg.norm(want)
+        assert err < 2e-3, (rows, warps_k, err)
+    # and through matmul_nbits, which picks it for one float16 token (float32 ones go to the Triton GEMV below
+    # 2^24 weights)
+    rows, warps_k = gemv_cuda.launch_shape(n, k, bits, kernels._sm_count(torch.device(DEVICE)))
+    via = kernels.matmul_nbits(act, *tensors, k=k, n=n, bits=bits, block_size=block)
+    direct = gemv_cuda.gemv(act, *tensors, k=k, n=n, bits=bits, block_size=block, rows=rows, warps_k=warps_k)
+    if dtype == "float16":
+        torch.testing.assert_close(via, direct, rtol=0, atol=0)
+    else:
+        err = np.linalg.norm(via.double().cpu().numpy() - want) / np.linalg.norm(want)
+        assert via.dtype == torch.float32 and err < 2e-3
