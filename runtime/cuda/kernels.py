@@ -12,7 +12,8 @@ The kernels read the initializers exactly as :mod:`qcompiler.runtime.packing` wr
 Each row ``n`` of ``packed`` is contiguous along K, so a kernel reads it as 32-bit words (``PW = 32 / bits`` codes
 a word, little-endian, so code ``j`` of a word sits at bit ``j * bits``) with 16-byte loads.
 
-Two kernels, chosen by M:
+Two kernels, chosen by M (for one float16 token of a 4- or 8-bit weight, :func:`matmul_nbits` first takes the
+CUDA C++ GEMV of :mod:`qcompiler.runtime.cuda.gemv_cuda` where it compiles: 1.3-1.6x faster on an H200):
 
 - ``M == 1`` (:func:`_gemv_kernel`, memory-bound, CUDA cores): each program owns ``BLOCK_N`` rows and a K range
   (split-K); each thread holds one word of each of its rows, so the code ``j`` of every word is one register tile
