@@ -9,7 +9,8 @@
    on the CPU) and for a copy with ``accuracy_level = 0`` (float activations on the CPU too: the same math).
 2. **Decode step time.** Ours: the executor with CUDA graphs over a cache of fixed capacity (the mask hides the
    unused slots, so one captured graph serves every step; the step's new key/value go into their slot with one
-   copy), greedy next token on the GPU, no host synchronisation inside the loop. The peer: transformers'
+   copy), greedy next token on the GPU, no host synchronisation inside the loop (the same operations as
+   :meth:`qcompiler.runtime.cuda.decode.FixedCacheDecoder.step`, which packages this loop for applications). The peer: transformers'
    ``LlamaForCausalLM`` with SmolLM2-135M's configuration in float16, eager, with its ``DynamicCache`` after a
    prefill of the same length (random weights: the time does not depend on their values). Also ours without CUDA
    graphs. Median over ``--repeats`` runs of ``--steps`` steps each, CUDA events; ratio = fp16 eager / ours.

@@ -20,6 +20,10 @@ Needs numpy, onnxruntime and tokenizers only (no torch). Run, e.g.::
 
     python examples/generate.py ~/.cache/qcompiler/models/smollm2-135m-kv/model.onnx /tmp/kv_int4.onnx \\
         --tokens 64 --prompt "What is the capital of France?"
+
+``--device cuda`` runs the models on qcompiler's GPU executor instead (torch and triton needed), through
+:class:`qcompiler.runtime.cuda.decode.FixedCacheDecoder`: a cache of ``prompt + --tokens`` slots, CUDA graphs from
+the second decode step (``--device torch-cpu``: the same executor on the CPU, without graphs).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["Generation", "KVDecoder", "chat_prompt", "main"]
+__all__ = ["Generation", "GpuKVDecoder", "KVDecoder", "chat_prompt", "main"]
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -112,6 +116,32 @@ class KVDecoder:
         return Generation(new, timings[0], sum(timings[1:]))
 
 
+class GpuKVDecoder:
+    """The same generation on qcompiler's GPU executor (``device`` "cuda" or "torch-cpu"), timed alike."""
+
+    def __init__(self, path: Path, device: str, capacity: int) -> None:
+        import torch
+
+        from qcompiler.runtime.cuda.decode import FixedCacheDecoder
+        from qcompiler.runtime.cuda.executor import GraphExecutor
+
+        self.torch = torch
+        cuda = device == "cuda"
+        executor = GraphExecutor(path, "cuda" if cuda else "cpu", cuda_graphs=cuda)
+        self.decoder = FixedCacheDecoder(executor, capacity)
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def generate(self, prompt: list[int], tokens: int, eos: int | None) -> Generation:
+        start = time.perf_counter()
+        new = [int(self.decoder.prefill(prompt).item())]
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        while len(new) < tokens and new[-1] != eos:
+            new.append(int(self.decoder.step().item()))  # the read-back waits for the step
+        self.sync()
+        return Generation(new, prefill_s, time.perf_counter() - start)
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens two generations share."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
@@ -155,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per model; the median is reported")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json (default: found, see above)")
     parser.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    parser.add_argument("--device", choices=("cpu", "cuda", "torch-cpu"), default="cpu",
+                        help="cpu: ONNX Runtime (default); cuda: qcompiler's GPU executor; torch-cpu: the same on the CPU")
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.runs < 1 or args.threads < 1:
         parser.error("--tokens, --runs and --threads must be positive")
@@ -165,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.from_file(str(path))
     eos = _eos_id(tokenizer, path.parent)
     prompt = tokenizer.encode(args.prompt if args.raw else chat_prompt(args.prompt), add_special_tokens=False).ids
-    print(f"prompt: {len(prompt)} tokens; up to {args.tokens} new; {args.threads} threads; "
+    print(f"prompt: {len(prompt)} tokens; up to {args.tokens} new; {args.device}, {args.threads} threads; "
           f"median of {args.runs} runs; tokenizer {path}")
-    decoders = [KVDecoder(model, args.threads) for model in args.models]
+    if args.device == "cpu":
+        decoders = [KVDecoder(model, args.threads) for model in args.models]
+    else:
+        decoders = [GpuKVDecoder(model, args.device, len(prompt) + args.tokens) for model in args.models]
     for decoder in decoders:
         decoder.generate(prompt, min(args.tokens, 4), eos)  # warm-up: first-run allocations
     runs: list[list[Generation]] = [[] for _ in decoders]

@@ -311,3 +311,44 @@ def test_cpu_session_never_imports_torch_or_onnx(tmp_path: Path) -> None:
             "print(','.join(m for m in ('torch', 'onnx', 'triton') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+# -- FixedCacheDecoder ---------------------------------------------------------------------------------------------
+def _ort_greedy(path: Path, prompt: list[int], new: int) -> list[int]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.asarray([prompt], np.int64)
+    past = [np.zeros((1, KV_HEADS, 0, HEAD_DIM), np.float32) for _ in range(2 * LAYERS)]
+    tokens: list[int] = []
+    while len(tokens) < new:
+        out = session.run(None, _feeds(ids, past, np.ones((1, past[0].shape[2] + ids.shape[1]), np.int64)))
+        tokens.append(int(out[0][0, -1].argmax()))
+        past, ids = list(out[1:]), np.asarray([[tokens[-1]]], np.int64)
+    return tokens
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fixed_cache_decoder_generates_ort_greedy_tokens(tmp_path: Path, device: str) -> None:
+    from qcompiler.runtime.cuda.decode import FixedCacheDecoder
+
+    path = _compiled(tmp_path, "int4", accuracy_level=0) if device == "cuda" else TINY
+    prompt = [3, 17, 99, 4]
+    want = _ort_greedy(path, prompt, 9)
+    executor = GraphExecutor(path, device, cuda_graphs=device == "cuda")
+    decoder = FixedCacheDecoder(executor, capacity=16)
+    assert decoder.generate(prompt, 9) == want
+    assert decoder.generate(prompt, 9) == want  # reusable: the prefill resets the cache
+    assert decoder.generate(prompt, 9, eos=want[2]) == want[:3]
+    assert executor.traces <= 3  # prefill, first step (and on CUDA the graph then serves every later step)
+    with pytest.raises(ValueError, match="need 20 cache slots; the decoder has 16"):
+        decoder.generate(prompt, 17)
+    with pytest.raises(ValueError, match="not a KV-cache decoder"):
+        FixedCacheDecoder(GraphExecutor(_single_op_model(tmp_path), device), capacity=4)
+
+
+def _single_op_model(tmp_path: Path) -> Path:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "g", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "neg.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
+    return path
