@@ -149,6 +149,9 @@ class GraphExecutor:
         themselves rather than copies; the caller keeps them alive, updates them in place and passes the same
         tensors on every run (a decode loop's token, mask and cache buffers), so no input is copied per run.
         """
+        missing = [spec.name for spec in self._graph.inputs if spec.name not in feeds]
+        if missing:
+            raise ValueError(f"missing input(s) {', '.join(map(repr, missing))}")
         feeds = {name: t if t.device == self.device else t.to(self.device) for name, t in feeds.items()}
         signature = tuple((spec.name, tuple(feeds[spec.name].shape), feeds[spec.name].dtype)
                           for spec in self._graph.inputs)
@@ -218,9 +221,9 @@ class GraphExecutor:
             ctx = Ctx(self.device, len(node.outputs), self._cache)
             if spec.data_shape:
                 reusable = False
-            folds = not spec.data_shape and node.inputs and (
+            folds = not spec.data_shape and (
                 spec.shape_only or all(k in ("absent", "constant", "static") for k in kinds))
-            if (folds or not node.inputs) and not spec.data_shape:
+            if folds:  # from initializers and shapes alone (nodes without inputs, Constant, too)
                 constant = not spec.shape_only and all(k in ("absent", "constant") for k in kinds)
                 self._fold(node, spec, env, static, constant)
                 continue
