@@ -168,15 +168,26 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
     """The float32 weight ``W[K, N]`` that a MatMulNBits node computes with (the numpy reference)."""
     n = packed.shape[0]
     blocks = block_count(k, block_size)
-    codes = _unpack_last_axis(packed, bits).reshape(n, blocks, block_size).astype(np.float32)
-    scale = np.asarray(scales, np.float32).reshape(n, blocks, 1)
     if zero_points is None:
-        zp = np.full((n, blocks, 1), default_zero_point(bits), np.float32)
+        zp = np.full((n, blocks), default_zero_point(bits), np.float32)
     elif np.asarray(zero_points).dtype != np.uint8:  # float zero points, one per block
-        zp = np.asarray(zero_points, np.float32).reshape(n, blocks, 1)
+        zp = np.asarray(zero_points, np.float32).reshape(n, blocks)
     else:
-        zp = unpack_zero_points(zero_points, bits, n, blocks).astype(np.float32).reshape(n, blocks, 1)
-    weight = ((codes - zp) * scale).reshape(n, blocks * block_size)[:, :k]
+        zp = unpack_zero_points(zero_points, bits, n, blocks)
+    return _scaled_weight(_unpack_last_axis(packed, bits), scales, zp, k=k, block_size=block_size)
+
+
+def _scaled_weight(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, *, k: int,
+                   block_size: int) -> np.ndarray:
+    """``W[K, N] = (codes - zp) * scale`` from codes ``[N, n_blocks * block_size]`` (padded) and per-block scales
+    and zero points ``[N, n_blocks]`` (any real dtype): the tail shared by the MatMulNBits and MatMulIntN
+    references."""
+    n = codes.shape[0]
+    blocks = block_count(k, block_size)
+    values = codes.reshape(n, blocks, block_size).astype(np.float32)
+    zp = np.asarray(zero_points, np.float32).reshape(n, blocks, 1)
+    scale = np.asarray(scales, np.float32).reshape(n, blocks, 1)
+    weight = ((values - zp) * scale).reshape(n, blocks * block_size)[:, :k]
     return np.ascontiguousarray(weight.T)
 
 
@@ -327,14 +338,11 @@ def dequantize_intn(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndar
     """The float32 ``W[K, N]`` a MatMulIntN node computes with (the numpy reference)."""
     n = packed.shape[0]
     blocks = block_count(k, block_size)
-    codes = unpack_intn(packed, bits).reshape(n, blocks, block_size).astype(np.float32)
-    scale = np.asarray(scales, np.float32).reshape(n, blocks, 1)
     if zero_points is None or np.asarray(zero_points).size == 0:
-        zp = np.float32(middle_code(bits))
+        zp = np.full((n, blocks), middle_code(bits), np.float32)
     else:
-        zp = unpack_zero_points_intn(zero_points, bits, n, blocks).astype(np.float32).reshape(n, blocks, 1)
-    weight = ((codes - zp) * scale).reshape(n, blocks * block_size)[:, :k]
-    return np.ascontiguousarray(weight.T)
+        zp = unpack_zero_points_intn(zero_points, bits, n, blocks)
+    return _scaled_weight(unpack_intn(packed, bits).reshape(n, -1), scales, zp, k=k, block_size=block_size)
 
 
 # -- FP8 E4M3FN weights of ai.qcompiler.MatMulFp8 --------------------------------------------------------------------
