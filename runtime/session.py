@@ -32,7 +32,11 @@ import onnxruntime as ort
 from qcompiler.runtime import custom_ops
 from qcompiler.runtime._onnx_scan import ModelScan, scan_model
 
-__all__ = ["Session", "TensorInfo", "SessionError", "InvalidFeedError"]
+__all__ = ["AUTO_PROVIDERS", "Session", "TensorInfo", "SessionError", "InvalidFeedError"]
+
+#: what ``providers="auto"`` tries before the CPU, in order: the GPU providers whose kernels cover the contrib ops
+#: the recipes write (MatMulNBits, GatherBlockQuantized, QDQ); ORT falls back to the CPU node by node otherwise
+AUTO_PROVIDERS = ("CUDAExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +93,9 @@ class Session:
 
     Args:
         path: the ``.onnx`` file (external data is read from its folder).
-        providers: ORT execution providers, in order of preference (default: CPU only).
+        providers: ORT execution providers, in order of preference (default: CPU only), or ``"auto"``: those of
+            :data:`AUTO_PROVIDERS` this onnxruntime build has, in that order, CPU last (a model with qcompiler's
+            custom ops stays on the CPU: its kernels are numpy).
         intra_op_threads: threads used inside one operator (None: ORT's default). Our custom ops run numpy, whose
             BLAS threads follow ``OPENBLAS_NUM_THREADS`` (and the like) instead.
         inter_op_threads: threads used across operators (None: ORT's default).
@@ -104,7 +110,7 @@ class Session:
             unknown op, onnxruntime-extensions not installed), a provider is not available, or ORT cannot load it.
     """
 
-    def __init__(self, path: str | os.PathLike[str], providers: Sequence[str] | None = None, *,
+    def __init__(self, path: str | os.PathLike[str], providers: Sequence[str] | str | None = None, *,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None, device: str = "cpu",
                  cuda_graphs: bool = True) -> None:
         self.path = Path(path)
@@ -120,8 +126,14 @@ class Session:
                 raise SessionError(f"providers are ONNX Runtime's: they go with device='cpu', not {device!r}")
             self._start_gpu(device, cuda_graphs)
             return
-        wanted = list(providers) if providers is not None else ["CPUExecutionProvider"]
         available = ort.get_available_providers()
+        if providers == "auto":
+            wanted = [p for p in AUTO_PROVIDERS if p in available and not self._custom_ops] + ["CPUExecutionProvider"]
+        elif isinstance(providers, str):
+            raise SessionError(f"providers must be a list of ONNX Runtime execution providers or 'auto', got "
+                               f"{providers!r}")
+        else:
+            wanted = list(providers) if providers is not None else ["CPUExecutionProvider"]
         missing = [p for p in wanted if p not in available]
         if missing:
             raise SessionError(f"execution provider(s) {', '.join(missing)} not available in this onnxruntime "

@@ -75,3 +75,23 @@ def test_session_errors(tmp_path: Path, mlp_path: Path) -> None:
         Session(tmp_path / "junk.onnx")
     with pytest.raises(SessionError, match="not available"):
         Session(mlp_path, providers=["NoSuchExecutionProvider"])
+
+
+def test_auto_providers_pick_what_this_build_has(mlp_path: Path, monkeypatch) -> None:
+    from qcompiler.runtime import session as session_module
+
+    assert Session(mlp_path, providers="auto").providers == ["CPUExecutionProvider"]  # a CPU build
+    asked = {}
+    real = session_module.ort.InferenceSession
+
+    def recording(path, options, providers):
+        asked["providers"] = providers
+        return real(path, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(session_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(session_module.ort, "InferenceSession", recording)
+    Session(mlp_path, providers="auto")
+    assert asked["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(SessionError, match="providers must be a list of ONNX Runtime execution providers or 'auto'"):
+        Session(mlp_path, providers="CPUExecutionProvider")
