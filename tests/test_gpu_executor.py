@@ -352,3 +352,16 @@ def _single_op_model(tmp_path: Path) -> Path:
     path = tmp_path / "neg.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
     return path
+
+
+def test_external_data_models_load(tmp_path: Path) -> None:
+    model = onnx.load(str(TINY))
+    path = tmp_path / "external.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="external.data",
+              size_threshold=0)
+    assert (tmp_path / "external.data").stat().st_size > 100_000
+    feeds = _feeds(np.array([[1, 2]], np.int64), [np.zeros((1, KV_HEADS, 0, HEAD_DIM), np.float32)] * 4,
+                   np.ones((1, 2), np.int64))
+    got = GraphExecutor(path, "cpu").run(_torch(feeds, "cpu"))["logits"].numpy()
+    want = ort.InferenceSession(str(TINY)).run(["logits"], feeds)[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
