@@ -147,7 +147,9 @@ class GraphExecutor:
 
         ``static_feeds``: with CUDA graphs, the graph captured for this signature reads the feed tensors
         themselves rather than copies; the caller keeps them alive, updates them in place and passes the same
-        tensors on every run (a decode loop's token, mask and cache buffers), so no input is copied per run.
+        tensors on every run (a decode loop's token, mask and cache buffers), so no input is copied per run. The
+        graph keeps those tensors as its inputs: a later run of the same signature with other tensors copies its
+        feeds into them.
         """
         missing = [spec.name for spec in self._graph.inputs if spec.name not in feeds]
         if missing:
