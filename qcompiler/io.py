@@ -683,7 +683,6 @@ def ort_session(model: ir.Model, *, extra_outputs: Iterable[ir.Value] = (), intr
     from qcompiler.runtime import custom_ops
 
     if custom_ops.DOMAIN in clone.opset_imports:  # int3 / fused FP8 nodes: register our ops (as Session does)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         custom_ops.register(options)
     names: list[str] = []
     arrays: list[np.ndarray] = []

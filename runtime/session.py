@@ -83,9 +83,12 @@ class TensorInfo:
     dtype: np.dtype | None
 
 
+def _tensor_info(name: str, shape: tuple[int | str | None, ...], type_: str) -> TensorInfo:
+    return TensorInfo(name, shape, type_, _ORT_TYPES.get(type_))
+
+
 def _info(arg: Any) -> TensorInfo:
-    shape = tuple(arg.shape) if arg.shape is not None else ()
-    return TensorInfo(arg.name, shape, arg.type, _ORT_TYPES.get(arg.type))
+    return _tensor_info(arg.name, tuple(arg.shape) if arg.shape is not None else (), arg.type)
 
 
 class Session:
@@ -144,9 +147,6 @@ class Session:
         if inter_op_threads is not None:
             options.inter_op_num_threads = inter_op_threads
         if self._custom_ops:
-            # ORT's idle workers spin, taking the cores from numpy's BLAS threads inside our ops (SmolLM2 int3,
-            # 2 threads: 362 ms per 8-token forward with spinning, 144 ms without)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 custom_ops.register(options)
             except ImportError as exc:
@@ -183,8 +183,8 @@ class Session:
         except (UnsupportedOpError, ValueError) as exc:
             raise SessionError(f"{self.path}: the GPU executor cannot run this model: {exc}") from exc
         self._session = None
-        self._inputs = [TensorInfo(*self._gpu.describe(spec)) for spec in self._gpu.inputs]
-        self._outputs = [TensorInfo(*self._gpu.describe(spec)) for spec in self._gpu.outputs]
+        self._inputs = [_tensor_info(*self._gpu.describe(spec)) for spec in self._gpu.inputs]
+        self._outputs = [_tensor_info(*self._gpu.describe(spec)) for spec in self._gpu.outputs]
         logger.debug("GPU executor on %s for %s", device, self.path)
 
     def _scan(self) -> ModelScan | None:

@@ -28,12 +28,6 @@ ORT_TYPE_NAMES: dict[torch.dtype, str] = {
 }
 
 
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
-    if dtype == torch.bfloat16:
-        return None
-    return torch.empty((), dtype=dtype).numpy().dtype
-
-
 class GpuSession:
     """A model on a torch device (CUDA: qcompiler's kernels and CUDA graphs).
 
@@ -48,10 +42,10 @@ class GpuSession:
         self.executor = GraphExecutor(path, device, cuda_graphs=cuda_graphs)
 
     @staticmethod
-    def describe(spec: TensorSpec) -> tuple[str, tuple[Any, ...], str, np.dtype | None]:
-        """(name, shape, ORT type string, numpy dtype) of a graph input or output."""
+    def describe(spec: TensorSpec) -> tuple[str, tuple[Any, ...], str]:
+        """(name, shape, ORT type string) of a graph input or output, as ONNX Runtime would report them."""
         shape = tuple(spec.shape) if spec.shape is not None else ()
-        return spec.name, shape, ORT_TYPE_NAMES.get(spec.dtype, str(spec.dtype)), _numpy_dtype(spec.dtype)
+        return spec.name, shape, ORT_TYPE_NAMES.get(spec.dtype, str(spec.dtype))
 
     @property
     def inputs(self) -> list[TensorSpec]:

@@ -19,7 +19,8 @@ __all__ = ["DOMAIN", "OPSET_VERSION", "SCHEMAS", "CustomOpError", "OpSchema", "c
 
 
 def register(options: Any) -> None:
-    """Register the ops with an ``onnxruntime.SessionOptions`` (see :mod:`._ortext`).
+    """Register the ops with an ``onnxruntime.SessionOptions`` (see :mod:`._ortext`; also turns off ORT's spinning
+    workers, which starve the ops' BLAS threads).
 
     Raises:
         ImportError: onnxruntime-extensions is not installed (the message names the pip command).
