@@ -40,6 +40,7 @@ import onnx_ir as ir
 from qcompiler.config import ACTIVATION_DTYPES, ACTIVATION_OPS, LAYER_OPS, QUANTIZABLE_OPS, WEIGHT_DTYPES, Recipe
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass, iter_nodes
+from qcompiler.passes._common import peek_meta
 from qcompiler.qspec import QuantSpec, get_qspec, set_qspec
 
 __all__ = ["AnnotateInt8Pass", "SCHEME_KEY", "ROLE_KEY", "FUSED_ACTIVATION_KEY", "activation_inputs",
@@ -67,13 +68,13 @@ _UNARY_ACTIVATION_OPS = frozenset({"Sigmoid", "Softmax", "AveragePool", "GlobalA
 
 def is_weight_layer(node: ir.Node) -> bool:
     """True for a Conv/MatMul/Gemm annotated with a quantized constant weight."""
-    return bool(node.meta.get(SCHEME_KEY)) and node.meta.get(ROLE_KEY) != "activations" and \
-        node.op_type in LAYER_OPS
+    return node.op_type in LAYER_OPS and bool(peek_meta(node, SCHEME_KEY)) and \
+        peek_meta(node, ROLE_KEY) != "activations"
 
 
 def is_activation_op(node: ir.Node) -> bool:
     """True for an annotated activation-only op (see the module docstring)."""
-    return bool(node.meta.get(SCHEME_KEY)) and node.meta.get(ROLE_KEY) == "activations"
+    return bool(peek_meta(node, SCHEME_KEY)) and peek_meta(node, ROLE_KEY) == "activations"
 
 
 def activation_inputs(node: ir.Node) -> list[int]:
@@ -145,14 +146,20 @@ class AnnotateInt8Pass(QPass):
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> AnnotateInt8Pass:
-        """Read ``[quantization]``; activations are dynamic when the recipe lowers with ``lower-int8-dynamic``."""
+        """Read ``[quantization]``; activations are dynamic when the recipe lowers with ``lower-int8-dynamic``.
+
+        The activation dtype and the calibrator are read only for static activations: what a ``from_recipe`` reads
+        is what the pipeline uses (:func:`qcompiler.pipelines.options_read`), so ``--activation-dtype`` or
+        ``--calibrator`` with dynamic activations is reported instead of silently ignored.
+        """
         q = recipe.quantization
         dynamic = "lower-int8-dynamic" in recipe.passes and "lower-int8-dynamic" not in recipe.disable
         kwargs: dict[str, Any] = {
             "op_types": q.op_types, "exclude_nodes": q.exclude_nodes, "per_channel": q.per_channel,
-            "activation_dtype": q.activation_dtype, "static_activations": not dynamic,
-            "observer": recipe.calibration.calibrator, "weight_dtype": q.weight_dtype,
+            "static_activations": not dynamic, "weight_dtype": q.weight_dtype,
         }
+        if not dynamic:
+            kwargs.update(activation_dtype=q.activation_dtype, observer=recipe.calibration.calibrator)
         kwargs.update(options)
         return cls(**kwargs)
 
@@ -229,6 +236,8 @@ class AnnotateInt8Pass(QPass):
         if w.const_value.dtype != ir.DataType.FLOAT or (x.dtype is not None and x.dtype != ir.DataType.FLOAT):
             return "unsupported dtype (float32 only)"
         rank = len(w.const_value.shape)
+        if w.const_value.size == 0:
+            return "empty weight (0 elements)"
         if node.op_type == "Conv" and not 3 <= rank <= 5:
             return f"Conv weight of rank {rank}"
         if node.op_type in ("MatMul", "Gemm") and rank != 2:
@@ -237,6 +246,12 @@ class AnnotateInt8Pass(QPass):
             return "1-D MatMul activation"
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is None:
             return "non-constant bias"
+        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias = tuple(node.inputs[2].const_value.shape.numpy())
+            trans_b = node.attributes.get("transB")
+            n = w.const_value.shape[0 if trans_b is not None and trans_b.as_int() else 1]
+            if len(bias) > 2 or (bias and bias[-1] not in (1, n)):
+                return f"Gemm bias of shape {list(bias)} does not broadcast to the output's {n} columns"
         return None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

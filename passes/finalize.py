@@ -9,6 +9,11 @@ get ``_1``, ``_2``... in graph order. Compiling the same model twice therefore g
 
 The pass changes no computation (``preserves_float``). It does not touch metadata, doc strings or producer fields,
 and it raises (a real failure) if a graph has a cycle.
+
+Its postcondition (``ensures``) is the last guard before the model is written: no constant scale, zero point,
+absmax or float8 code read by a quantized op holds NaN or Inf
+(:func:`~qcompiler.passes._finite.check_quantization_parameters`, one tensor at a time); otherwise it raises
+:class:`~qcompiler.errors.InvalidModelError` (exit code 2) naming the tensor and its node.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedOpsetsPass
 
 from qcompiler.errors import ConfigError
-from qcompiler.pass_manager import QPass
+from qcompiler.pass_manager import QPass, model_graphs
 from qcompiler.passes._common import paused_gc
+from qcompiler.passes._finite import check_quantization_parameters
 
 __all__ = ["FinalizePass"]
 
@@ -43,8 +49,26 @@ class _DeterministicNames:
 
 
 def _node_orders(model: ir.Model) -> list[list[ir.Node]]:
-    graphs: list[ir.Graph | ir.Function] = [*model.graphs(), *model.functions.values()]
+    graphs: list[ir.Graph | ir.Function] = [*model_graphs(model), *model.functions.values()]
     return [list(g) for g in graphs]
+
+
+def _sorted_flat(model: ir.Model) -> bool:
+    """True for a model without subgraphs or functions whose nodes already come after their inputs' producers (a
+    linear check; the stable sort would leave such a graph as it is, at ten times the cost)."""
+    if model.functions:
+        return False
+    seen: set[ir.Node] = set()
+    for node in model.graph:
+        if node.attributes and any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                                   for a in node.attributes.values()):
+            return False
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None and producer not in seen:
+                return False
+        seen.add(node)
+    return True
 
 
 class FinalizePass(QPass):
@@ -73,16 +97,24 @@ class FinalizePass(QPass):
         with paused_gc():
             return ir.passes.PassResult(model, self._finalize(model))
 
+    def ensures(self, model: ir.Model) -> None:
+        """No NaN/Inf quantization parameter reaches the output (raises InvalidModelError naming it)."""
+        checked = check_quantization_parameters(model)
+        if checked:
+            self.count("quantization_parameters_checked", checked)
+
     def _finalize(self, model: ir.Model) -> bool:
-        before = _node_orders(model)
-        model.graph.sort()
-        for function in model.functions.values():
-            function.sort()
-        after = _node_orders(model)
-        sorted_ = any(len(a) != len(b) or any(x is not y for x, y in zip(a, b, strict=True))
-                      for a, b in zip(before, after, strict=True))
-        if sorted_:
-            self.count("graphs_reordered", sum(1 for a, b in zip(before, after, strict=True) if a != b))
+        sorted_ = False
+        if not _sorted_flat(model):
+            before = _node_orders(model)
+            model.graph.sort()
+            for function in model.functions.values():
+                function.sort()
+            after = _node_orders(model)
+            sorted_ = any(len(a) != len(b) or any(x is not y for x, y in zip(a, b, strict=True))
+                          for a, b in zip(before, after, strict=True))
+            if sorted_:
+                self.count("graphs_reordered", sum(1 for a, b in zip(before, after, strict=True) if a != b))
         modified = sorted_
         if (set(model.opset_imports) - {""} or model.functions) and RemoveUnusedOpsetsPass()(model).modified:
             self.count("opsets_removed")

@@ -1,18 +1,26 @@
 """The ``qcompile`` command: the only module that prints.
 
-Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 internal error, 130 interrupted. ``--debug``
-adds the traceback. Heavy modules (onnx, onnx_ir, onnxruntime) are imported only once a command needs them, so
-``--help``, ``--version`` and ``--list-passes`` stay fast.
+Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 internal error, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM, handled like Ctrl-C: no partial output nor temporary left). ``--debug`` adds the
+traceback. Every line printed has its control characters escaped (C0, C1, DEL, bidi overrides, bytes that are not
+UTF-8), so a file or node name cannot send escape sequences to the terminal. Heavy modules (onnx, onnx_ir,
+onnxruntime) are imported only once a command needs them, so ``--help``, ``--version`` and ``--list-passes`` stay
+fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import re
+import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -39,7 +47,8 @@ examples:
 
 calibration data (--calib): an .npz whose keys are the model's input names and whose first axis indexes
 samples, or a folder of such files. Loaded without pickle.
-exit codes: 0 success, 2 bad input or usage, 1 internal error.
+exit codes: 0 success, 2 bad input or usage or an output that cannot be written, 1 internal error,
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 
@@ -89,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-dtype", choices=("int8", "float8e4m3fn"), help="weight type")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p.add_argument("--op-types", metavar="OPS", help="comma-separated operator types to quantize, e.g. Conv,MatMul")
-    p.add_argument("--exclude-node", action="append", default=[], metavar="NAME", help="leave this node in float")
+    p.add_argument("--exclude-node", action="append", default=[], metavar="NAME", help="leave this node in float (int8 and weight-only recipes; must name a node of the model)")
     p.add_argument("--max-accuracy-drop", type=float, metavar="F",
                    help="accuracy budget: at most this fraction of top-1 changes vs fp32 on the calibration samples "
                         "(e.g. 0.01); the most sensitive layers stay float until it holds")
@@ -135,9 +144,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\udc80-\udcff]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, kept by the file system encoding's surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with C0/C1 controls, DEL, bidi overrides and undecodable bytes written as ``\\xNN``/``\\uNNNN``."""
+    return _CONTROLS.sub(_escape_char, text)
+
+
+class _EscapingFormatter(logging.Formatter):
+    """Log lines with control characters escaped: a message stays one line, a traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei: object) -> str:  # noqa: N802
+        return "\n".join(escape_controls(line) for line in super().formatException(ei).split("\n"))  # type: ignore[arg-type]
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return "\n".join(escape_controls(line) for line in super().formatStack(stack_info).split("\n"))
+
+
+def _print_traceback() -> None:
+    for line in traceback.format_exc().splitlines():
+        print(escape_controls(line), file=sys.stderr)
+
+
 def _setup_logging(quiet: bool, verbose: int) -> None:
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # the handler basicConfig made (now or in an earlier call)
+        if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
+            handler.setFormatter(_EscapingFormatter("%(levelname)s %(name)s: %(message)s"))
     if verbose < 2:  # third-party chatter stays out of -v
         for noisy in ("onnxscript", "onnx_ir"):
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -152,7 +197,7 @@ def _list_passes() -> None:
         for entry in entries:
             kind = "built-in" if entry.builtin else f"plugin  ({entry.distribution} {entry.version})"
             clash = "  CLASH: several distributions claim this name" if len(entries) > 1 else ""
-            print(f"{name:<{width}}  {kind}  {entry.target}{clash}")
+            print(escape_controls(f"{name:<{width}}  {kind}  {entry.target}{clash}"))
 
 
 def _list_recipes() -> None:
@@ -178,8 +223,6 @@ def _compile(args: argparse.Namespace) -> int:
         quantization["per_channel"] = False
     if args.op_types:
         quantization["op_types"] = tuple(t.strip() for t in args.op_types.split(",") if t.strip())
-    if args.exclude_node:
-        quantization["exclude_nodes"] = tuple(args.exclude_node)
     if args.max_accuracy_drop is not None:
         quantization["max_accuracy_drop"] = args.max_accuracy_drop
     if args.min_sqnr is not None:
@@ -206,14 +249,18 @@ def _compile(args: argparse.Namespace) -> int:
     for report_path in report_paths:  # fail before compiling, not after writing
         if report_path.suffix not in (".json", ".md", ".png"):
             raise UsageError(f"--report {report_path}: the report file must end in .json, .md or .png")
-        if not report_path.parent.is_dir():
-            raise UsageError(f"--report {report_path}: folder {report_path.parent} does not exist")
+        if os.path.realpath(report_path) == os.path.realpath(args.output):
+            raise UsageError(f"--report {report_path} is the output model; choose another report path")
+        from qcompiler import io
+
+        io.check_output_path(args.model, report_path, what="--report", data_file=False)
 
     start = time.perf_counter()
     result = compile_model(
         args.model, args.output, recipe=recipe, calib=args.calib, tokenizer=args.tokenizer, seq_len=args.seq_len,
         plugins=args.plugin, disable=args.disable_pass,
         quantization=quantization or None, calibration=calibration or None, weight_only=weight_only or None,
+        exclude_nodes=tuple(args.exclude_node),
         dump_after=args.dump_after,
         dump_dir=args.dump_dir, verify_each=args.verify_each, progress=progress,
     )
@@ -228,12 +275,13 @@ def _compile(args: argparse.Namespace) -> int:
         else:
             write_report(result, report_path, seconds=seconds)
     if not args.quiet:
-        layers = len({name for p in result.report.passes for name, figures in p.stats.layers.items()
-                      if "scheme" in figures})  # recorded by the lowering passes
+        schemes = result.quantized_layers  # as the lowering passes recorded them
+        layers = sum(schemes.values()) if schemes else 0
+        detail = f" ({', '.join(f'{n} {scheme}' for scheme, n in schemes.items())})" if schemes else ""
         ratio = result.output_bytes / max(result.input_bytes, 1)
-        print(f"wrote {result.output_path} with recipe {result.recipe.name} in {seconds:.2f} s: "
+        print(escape_controls(f"wrote {result.output_path} with recipe {result.recipe.name} in {seconds:.2f} s: "
               f"{result.input_bytes / 1e6:.2f} MB -> {result.output_bytes / 1e6:.2f} MB ({ratio:.2f}x), "
-              f"{layers} layer(s) quantized")
+              f"{layers} layer(s) quantized{detail}"))
     return 0
 
 
@@ -258,8 +306,37 @@ def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so that the same cleanup runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`_Terminated` while the command runs; the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
+    try:
+        with _sigterm_as_interrupt():
+            return _main(argv)
+    except KeyboardInterrupt as exc:  # a signal that came after _main returned, before the handler was restored
+        return 143 if isinstance(exc, _Terminated) else 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -280,16 +357,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _compile(args)
     except QCompileError as exc:
         if debug:
-            traceback.print_exc()
-        print(f"qcompile: error: {_one_line(str(exc))}", file=sys.stderr)
+            _print_traceback()
+        print(f"qcompile: error: {escape_controls(_one_line(str(exc)))}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("qcompile: interrupted; no output written", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, _Terminated):
+            print("qcompile: terminated (SIGTERM); no partial output left", file=sys.stderr)
+            return 143
+        print("qcompile: interrupted; no partial output left", file=sys.stderr)
         return 130
     except Exception as exc:  # an internal error: one line, and the traceback under --debug
         if debug:
-            traceback.print_exc()
-        print(f"qcompile: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+            _print_traceback()
+        print(f"qcompile: internal error: {type(exc).__name__}: {escape_controls(_one_line(str(exc)))} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 

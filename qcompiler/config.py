@@ -20,13 +20,24 @@ A recipe file looks like::
 
 An unknown key anywhere is a :class:`~qcompiler.errors.ConfigError` naming it. Built-in recipes are TOML files in
 ``qcompiler/recipes``; CLI flags override a recipe through :func:`override`.
+
+A recipe file may come from anywhere (downloaded), so it is read like untrusted input: opened without blocking and
+only if it is a regular file (a FIFO named as a recipe fails at once), at most ``MAX_RECIPE_BYTES``, and scanned
+before parsing so that nesting deeper than ``MAX_RECIPE_NESTING`` (arrays, inline tables, dotted-key components)
+is refused instead of reaching ``tomllib`` (whose parser recurses per bracket, and whose memory grows with the
+square of a dotted key's length). A recipe never chooses where qcompile writes: ``calibration.cache_dir`` and any
+pass option named like a path (``*_dir``, ``*_path``, ``*_file``, ``*_folder``) are refused in a recipe table; only
+the command line (``--calib-cache``) or the API's ``calibration=`` argument sets them. ``extends`` chains stop at
+``_MAX_EXTENDS`` levels.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping
 from importlib import resources
@@ -50,7 +61,17 @@ __all__ = [
     "load_recipe",
     "recipe_from_dict",
     "override",
+    "is_write_location",
+    "MAX_RECIPE_BYTES",
+    "MAX_RECIPE_NESTING",
 ]
+
+#: the largest recipe file read (a recipe is a few hundred bytes; this bounds the scan and the parse)
+MAX_RECIPE_BYTES = 1 << 20
+#: the deepest nesting of tables, arrays and dotted-key components a recipe may have
+MAX_RECIPE_NESTING = 32
+#: the longest ``extends`` chain (a cycle ends here too)
+_MAX_EXTENDS = 8
 
 ACTIVATION_DTYPES = ("uint8", "int8", "uint16", "int16", "float8e4m3fn")
 WEIGHT_DTYPES = ("int8", "float8e4m3fn")
@@ -358,14 +379,65 @@ def _section(cls: type, data: Any, section: str, base: Any) -> Any:
     return dataclasses.replace(base, **values)
 
 
+def is_write_location(key: str) -> bool:
+    """Whether an option named ``key`` names a file or folder (which only the command line or API may set)."""
+    key = key.lower().replace("-", "_")
+    return key in ("dir", "path", "file", "folder", "output") or key.endswith(("_dir", "_path", "_file", "_folder"))
+
+
+def _refuse_write_locations(data: Mapping[str, Any], source: str) -> None:
+    """A recipe table may not name where qcompile writes (a downloaded recipe must not pick the cache folder)."""
+    tables = [(section, data.get(section)) for section in ("quantization", "calibration", "weight-only")]
+    raw_options = data.get("pass-options")
+    if isinstance(raw_options, dict):
+        tables += [(f"pass-options.{name}", options) for name, options in raw_options.items()]
+    for section, table in tables:
+        if not isinstance(table, dict):
+            continue  # the section's own check names the mistake
+        for key in table:
+            if isinstance(key, str) and is_write_location(key):
+                flag = " (--calib-cache)" if key == "cache_dir" else ""
+                raise ConfigError(f"recipe {source} sets {section}.{key}; write locations come only from the "
+                                  f"command line{flag} or the API's arguments, never from a recipe")
+
+
+def _nesting(data: Any) -> int:
+    """The deepest nesting of dicts and lists in ``data`` (iteratively: no recursion on hostile input)."""
+    deepest, stack = 0, [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > MAX_RECIPE_NESTING:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def recipe_from_dict(data: Mapping[str, Any], *, source: str = "<dict>", _depth: int = 0) -> Recipe:
-    """Validate a parsed recipe table and build the :class:`Recipe` (resolving ``extends``)."""
+    """Validate a parsed recipe table and build the :class:`Recipe` (resolving ``extends``).
+
+    Raises:
+        ConfigError: an unknown key or a bad value, nesting deeper than ``MAX_RECIPE_NESTING``, a write location
+            (``calibration.cache_dir``, a path-like pass option), or an ``extends`` chain too long or cyclic.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"recipe {source} must be a table")
+    if _nesting(data) > MAX_RECIPE_NESTING:
+        raise ConfigError(f"recipe {source} nests tables or arrays deeper than {MAX_RECIPE_NESTING} levels")
     for key in data:
         if key not in _TOP_KEYS:
-            raise ConfigError(f"unknown recipe key '{key}' in {source} (known: {', '.join(sorted(_TOP_KEYS))})")
+            raise ConfigError(f"unknown recipe key {key!r} in {source} (known: {', '.join(sorted(_TOP_KEYS))})")
+    _refuse_write_locations(data, source)
     if "extends" in data:
-        if _depth > 8:
-            raise ConfigError(f"recipe {source}: 'extends' chain is too deep (a cycle?)")
+        if _depth >= _MAX_EXTENDS:
+            raise ConfigError(f"recipe {source}: 'extends' chain is too deep (more than {_MAX_EXTENDS} recipes: a "
+                              "cycle?)")
         parent = data["extends"]
         if not isinstance(parent, str):
             raise ConfigError(f"recipe key 'extends' must be a string in {source}")
@@ -419,34 +491,153 @@ def builtin_recipe_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
+_TOML_SYNTAX = re.compile(r"[\"'#\n.=\[\]{},]")
+
+
+def _skip_string(text: str, i: int) -> int:
+    """The index just past the TOML string that starts at ``text[i]`` (a quote), or ``len(text)``."""
+    quote = text[i]
+    if text.startswith(quote * 3, i):
+        end = i + 3
+        while True:
+            found = text.find(quote * 3, end)
+            if found < 0:
+                return len(text)
+            if quote == "'" or not _escaped(text, found):
+                end = found + 3
+                while end < len(text) and text[end] == quote:  # up to two quotes may end the content
+                    end += 1
+                return end
+            end = found + 1
+    end = i + 1
+    while end < len(text) and text[end] != "\n":
+        if text[end] == quote and (quote == "'" or not _escaped(text, end)):
+            return end + 1
+        end += 1
+    return end
+
+
+def _escaped(text: str, i: int) -> bool:
+    """Whether ``text[i]`` is preceded by an odd number of backslashes."""
+    count = 0
+    while i - count - 1 >= 0 and text[i - count - 1] == "\\":
+        count += 1
+    return count % 2 == 1
+
+
+def _check_toml_shape(text: str, source: str) -> None:
+    """Refuse TOML nested deeper than ``MAX_RECIPE_NESTING`` before ``tomllib`` sees it.
+
+    A linear scan that knows strings, comments, and whether it is reading a key or a value: it counts open
+    brackets and braces (``tomllib`` recurses once per level and raises ``RecursionError`` past a few hundred) and
+    the components of each dotted key (``tomllib``'s memory grows with the square of their number: 10,000
+    components take 400 MB). Whatever passes is still validated by ``tomllib`` itself.
+    """
+    stack: list[str] = []
+    in_key, dots, i, n = True, 0, 0, len(text)
+    while i < n:
+        found = _TOML_SYNTAX.search(text, i)  # jump over the characters that change nothing
+        if found is None:
+            break
+        i = found.start()
+        c = text[i]
+        if c in "\"'":
+            i = _skip_string(text, i)
+            continue
+        if c == "#":
+            newline = text.find("\n", i)
+            i = n if newline < 0 else newline
+            continue
+        if c == "\n":
+            if not stack:
+                in_key, dots = True, 0
+        elif in_key:
+            if c == ".":
+                dots += 1
+                if dots >= MAX_RECIPE_NESTING:
+                    raise ConfigError(f"recipe {source} has a dotted key of more than {MAX_RECIPE_NESTING} parts")
+            elif c == "=":
+                in_key, dots = False, 0
+            elif c == "}" and stack:  # an empty inline table
+                stack.pop()
+                in_key = False
+        elif c in "[{":
+            stack.append(c)
+            if len(stack) > MAX_RECIPE_NESTING:
+                raise ConfigError(f"recipe {source} nests arrays or inline tables deeper than "
+                                  f"{MAX_RECIPE_NESTING} levels")
+            if c == "{":
+                in_key, dots = True, 0
+        elif c in "]}":
+            if stack:
+                stack.pop()
+        elif c == "," and stack and stack[-1] == "{":
+            in_key, dots = True, 0
+        i += 1
+
+
+def _read_recipe_file(path: Path, source: str) -> str:
+    """The text of a user-named recipe file: a regular file (no FIFO or device: never blocks), size bounded."""
+    from qcompiler.runtime._safe_files import SafeOpenError, read_regular
+
+    try:
+        raw = read_regular(path, limit=MAX_RECIPE_BYTES, what=f"recipe {source}")
+    except SafeOpenError as exc:
+        if exc.errno == errno.ENOENT:
+            raise ConfigError(f"recipe file not found: {source}") from None
+        if exc.errno == errno.EISDIR:
+            raise ConfigError(f"recipe file not found: {source} is a folder") from None
+        if exc.errno == errno.EFBIG:
+            raise ConfigError(f"recipe {source} is more than a recipe's limit of {MAX_RECIPE_BYTES} bytes") from None
+        raise ConfigError(str(exc)) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read recipe {source}: not UTF-8 text (byte {exc.start})") from None
+
+
 def load_recipe(name_or_path: str | Path, *, _depth: int = 0) -> Recipe:
-    """Load a built-in recipe by name, or a recipe TOML file by path."""
+    """Load a built-in recipe by name, or a recipe TOML file by path.
+
+    Raises:
+        ConfigError: an unknown name; a file that is missing, not a regular file, larger than
+            ``MAX_RECIPE_BYTES``, not UTF-8, not TOML or nested too deep; any mistake :func:`recipe_from_dict` finds.
+    """
     text: str
     source = str(name_or_path)
     path = Path(name_or_path)
     if source in builtin_recipe_names():
         text = resources.files("qcompiler.recipes").joinpath(f"{source}.toml").read_text(encoding="utf-8")
-    elif path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"recipe file not found: {source}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read recipe {source}: {exc}") from exc
+    elif path.suffix == ".toml" or os.path.lexists(path):
+        text = _read_recipe_file(path, source)
     else:
-        raise ConfigError(f"unknown recipe '{source}' (built-in: {', '.join(builtin_recipe_names())}; "
+        raise ConfigError(f"unknown recipe {source!r} (built-in: {', '.join(builtin_recipe_names())}; "
                           "or give a path to a .toml file)")
+    _check_toml_shape(text, source)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"recipe {source} is not valid TOML: {exc}") from exc
+    except RecursionError:  # the scan above should have refused it first
+        raise ConfigError(f"recipe {source} nests too deeply to parse") from None
     return recipe_from_dict(data, source=source, _depth=_depth)
 
 
 def override(recipe: Recipe, *, plugins: tuple[str, ...] = (), disable: tuple[str, ...] = (),
              quantization: Mapping[str, Any] | None = None, calibration: Mapping[str, Any] | None = None,
              weight_only: Mapping[str, Any] | None = None) -> Recipe:
-    """Apply command-line overrides: plugins and disabled passes are added, option fields replaced."""
+    """Apply command-line overrides: plugins and disabled passes are added, option fields replaced.
+
+    Raises:
+        ConfigError: a key that is no field of its section, or a value the section refuses.
+    """
+    for section, cls, values in (("quantization", QuantizationOptions, quantization),
+                                 ("calibration", CalibrationOptions, calibration),
+                                 ("weight_only", WeightOnlyOptions, weight_only)):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in (values or {}) if k not in known)
+        if unknown:
+            raise ConfigError(f"unknown {section} option {unknown[0]!r} (known: {', '.join(sorted(known))})")
     return dataclasses.replace(
         recipe,
         weight_only=dataclasses.replace(recipe.weight_only, **(weight_only or {})),

@@ -17,7 +17,8 @@ Where the cases come from (:func:`discover_cases`):
 * ``real`` needs downloads and is never used.
 
 Every case ends in exactly one category (:data:`CATEGORIES`). ``changed``, ``crash`` and ``timeout`` are bugs of
-the compiler; ``pass`` and ``refused`` (an :class:`~qcompiler.errors.UnsupportedModelError`) are fine;
+the compiler; ``pass`` and ``refused`` (an :class:`~qcompiler.errors.UnsupportedModelError`, or an
+:class:`~qcompiler.errors.InputError` for a model refused at load as malformed) are fine;
 ``ort-cannot-run-original`` and ``ort-wrong-on-original`` are ONNX Runtime's own limits; ``not-checked`` means
 the compile succeeded but the harness cannot feed or compare the case's data (e.g. map-typed values). A compile
 crash or timeout is a bug even when ORT cannot run the original, so compile outcomes are classified first.
@@ -479,7 +480,7 @@ def run_case(case: Case, workdir: str | os.PathLike[str], *, recipe: str = "floa
     """Run one case in this process: ORT on the original, compile, ORT on the compiled model; classify."""
     import onnx
 
-    from qcompiler.errors import UnsupportedModelError
+    from qcompiler.errors import InputError, UnsupportedModelError
 
     start = time.perf_counter()
     result = CaseResult(case.id, "pass")
@@ -522,7 +523,7 @@ def run_case(case: Case, workdir: str | os.PathLike[str], *, recipe: str = "floa
             from qcompiler.api import compile_model
 
             compile_model(case.model_path, compiled, recipe=recipe)
-    except UnsupportedModelError as exc:
+    except (UnsupportedModelError, InputError) as exc:  # unsupported, or refused at load as malformed
         return _finish(result, start, "refused", _first_line(exc), "compile")
     except Exception as exc:
         logger.debug("compile of %s failed:\n%s", case.id, traceback.format_exc())

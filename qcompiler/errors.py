@@ -9,8 +9,10 @@ from __future__ import annotations
 __all__ = [
     "QCompileError",
     "UsageError",
+    "OutputError",
     "InputError",
     "UnsafeModelError",
+    "InvalidModelError",
     "UnsupportedModelError",
     "ConfigError",
     "PluginError",
@@ -29,12 +31,20 @@ class UsageError(QCompileError):
     """The command line or API was used wrongly (bad flag combination, output equal to input...)."""
 
 
+class OutputError(QCompileError):
+    """An output cannot be written: full disk or quota, read-only or forbidden folder, name too long."""
+
+
 class InputError(QCompileError):
     """The input model file cannot be read: missing, a folder, not ONNX, truncated."""
 
 
 class UnsafeModelError(InputError):
     """The model asks for something we refuse to do, e.g. external data outside its folder."""
+
+
+class InvalidModelError(InputError):
+    """The model's values cannot give a correct quantized model, e.g. NaN or Inf in a weight that is quantized."""
 
 
 class UnsupportedModelError(QCompileError):

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import io
-from qcompiler.errors import ConfigError, PassFailedError
+from qcompiler.errors import ConfigError, OutputError, PassFailedError, UsageError
 from qcompiler.pass_manager import PassRecord, PipelineReport, QPass
 from qcompiler.sample_inputs import random_inputs
 
@@ -27,11 +27,16 @@ logger = logging.getLogger(__name__)
 
 
 class DumpAfterInstrument:
-    """Save the model after each pass named in ``names`` (or after every pass with ``all``) into ``folder``."""
+    """Save the model after each pass named in ``names`` (or after every pass with ``all``) into ``folder``.
 
-    def __init__(self, names: Sequence[str], folder: str | Path) -> None:
+    Each dump is saved like the output (:func:`qcompiler.io.save_model`): never over the input model (``input_path``)
+    or its data files, through locked temporaries, with one-line errors when the folder cannot be written.
+    """
+
+    def __init__(self, names: Sequence[str], folder: str | Path, *, input_path: str | Path | None = None) -> None:
         self.names = set(names)
         self.folder = Path(folder)
+        self.input_path = Path(input_path) if input_path is not None else None
         self._index = 0
 
     def check_pipeline(self, pass_names: Sequence[str]) -> None:
@@ -44,9 +49,14 @@ class DumpAfterInstrument:
 
     def after_pass(self, qpass: QPass, model: ir.Model, record: PassRecord, report: PipelineReport) -> None:
         if qpass.name in self.names or "all" in self.names:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                raise UsageError(f"--dump-dir {self.folder} exists and is not a folder") from None
+            except OSError as exc:
+                raise OutputError(f"cannot create --dump-dir {self.folder}: {exc.strerror or exc}") from None
             path = self.folder / f"{self._index:02d}-{qpass.name}.onnx"
-            io.save_model(model, path)
+            io.save_model(model, path, input_path=self.input_path)
             report.extra.setdefault("dumps", []).append(str(path))
             logger.info("dumped the model after %s to %s", qpass.name, path)
 

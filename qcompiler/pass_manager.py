@@ -7,7 +7,9 @@ reason, with :meth:`QPass.skip`; the pass manager collects those into the report
 
 :class:`PassPipeline` runs an explicit list of passes with instruments around each (timing is built in; IR dumps
 and numerical verification are instruments, see ``qcompiler.instruments``) and a small analysis cache that is
-dropped whenever a pass reports ``modified``. A pass that fails with anything other than a ``QCompileError``
+dropped whenever a pass reports ``modified``. Each pass runs with Python's cyclic garbage collector paused (a full
+collection walks every IR object: on a 1,000,000-node graph that was seconds per pass; the collector resumes, with
+its own thresholds, between passes). A pass that fails with anything other than a ``QCompileError``
 is reported as a :class:`~qcompiler.errors.PassFailedError` naming the pass and the passes that ran before it.
 """
 
@@ -24,6 +26,7 @@ import onnx_ir as ir
 
 from qcompiler.analysis import AnalysisCache
 from qcompiler.errors import PassFailedError, QCompileError
+from qcompiler.passes._common import paused_gc, release_free_memory
 
 __all__ = [
     "STAGES",
@@ -35,6 +38,7 @@ __all__ = [
     "PassInstrument",
     "PassPipeline",
     "iter_nodes",
+    "model_graphs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,12 +47,36 @@ logger = logging.getLogger(__name__)
 STAGES: tuple[str, ...] = ("canonicalize", "fuse", "annotate", "calibrate", "lower", "finalize")
 
 
+def _collect_subgraphs(graph: ir.Graph | ir.Function, found: list[ir.Graph]) -> None:
+    for node in graph:
+        if not node.attributes:
+            continue
+        for attr in node.attributes.values():
+            if attr.is_ref():
+                continue
+            if attr.type == ir.AttributeType.GRAPH:
+                found.append(attr.value)
+                _collect_subgraphs(attr.value, found)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.value:
+                    found.append(sub)
+                    _collect_subgraphs(sub, found)
+
+
+def model_graphs(model: ir.Model) -> list[ir.Graph]:
+    """The main graph, then every If/Loop/Scan body under it, depth first in node order (``Model.graphs()``'s
+    order), found by a plain walk: onnx-ir's generic recursive iterator costs about a second per million nodes."""
+    found = [model.graph]
+    _collect_subgraphs(model.graph, found)
+    return found
+
+
 def iter_nodes(model: ir.Model) -> Iterator[ir.Node]:
     """Yield every node of the model, main graph first, then If/Loop/Scan bodies (recursively).
 
     The nodes of each graph are snapshotted before yielding so a pass may remove or insert nodes while iterating.
     """
-    for graph in list(model.graphs()):
+    for graph in model_graphs(model):
         yield from list(graph)
 
 
@@ -208,7 +236,9 @@ class PassPipeline:
                 instrument.before_pass(qpass, model)
             start = time.perf_counter()
             try:
-                result = qpass(model)
+                with paused_gc():  # a full collection walks every IR object: seconds per pass on a big graph
+                    result = qpass(model)
+                release_free_memory()
             except QCompileError:
                 raise
             except Exception as exc:  # an internal failure: name the pass and its history

@@ -7,6 +7,12 @@ is an error, so a typo never silently does nothing.
 
 Each pass is built by its ``from_recipe(recipe, context)`` classmethod when it has one (passes that read the shared
 quantization/calibration options), else by ``cls(**recipe.options_for(name))``.
+
+Which options a pipeline uses is derived, not listed: :func:`options_read` builds every pass once through views of
+the recipe and the build context that record each field read (``quantization.activation_dtype``,
+``context.calibration_data``, ...). The contract that makes this true: a ``from_recipe`` reads an option only when
+the pass will act on it (``annotate-int8`` reads the activation dtype and calibrator only for static activations).
+So plugin passes and TOML recipes are covered the same way as the built-in ones.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from qcompiler.errors import ConfigError, PluginError
 from qcompiler.pass_manager import STAGES, PassInstrument, PassPipeline, QPass
 from qcompiler.plugins import discover_passes, load_pass_class
 
-__all__ = ["BuildContext", "resolve_pass_classes", "build_pipeline"]
+__all__ = ["BuildContext", "resolve_pass_classes", "build_pipeline", "options_read"]
 
 
 @dataclasses.dataclass
@@ -97,3 +103,57 @@ def build_pipeline(recipe: Recipe, context: BuildContext | None = None, *,
     if unused:
         raise ConfigError(f"[pass-options.{unused[0]}] names a pass that is not in the pipeline")
     return PassPipeline([_instantiate(cls, recipe, context) for cls in classes], instruments=instruments)
+
+
+class _RecordingSection:
+    """A read-only view of one options section that records which fields are read."""
+
+    def __init__(self, options: Any, section: str, reads: set[str]) -> None:
+        self._options, self._section, self._reads, self._fields = options, section, reads, {
+            f.name for f in dataclasses.fields(options)}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._fields:
+            self._reads.add(f"{self._section}.{name}")
+        elif name == "bits" or name == "ternary":  # WeightOnlyOptions' properties derive from the format
+            self._reads.add(f"{self._section}.format")
+        return getattr(self._options, name)
+
+
+class _RecordingRecipe:
+    """A view of a :class:`Recipe` whose option sections record their reads; everything else is forwarded."""
+
+    def __init__(self, recipe: Recipe, reads: set[str]) -> None:
+        self._recipe, self._reads = recipe, reads
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._recipe, name)
+        if name in ("quantization", "calibration", "weight_only"):
+            return _RecordingSection(value, name, self._reads)
+        return value
+
+
+class _RecordingContext:
+    """A view of a :class:`BuildContext` that records which of its fields are read (``context.<field>``)."""
+
+    def __init__(self, context: BuildContext, reads: set[str]) -> None:
+        self._context, self._reads = context, reads
+
+    def __getattr__(self, name: str) -> Any:
+        self._reads.add(f"context.{name}")
+        return getattr(self._context, name)
+
+
+def options_read(recipe: Recipe, context: BuildContext | None = None) -> frozenset[str]:
+    """The recipe options and context fields that the passes of ``recipe``'s pipeline read when built.
+
+    Each pass is built once (and dropped) through recording views; the names are ``section.field`` with the
+    section ``quantization``, ``calibration`` or ``weight_only``, and ``context.<field>`` for the build context
+    (``context.calibration_data``: some pass takes calibration data). Raises what building the pipeline raises.
+    """
+    reads: set[str] = set()
+    view = _RecordingRecipe(recipe, reads)
+    seen = _RecordingContext(context or BuildContext(), reads)
+    for cls in resolve_pass_classes(recipe):
+        _instantiate(cls, view, seen)  # type: ignore[arg-type]  # duck-typed views of Recipe and BuildContext
+    return frozenset(reads)

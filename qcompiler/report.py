@@ -1,14 +1,14 @@
 """Compilation reports (``--report out.json`` or ``out.md``): per-pass statistics and the per-layer error table.
 
 The per-layer figures come from what the lowering passes record with ``QPass.record_layer`` (e.g. the weight SQNR in
-dB: 10·log10(Σw² / Σ(w − dequant(quant(w)))²)). The file is written to a temporary name and renamed into place.
+dB: 10·log10(Σw² / Σ(w − dequant(quant(w)))²)). The file is written like the model
+(:func:`qcompiler.io_write.write_bytes_atomic`): a locked temporary renamed into place, one-line errors.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +64,15 @@ def render_markdown(data: dict[str, Any]) -> str:
 
 
 def write_report(result: Any, path: str | os.PathLike[str], *, seconds: float | None = None) -> None:
-    """Write the report as JSON or markdown, chosen by the file's suffix, atomically."""
+    """Write the report as JSON or markdown, chosen by the file's suffix, atomically.
+
+    Raises:
+        UsageError: the path is a folder, a device, or in a missing folder.
+        OutputError: the file cannot be written (full disk, read-only folder, permission, name too long).
+    """
+    from qcompiler.io_write import write_bytes_atomic
+
     path = Path(path)
     data = report_dict(result, seconds=seconds)
     text = json.dumps(data, indent=2, sort_keys=False, default=str) if path.suffix == ".json" else render_markdown(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"), what="--report")

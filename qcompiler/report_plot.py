@@ -4,14 +4,14 @@ One horizontal bar per quantized layer, in graph order: the model-output SQNR wh
 (``sensitivity_sqnr_db``, from ``select-precision``) when the report has it, else the layer's weight SQNR
 (``weight_sqnr_db``, or GPTQ's ``gptq_weight_sqnr_db``). Layers left in float by the accuracy budget are drawn in
 another colour. matplotlib is optional: it is imported only here, with the non-interactive Agg backend, and a
-missing matplotlib is a :class:`~qcompiler.errors.UsageError` naming the package. The PNG is written to a temporary
-file beside the target and renamed into place.
+missing matplotlib is a :class:`~qcompiler.errors.UsageError` naming the package. The PNG is rendered in memory and
+written like the model (:func:`qcompiler.io_write.write_bytes_atomic`: a locked temporary renamed into place).
 """
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +61,12 @@ def plot_layers(data: dict[str, Any], path: str | os.PathLike[str]) -> int:
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fig.savefig(buffer, format="png", dpi=110)
     finally:
         plt.close(fig)
+    from qcompiler.io_write import write_bytes_atomic
+
+    write_bytes_atomic(path, buffer.getvalue(), what="--report")
     return len(rows)

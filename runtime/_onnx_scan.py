@@ -17,7 +17,7 @@ import mmap
 import os
 from collections.abc import Iterator
 
-__all__ = ["ModelScan", "scan_model"]
+__all__ = ["ModelScan", "scan_blob", "scan_model"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +136,21 @@ def scan_model(path: str | os.PathLike[str], node_domain: str | None = None) -> 
                 return _scan(buf, node_domain)
             finally:
                 buf.release()
+
+
+def scan_blob(blob: bytes, node_domain: str | None = None) -> ModelScan:
+    """:func:`scan_model` over a model's bytes already in memory.
+
+    Raises:
+        ValueError: ``blob`` is empty or not well-formed protobuf.
+    """
+    if not blob:
+        raise ValueError("empty file")
+    buf = memoryview(blob)
+    try:
+        return _scan(buf, node_domain)
+    finally:
+        buf.release()
 
 
 def _scan(buf: memoryview, node_domain: str | None) -> ModelScan:

@@ -5,8 +5,10 @@ output without the compiler's dependencies (onnx, onnx_ir, networkx, torch). ``S
 runs the same file on qcompiler's GPU executor instead (:mod:`qcompiler.runtime.cuda`, which imports torch and
 onnx when, and only when, it is asked for), behind the same inputs, outputs, feed checks and numpy results.
 
-Before ONNX Runtime sees the file, its opset imports and metadata are read (:mod:`._onnx_scan`, without parsing the
-weights). A model that imports qcompiler's own domain (``ai.qcompiler``: the int3 and fused FP8 matmuls of
+The file is read once and checked before ONNX Runtime sees it (:mod:`._model_file`): every external-data reference,
+wherever it sits, must name a regular, singly linked file beneath the model's folder reached without symlinks, and
+ORT gets those very bytes (the model as a buffer, the data as in-memory files), so it opens nothing by path. Its
+opset imports and metadata are read (:mod:`._onnx_scan`, without parsing the weights). A model that imports qcompiler's own domain (``ai.qcompiler``: the int3 and fused FP8 matmuls of
 :mod:`qcompiler.runtime.custom_ops`) is checked against this runtime's operator set (its version, the op names,
 their input counts) and its ops are registered through onnxruntime-extensions (with ORT's spinning workers off:
 they would steal the cores from the ops' BLAS threads); every refusal is one line.
@@ -30,7 +32,8 @@ import numpy as np
 import onnxruntime as ort
 
 from qcompiler.runtime import custom_ops
-from qcompiler.runtime._onnx_scan import ModelScan, scan_model
+from qcompiler.runtime._model_file import ModelFileError, open_model_file
+from qcompiler.runtime._onnx_scan import ModelScan, scan_blob
 
 __all__ = ["AUTO_PROVIDERS", "Session", "TensorInfo", "SessionError", "InvalidFeedError"]
 
@@ -109,16 +112,20 @@ class Session:
         cuda_graphs: on CUDA, replay each input signature from a CUDA graph after its first run.
 
     Raises:
-        SessionError: the file is missing, it uses ``ai.qcompiler`` ops this runtime cannot run (a newer opset, an
-            unknown op, onnxruntime-extensions not installed), a provider is not available, or ORT cannot load it.
+        SessionError: the file is missing or not a regular file, an external-data reference is refused (outside the
+            folder, through a symlink, a hard link, a FIFO, out of bounds), it uses ``ai.qcompiler`` ops this
+            runtime cannot run (a newer opset, an unknown op, onnxruntime-extensions not installed), a provider is
+            not available, or ORT cannot load it.
     """
 
     def __init__(self, path: str | os.PathLike[str], providers: Sequence[str] | str | None = None, *,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None, device: str = "cpu",
                  cuda_graphs: bool = True) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise SessionError(f"{self.path}: no such model file")
+        try:
+            self._file = open_model_file(self.path)
+        except ModelFileError as exc:
+            raise SessionError(str(exc)) from None
         scan = self._scan()
         self._opsets = dict(scan.opsets) if scan is not None else {}
         self._custom_ops = self._check_custom_ops(scan) if scan is not None else ()
@@ -128,6 +135,7 @@ class Session:
             if providers is not None:
                 raise SessionError(f"providers are ONNX Runtime's: they go with device='cpu', not {device!r}")
             self._start_gpu(device, cuda_graphs)
+            self._file = None  # the executor holds its weights
             return
         available = ort.get_available_providers()
         if providers == "auto":
@@ -153,11 +161,15 @@ class Session:
                 raise SessionError(f"{self.path}: the model uses qcompiler's custom ops "
                                    f"({', '.join(self._custom_ops)}); they run through onnxruntime-extensions, which "
                                    "is not installed: pip install onnxruntime-extensions==0.15.2") from exc
-        try:
-            self._session = ort.InferenceSession(str(self.path), options, providers=wanted)
+        try:  # the checked bytes and files, never the path: ORT opens nothing by itself (see _model_file)
+            with self._file.ort_options(options) as checked_options:
+                self._session = ort.InferenceSession(self._file.ort_blob(), checked_options, providers=wanted)
+        except ModelFileError as exc:
+            raise SessionError(str(exc)) from None
         except Exception as exc:
             message = " ".join(str(exc).split())
             raise SessionError(f"{self.path}: onnxruntime cannot load the model: {message[:500]}") from exc
+        self._file = None  # ORT copied what it needs
         self._inputs = [_info(a) for a in self._session.get_inputs()]
         self._outputs = [_info(a) for a in self._session.get_outputs()]
         logger.debug("session on %s with %s", self.path, self._session.get_providers())
@@ -179,7 +191,9 @@ class Session:
         if device != "torch-cpu" and not torch.cuda.is_available():
             raise SessionError(f"device={device!r}: torch sees no CUDA device")
         try:
-            self._gpu = GpuSession(self.path, "cpu" if device == "torch-cpu" else device, cuda_graphs=cuda_graphs)
+            self._gpu = GpuSession(self._file, "cpu" if device == "torch-cpu" else device, cuda_graphs=cuda_graphs)
+        except ModelFileError as exc:
+            raise SessionError(str(exc)) from None
         except (UnsupportedOpError, ValueError) as exc:
             raise SessionError(f"{self.path}: the GPU executor cannot run this model: {exc}") from exc
         self._session = None
@@ -191,8 +205,8 @@ class Session:
         """The file's opsets, metadata and ``ai.qcompiler`` nodes, or None when it is not readable protobuf (ORT
         then reports why it cannot load it)."""
         try:
-            return scan_model(self.path, custom_ops.DOMAIN)
-        except (OSError, ValueError) as exc:
+            return scan_blob(self._file.blob, custom_ops.DOMAIN)
+        except ValueError as exc:
             logger.debug("%s: not scanned (%s)", self.path, exc)
             return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -14,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from qcompiler import io
+from qcompiler import io, io_write
 from qcompiler.errors import UsageError
 
 
@@ -93,15 +94,18 @@ def test_large_model_path_writes_external_data(make_mlp, write_model, tmp_path: 
     src = write_model(make_mlp(), tmp_path / "in")
     out = tmp_path / "out.onnx"
     io.save_model(io.load_model(src), out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out.onnx", "out.onnx.data"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    data = tmp_path / names[2]
+    assert names[:2] == ["in", "out.onnx"] and len(names) == 3
+    assert data.name == f"out.onnx.{hashlib.sha256(data.read_bytes()).hexdigest()[:16]}.data"  # named by content
     proto = onnx.load(out, load_external_data=False)
     locations = {i.name: {e.key: e.value for e in i.external_data} for i in proto.graph.initializer}
     # W1 (512 B), b1 (64 B), W2 (256 B) go external, b2 (16 B) stays inline
     assert sorted(n for n, fields in locations.items() if fields) == ["W1", "W2", "b1"]
-    assert {fields["location"] for fields in locations.values() if fields} == {"out.onnx.data"}
+    assert {fields["location"] for fields in locations.values() if fields} == {data.name}
     for expected, actual in zip(_run_file(src, FEEDS), _run_file(out, FEEDS), strict=True):
         np.testing.assert_array_equal(expected, actual)
-    assert io.model_bytes(out) == out.stat().st_size + (tmp_path / "out.onnx.data").stat().st_size
+    assert io.model_bytes(out) == out.stat().st_size + data.stat().st_size
     # the saved model loads back lazily and saves again (external data in, external data out)
     again = io.load_model(out)
     assert isinstance(again.graph.initializers["W1"].const_value, ir.ExternalTensor)
@@ -109,7 +113,7 @@ def test_large_model_path_writes_external_data(make_mlp, write_model, tmp_path: 
     out2.parent.mkdir()
     io.save_model(again, out2, input_path=out)
     assert filecmp.cmp(out, out2, shallow=False)
-    assert filecmp.cmp(tmp_path / "out.onnx.data", out2.parent / "out.onnx.data", shallow=False)
+    assert filecmp.cmp(data, out2.parent / data.name, shallow=False)
 
 
 def test_save_leaves_the_model_unchanged(make_mlp, write_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -222,9 +226,16 @@ def test_save_refuses_to_overwrite_data_the_model_reads(make_mlp, write_model, t
     src = write_model(make_mlp(), tmp_path, "m.onnx", external=True)  # data in m.onnx.data
     model = io.load_model(src)
     with pytest.raises(UsageError, match="still reads"):
-        io.save_model(model, tmp_path / "m.onnx")
-    with pytest.raises(UsageError, match="still reads"):
         io.save_model(model, tmp_path / "m.onnx.data")
+    # the model file itself may be replaced (no input_path given): the output's data gets its own name, and the
+    # file the model reads its weights from is kept
+    before = (tmp_path / "m.onnx.data").read_bytes()
+    io.save_model(model, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx.data").read_bytes() == before
+    assert len(list(tmp_path.glob("m.onnx.*.data"))) == 1
+    for expected, actual in zip(_run_file(tmp_path / "m.onnx", FEEDS), io.ort_session(model).run(None, FEEDS),
+                                strict=True):
+        np.testing.assert_array_equal(expected, actual)
 
 
 @pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
@@ -250,10 +261,10 @@ def test_every_dtype_round_trips_bit_exactly(tmp_path: Path, monkeypatch: pytest
     model = ir.Model(graph, ir_version=10)
     first = tmp_path / "a" / "m.onnx"
     first.parent.mkdir()
-    io._save(model, first, external=True)  # every tensor but the strings goes to m.onnx.data
+    io_write._save(model, first, external=True)  # every tensor but the strings goes to m.onnx.<hash>.data
     second = tmp_path / "b" / "m.onnx"
     second.parent.mkdir()
-    io._save(io.load_model(first), second, external=external)
+    io_write._save(io.load_model(first), second, external=external)
     loaded = io.load_model(second)
     for name, tensor in tensors.items():
         got = loaded.graph.initializers[name].const_value

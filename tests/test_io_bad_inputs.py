@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from qcompiler import io
+from qcompiler import io, io_write
 from qcompiler.errors import InputError, QCompileError, UnsafeModelError, UsageError
 
 
@@ -213,9 +214,18 @@ def test_output_over_the_inputs_external_data(ext_model: Path, digest) -> None:
     folder = ext_model.parent
     _refused(UsageError, lambda: io.check_output_path(ext_model, folder / "model.onnx.data"), folder, digest,
              "external data")
-    # "x.onnx" would write its data to "x.onnx.data": make that the input's data file
-    (folder / "x.onnx.data").symlink_to("model.onnx.data")
-    _refused(UsageError, lambda: io.check_output_path(ext_model, folder / "x.onnx"), folder, digest, "external data")
+    # "x.onnx" writes its data to "x.onnx.<16 hex>.data" and removes stale files so named: an input whose data file
+    # is named like that is refused for that output
+    (folder / "model.onnx.data").rename(folder / "x.onnx.0123456789abcdef.data")
+    proto = onnx.load(ext_model, load_external_data=False)
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = "x.onnx.0123456789abcdef.data"
+    onnx.save_model(proto, ext_model)
+    digest_now = digest(folder)
+    _refused(UsageError, lambda: io.check_output_path(ext_model, folder / "x.onnx"), folder, lambda _: digest_now,
+             "named like the output's data files")
 
 
 def test_output_folder_missing(ext_model: Path, digest) -> None:
@@ -246,20 +256,23 @@ def test_keyboard_interrupt_during_save_leaves_nothing(tmp_path: Path, make_mlp,
         (out_dir / "m.onnx").write_bytes(b"previous model")
         (out_dir / "m.onnx.data").write_bytes(b"previous data")
     before_out, before_in = digest(out_dir), digest(src.parent)
-    real = getattr(io, writer)
+    real = getattr(io_write, writer)
 
     def interrupted(f, payload) -> None:
         real(f, payload)  # some bytes reach the temporary file first
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io, writer, interrupted)
+    monkeypatch.setattr(io_write, writer, interrupted)
     with pytest.raises(KeyboardInterrupt):
         io.save_model(model, out_dir / "m.onnx", input_path=src)
     assert digest(out_dir) == before_out  # no temp files, no partial output, previous output untouched
     assert digest(src.parent) == before_in
-    monkeypatch.setattr(io, writer, real)
+    monkeypatch.setattr(io_write, writer, real)
     io.save_model(model, out_dir / "m.onnx", input_path=src)  # the model object is still intact
-    assert sorted(os.listdir(out_dir)) == ["m.onnx", "m.onnx.data"]
+    names = sorted(os.listdir(out_dir))
+    data = [n for n in names if re.fullmatch(r"m\.onnx\.[0-9a-f]{16}\.data", n)]
+    # the model, its data, and the earlier "m.onnx.data", which is not named like this output's data files
+    assert len(data) == 1 and names == sorted(["m.onnx", *data, *(["m.onnx.data"] if existing else [])])
 
 
 def test_interrupt_between_renames_completes_the_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,9 +288,9 @@ def test_interrupt_between_renames_completes_the_commit(tmp_path: Path, monkeypa
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(io.os, "replace", flaky)
+    monkeypatch.setattr(io_write.os, "replace", flaky)
     with pytest.raises(KeyboardInterrupt):
-        io._commit(temps, [tmp_path / "m.onnx.data", tmp_path / "m.onnx"])
+        io_write._commit(temps, [tmp_path / "m.onnx.data", tmp_path / "m.onnx"])
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
     assert (tmp_path / "m.onnx").read_bytes() == b"model"

@@ -4,6 +4,7 @@ overriding the recipe."""
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -349,3 +350,80 @@ def test_cli_recipe_disable_and_list(cnn: tuple[Path, Path], tmp_path: Path,
     code, out, _ = _main(["--list-recipes"], capsys)
     assert code == 0
     assert {line.split()[0] for line in out.splitlines()} == set(builtin_recipe_names())
+
+
+# -- hostile recipe files (issue 12, class 10) --------------------------------------------------------------------------
+def _refused(args: list[str], capsys: pytest.CaptureFixture[str], needle: str) -> str:
+    code, out, err = _main(args, capsys)
+    assert code == 2 and out == ""
+    line = _one_error_line(err)
+    assert needle in line, line
+    return line
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ('extends = "int8"\n[calibration]\ncache_dir = "planted"\n',
+     "sets calibration.cache_dir; write locations come only from the command line (--calib-cache)"),
+    ('extends = "int8"\n[pass-options.calibrate]\ncache_dir = "planted"\n', "sets pass-options.calibrate.cache_dir"),
+    ('extends = "int8"\n[pass-options.my-plugin]\ndump_path = "planted"\n', "sets pass-options.my-plugin.dump_path"),
+])
+def test_a_recipe_cannot_choose_where_to_write(cnn: tuple[Path, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                                text: str, needle: str) -> None:
+    model, calib = cnn
+    monkeypatch.chdir(tmp_path)
+    recipe = _write(tmp_path / "downloaded.toml", text)
+    out = tmp_path / "o.onnx"
+    _refused([str(model), "-o", str(out), "--recipe", str(recipe), "--calib", str(calib)], capsys, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["downloaded.toml"]  # no output, no planted folder
+    # the command line still may: the same cache folder through --calib-cache
+    args = [str(model), "-o", str(out), "--recipe", "int8", "--calib", str(calib), "--calib-cache", "mine", "-q"]
+    assert _main(args, capsys)[0] == 0 and list((tmp_path / "mine").glob("calib-*.npz"))
+
+
+@pytest.mark.parametrize("text", [
+    "a = " + "[" * 100_000 + "]" * 100_000,                # tomllib: RecursionError (exit 1 before)
+    "a = " + "{b = " * 100_000 + "1" + "}" * 100_000,     # the same through inline tables
+    "a" + ".a" * 100_000 + " = 1",                         # tomllib: memory quadratic in the parts (OOM before)
+    "[" + "t." * 100_000 + "t]",                           # the same in a table header
+    "a = " + "[" * 33 + "]" * 33,                          # just past the limit
+])
+def test_deeply_nested_toml_is_refused_before_parsing(cnn: tuple[Path, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str], text: str) -> None:
+    model, _ = cnn
+    recipe = tmp_path / "deep.toml"
+    recipe.write_text(text)
+    line = _refused([str(model), "-o", str(tmp_path / "o.onnx"), "--recipe", str(recipe)], capsys, "recipe ")
+    assert "deeper than 32 levels" in line or "dotted key of more than 32 parts" in line
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_nesting_within_the_limit_and_brackets_in_strings_still_parse(tmp_path: Path) -> None:
+    from qcompiler.config import _check_toml_shape, tomllib
+
+    text = ('a = ' + '[' * 31 + ']' * 31 + '\nb = "[[[[{{{{"\nc = \'\'\'\n[[[[\n\'\'\'\n# [[[[[[[[[[\n'
+            'd = """ \\""" [[[ """\ne = [1.5, 2.5, {x.y.z = 1}]\nf = 1979-05-27T07:32:00.999\n')
+    _check_toml_shape(text, "ok")
+    assert tomllib.loads(text)["e"][2] == {"x": {"y": {"z": 1}}}
+    deep = {"pass-options": {"x": {"k": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}}
+    with pytest.raises(ConfigError, match="deeper than 32 levels"):
+        recipe_from_dict(deep)
+
+
+def test_a_huge_recipe_is_refused(cnn: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, _ = cnn
+    recipe = tmp_path / "huge.toml"
+    recipe.write_text('extends = "int8"\n' + "# padding\n" * 200_000)
+    _refused([str(model), "-o", str(tmp_path / "o.onnx"), "--recipe", str(recipe)], capsys,
+             "more than a recipe's limit of 1048576 bytes")
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_named_as_a_recipe_fails_at_once(cnn: tuple[Path, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    model, _ = cnn
+    fifo = tmp_path / "r.toml"
+    os.mkfifo(fifo)
+    _refused([str(model), "-o", str(tmp_path / "o.onnx"), "--recipe", str(fifo)], capsys, "FIFO")
+    child = _write(tmp_path / "child.toml", f'extends = "{fifo.as_posix()}"\n')
+    _refused([str(model), "-o", str(tmp_path / "o.onnx"), "--recipe", str(child)], capsys, "FIFO")

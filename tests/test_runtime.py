@@ -71,8 +71,11 @@ def test_session_errors(tmp_path: Path, mlp_path: Path) -> None:
     with pytest.raises(SessionError, match="no such model file"):
         Session(tmp_path / "missing.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"junk")
-    with pytest.raises(SessionError, match="cannot load the model"):
+    with pytest.raises(SessionError, match="not an ONNX model"):
         Session(tmp_path / "junk.onnx")
+    (tmp_path / "nodes.onnx").write_bytes(b"\x3a\x02\x0a\x00")  # well-formed protobuf, a graph of one empty node
+    with pytest.raises(SessionError, match="cannot load the model"):
+        Session(tmp_path / "nodes.onnx")
     with pytest.raises(SessionError, match="not available"):
         Session(mlp_path, providers=["NoSuchExecutionProvider"])
 

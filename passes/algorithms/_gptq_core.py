@@ -14,13 +14,66 @@ Cholesky factorisation exists; unlike the reference implementation, the weights 
 zeroed. The grid is fixed beforehand (the caller's scales and zero points), so the result is
 exactly what the lowering will emit. ``H`` may be shared by all rows (``[K, K]``) or given per row (``[M, K, K]``,
 a depthwise convolution, where each output channel sees its own input channel). Work is float64.
+
+Numerical range: the result does not change when ``H`` is multiplied by a constant, so ``H`` is divided by the
+power of two nearest its mean diagonal (exact) before it is inverted; inputs near the float32 limit (``1e19`` and
+up, whose squares overflow float32) then give the same result as ordinary ones. :func:`second_moment` builds
+``x^T x`` in float32 only where that cannot overflow (``rows * max|x|^2 < 1e36``), otherwise in float64, and
+refuses an activation holding NaN or Inf (:class:`~qcompiler.errors.CalibrationError` naming it). When the
+factorisation still fails (a Hessian that is not positive definite in float64), the damping is multiplied by 10, up
+to :data:`DAMP_RETRIES` times, and then :class:`CholeskyError` is raised: the callers round that layer to nearest
+instead and count it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gptq_round"]
+from qcompiler.errors import CalibrationError
+
+__all__ = ["DAMP_RETRIES", "CholeskyError", "activation_absmax", "fits_float32", "gptq_round", "second_moment"]
+
+#: how many times the damping is multiplied by 10 before GPTQ gives up on a layer
+DAMP_RETRIES = 3
+#: ``rows * max|x|^2`` below which ``x^T x`` is computed in float32 (far from its limit of about 3.4e38)
+_FLOAT32_SAFE = 1e36
+
+
+class CholeskyError(ArithmeticError):
+    """The damped Hessian has no Cholesky factorisation of its inverse, even with more damping."""
+
+
+def activation_absmax(x: np.ndarray, tensor: str | None, node: str | None = None) -> float:
+    """``max |x|`` of one batch of a layer's input.
+
+    Raises:
+        CalibrationError: ``x`` holds NaN or Inf (the calibration data drove the activation out of float32).
+    """
+    absmax = float(np.max(np.abs(x))) if x.size else 0.0
+    if not np.isfinite(absmax):
+        where = f" (read by node {node!r})" if node else ""
+        raise CalibrationError(f"calibration data makes activation {tensor or '(unnamed)'!r}{where} NaN or Inf: no "
+                               "finite statistics can be built from it (check the calibration data; values near the "
+                               "float32 limit overflow inside the model)")
+    return absmax
+
+
+def fits_float32(absmax: float, rows: int) -> bool:
+    """Whether a sum of ``rows`` products of values up to ``absmax`` stays far inside float32's range."""
+    return absmax * absmax * rows < _FLOAT32_SAFE
+
+
+def second_moment(x: np.ndarray, tensor: str | None, node: str | None = None) -> np.ndarray:
+    """``x^T x`` (float64 ``[K, K]``) over the rows of ``x[R, K]``; float32 BLAS where it cannot overflow.
+
+    Raises:
+        CalibrationError: ``x`` holds NaN or Inf (see :func:`activation_absmax`).
+    """
+    if fits_float32(activation_absmax(x, tensor, node), x.shape[0]):
+        rows = x.astype(np.float32, copy=False)
+        return (rows.T @ rows).astype(np.float64)
+    rows = x.astype(np.float64)
+    return rows.T @ rows
 
 
 def _prepare(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -33,15 +86,39 @@ def _prepare(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
     h[..., idx, idx] = np.where(dead, 1.0, diag)
     mean = np.mean(np.diagonal(h, axis1=-2, axis2=-1), axis=-1, keepdims=True)
     h[..., idx, idx] += damp * mean
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        power = np.where(np.isfinite(mean) & (mean > 0), -np.round(np.log2(mean)), 0.0)
+    h *= np.exp2(power)[..., None]  # exact: a power of two near 1 / mean(diag H)
     return h, dead
 
 
 def _upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """``U`` with ``U^T U = H^-1`` (upper triangular), batched over leading axes."""
+    """``U`` with ``U^T U = H^-1`` (upper triangular), batched over leading axes.
+
+    Raises:
+        numpy.linalg.LinAlgError: ``H`` or its inverse is not positive definite (or not finite).
+    """
+    if not np.all(np.isfinite(h)):
+        raise np.linalg.LinAlgError("the Hessian is not finite")
     inverse = np.linalg.inv(h)
     inverse = 0.5 * (inverse + np.swapaxes(inverse, -1, -2))
     lower = np.linalg.cholesky(inverse)
+    if not np.all(np.isfinite(lower)) or not np.all(np.diagonal(lower, axis1=-2, axis2=-1) > 0):
+        raise np.linalg.LinAlgError("the Cholesky factor is not finite")
     return np.swapaxes(lower, -1, -2)
+
+
+def _damped_factor(hessian: np.ndarray, damp: float, order: np.ndarray | None) -> np.ndarray:
+    """``U`` of the damped Hessian (columns in ``order``), more damping on failure (see the module docstring)."""
+    for attempt in range(DAMP_RETRIES + 1):
+        h, _ = _prepare(hessian, min(damp * 10.0 ** attempt, 1e3))
+        if order is not None:
+            h = h[..., order[:, None], order[None, :]]
+        try:
+            return _upper_inverse_cholesky(h)
+        except np.linalg.LinAlgError:
+            continue
+    raise CholeskyError(f"no Cholesky factorisation even with damping {min(damp * 10.0 ** DAMP_RETRIES, 1e3):g}")
 
 
 def gptq_round(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin: int, qmax: int,
@@ -62,22 +139,24 @@ def gptq_round(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin:
 
     Returns:
         ``q`` as int64 ``[M, K]``.
+
+    Raises:
+        CholeskyError: the Hessian could not be factorised even with more damping (round to nearest instead).
     """
     w = np.array(weight, dtype=np.float64, copy=True)
     m, k = w.shape
     per_row = hessian.ndim == 3
-    h, _ = _prepare(hessian, damp)  # dead inputs keep their weights (GPTQ's reference zeroes them): an input
-    # never seen on a small calibration set may well be alive on other data
+    # dead inputs keep their weights (GPTQ's reference zeroes them): an input never seen on a small calibration set
+    # may well be alive on other data
     s = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(m, -1), (m, k))
     z = np.zeros((m, k)) if zero_point is None else \
         np.broadcast_to(np.asarray(zero_point, dtype=np.float64).reshape(m, -1), (m, k))
     if act_order and not per_row:
-        order = np.argsort(-np.diagonal(h), kind="stable")
+        order = np.argsort(-np.diagonal(_prepare(hessian, damp)[0]), kind="stable")
     else:
         order = np.arange(k)
     w, s, z = w[:, order], s[:, order], z[:, order]
-    h = h[..., order[:, None], order[None, :]]
-    u = _upper_inverse_cholesky(h)
+    u = _damped_factor(hessian, damp, order)
     q = np.empty((m, k), dtype=np.int64)
     for start in range(0, k, block):  # lazy batch updates: rank-1 updates inside a block, one matmul after it
         end = min(start + block, k)

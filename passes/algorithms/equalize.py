@@ -13,7 +13,9 @@ After scaling both ranges equal ``sqrt(r1_i * r2_i)``, which makes the per-chann
 alike (what per-tensor weight quantization needs). A chain ``A -> B -> C`` couples its pairs through ``B``, so the
 pass sweeps the chain in rounds until every scale is within ``tolerance`` of 1 (or ``max_rounds`` is reached).
 Scales are computed in float64, clamped per round to ``[1 / max_scale, max_scale]`` and set to 1 where either
-range is 0; the new weights are cast back to their dtype, so the model is the same up to float rounding.
+range is 0 (or not finite: a NaN or Inf stays in its own channel, for the quantizing passes to refuse); the new
+weights are cast back to their dtype, so the model is the same up to float rounding, and a chain whose rescaled
+tensors would overflow that dtype is left as it is (skipped with a reason).
 
 Pairs: Conv -> Conv (any ``group`` on either side, including depthwise -> pointwise) and Gemm/MatMul -> Gemm/MatMul
 with 2-D constant weights (Gemm's ``transB`` on either side; the second Gemm must have ``transA=0``). Skipped with
@@ -283,9 +285,17 @@ class EqualizeCrossLayerPass(QPass):
             rounds += 1
         if not scaled:
             return False
+        cast = {}
+        with np.errstate(over="ignore"):
+            for value in scaled:
+                dtype = value.const_value.numpy().dtype
+                cast[value] = arrays[value].astype(dtype)
+                if np.all(np.isfinite(arrays[value])) and not np.all(np.isfinite(cast[value])):
+                    self.skip(chain[0][0].node, f"equalized tensor {value.name!r} would overflow {dtype}: chain left "
+                                                "as it is")
+                    return False
         for value in scaled:
-            dtype = value.const_value.numpy().dtype
-            value.const_value = ir.tensor(arrays[value].astype(dtype), name=value.name)
+            value.const_value = ir.tensor(cast[value], name=value.name)
         self.count("pairs_equalized", len(plans))
         self.count("chains_equalized")
         self.count("rounds", rounds)

@@ -19,6 +19,12 @@ lowering's bias correction would see no rounding; the pass records the mean outp
 The float function changes (``preserves_float = False``): it is the quantized weights' function moved earlier.
 Skipped with a reason: Conv other than 2-D, ``auto_pad``, Gemm with ``transA`` or ``alpha != 1``, a weight shared
 by several nodes, asymmetric or block specs. Memory: one ``H`` per layer (``K^2`` float64; 18 MB for ``K = 1536``).
+
+Range: ``H`` is accumulated in float64 (each batch's ``x^T x`` in float32 only where it cannot overflow, see
+:func:`~._gptq_core.second_moment`); an activation holding NaN or Inf on the calibration data is refused
+(:class:`~qcompiler.errors.CalibrationError` naming it), a weight holding NaN or Inf too
+(:class:`~qcompiler.errors.InvalidModelError`). A layer whose Hessian cannot be factorised even with more damping
+keeps its weight (the lowering rounds it to nearest), skipped with a reason and counted (``rtn_fallback``).
 """
 
 from __future__ import annotations
@@ -32,12 +38,19 @@ import onnx_ir as ir
 from qcompiler import io
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass
-from qcompiler.passes.algorithms._gptq_core import gptq_round
+from qcompiler.passes._finite import require_finite
+from qcompiler.passes.algorithms._gptq_core import (
+    CholeskyError,
+    activation_absmax,
+    fits_float32,
+    gptq_round,
+    second_moment,
+)
 from qcompiler.passes.algorithms.bias_correction import BIAS_SHIFT_KEY, get_channel_mean, mean_shift
 from qcompiler.passes.annotate import is_weight_layer
 from qcompiler.passes.lower._target import recipe_reduce_range, resolve_reduce_range
 from qcompiler.passes.lower._weights import PINNED_SCALE_KEY, sqnr_db, symmetric_scales
-from qcompiler.passes.lower.int8_qdq import layer_qmax
+from qcompiler.passes.lower.int8_qdq import layer_qmax, mask_bias_reason
 from qcompiler.qspec import get_qspec
 
 if TYPE_CHECKING:
@@ -82,7 +95,7 @@ class _Layer:
 
     def __init__(self, node: ir.Node) -> None:
         self.node = node
-        self.weight = node.inputs[1].const_value.numpy()
+        self.weight = require_finite(node.inputs[1].const_value.numpy(), node.inputs[1].name, node.name)
         self.hessian: np.ndarray | None = None
         self.rows_seen = 0
         if node.op_type == "Conv":
@@ -113,17 +126,22 @@ class _Layer:
 
     def accumulate(self, x: np.ndarray) -> None:
         """Add one batch of the layer's input to its Hessian(s)."""
+        tensor = self.node.inputs[0].name
         if self.node.op_type != "Conv":
-            rows = x.reshape(-1, x.shape[-1]).astype(np.float32)
-            h = (rows.T @ rows).astype(np.float64)
+            rows = x.reshape(-1, x.shape[-1])
+            h = second_moment(rows, tensor, self.node.name)
             self.rows_seen += rows.shape[0]
         else:
             c = x.shape[1]
             cg = c // self.groups
             h = 0.0
-            x = x.astype(np.float32)
+            absmax = activation_absmax(x, tensor, self.node.name)
             taps = self.kernel[0] * self.kernel[1]
-            per_image = max(1, x[0].size * taps * 4)
+            # float32 patches unless a sum over every output position (at most 4x the padded-free pixel count) of
+            # the batch could overflow float32
+            positions = x.shape[0] * int(np.prod(x.shape[2:])) * 4
+            x = x.astype(np.float32 if fits_float32(absmax, positions) else np.float64)
+            per_image = max(1, x[0].size * taps * x.itemsize)
             step = max(1, _PATCH_BYTES // per_image)  # images per matmul: few large BLAS calls, bounded memory
             for start in range(0, x.shape[0], step):
                 chunk = [conv_patches(image, self.kernel, self.pads, self.strides, self.dilations)
@@ -188,6 +206,11 @@ class GPTQPass(QPass):
             return f"weight dtype {spec.dtype} has no integer grid (GPTQ here rounds onto int8)"
         if len(node.inputs[1].uses()) != 1:
             return "weight is shared by several nodes"
+        act = get_qspec(node.inputs[0])
+        if act is not None and not act.dynamic:  # the static lowering leaves it float (NaN: refused by name)
+            reason = mask_bias_reason(node)
+            if reason is not None:
+                return reason
         if node.op_type == "Conv":
             if node.inputs[1].const_value.numpy().ndim != 4:
                 return "only 2-D Conv"
@@ -226,10 +249,16 @@ class GPTQPass(QPass):
                 for layer in readers[name]:
                     layer.accumulate(array)
         del session
+        rounded = 0
         for layer in layers:
-            self._round(layer)
-        self.count("layers", len(layers))
-        return ir.passes.PassResult(model, True)
+            try:
+                self._round(layer)
+                rounded += 1
+            except CholeskyError as exc:  # the weight stays as it is: the lowering rounds it to nearest
+                self.skip(layer.node, f"GPTQ failed ({exc}): rounded to nearest")
+                self.count("rtn_fallback")
+        self.count("layers", rounded)
+        return ir.passes.PassResult(model, rounded > 0)
 
     def _round(self, layer: _Layer) -> None:
         node, value = layer.node, layer.node.inputs[1]

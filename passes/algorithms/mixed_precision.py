@@ -26,6 +26,9 @@ with outlier channels stays float because it measured expensive on this model, n
 context, an op whose inputs and output are already quantized by its neighbours (a residual Add between two Convs)
 costs nothing and is kept. With a budget, the activation-only ops are ranked and chosen with the layers instead.
 
+A float model whose own outputs hold NaN or Inf on the evaluation samples cannot be measured against: the pass
+then raises :class:`~qcompiler.errors.CalibrationError`.
+
 Cost: one lowering and one ORT session per quantized layer plus about ``log2(layers)`` full evaluations. Limits:
 the evaluation samples are calibration samples (no separate held-out set); the top-1 metric only makes sense for
 classifier-like outputs; layers are chosen whole (no per-layer bit widths other than int8 or float).
@@ -44,8 +47,10 @@ from qcompiler import io
 from qcompiler.errors import CalibrationError, ConfigError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import clone_with_meta
+from qcompiler.passes._finite import require_finite
 from qcompiler.passes.annotate import SCHEME_KEY, is_activation_op
 from qcompiler.passes.lower._weights import SQNR_CAP_DB, sqnr_from_energies
+from qcompiler.passes.lower.int8_qdq import mask_bias_reason
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -155,6 +160,17 @@ class SelectPrecisionPass(QPass):
         batches = [session.run(None, feed) for feed in feeds]
         return [np.concatenate([b[i] for b in batches]) for i in range(len(batches[0]))]
 
+    def _float_reference(self, model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        """The float model's outputs on the evaluation samples; a CalibrationError if a float output is not finite
+        (no SQNR can be measured against Inf or NaN)."""
+        reference = self._run(model, feeds)
+        for array, value in zip(reference, model.graph.outputs, strict=True):
+            if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+                raise CalibrationError(f"pass '{self.name}': the float model's output {value.name!r} holds NaN or Inf "
+                                       "on the calibration samples, so the accuracy of quantized layers cannot be "
+                                       "measured (check the calibration data and the model's weights)")
+        return reference
+
     def _quantized_outputs(self, model: ir.Model, quantized: set[int], feeds: list[dict[str, np.ndarray]]
                            ) -> list[np.ndarray]:
         """The outputs of a clone of ``model`` in which only the nodes at the positions ``quantized`` are lowered."""
@@ -190,12 +206,18 @@ class SelectPrecisionPass(QPass):
             raise CalibrationError(f"pass '{self.name}' needs calibration data to measure {what}")
         if not candidates:
             return ir.passes.PassResult(model, False)
+        for node in candidates:  # a NaN weight is named here, before it turns every measured output into NaN
+            if not is_activation_op(node) and len(node.inputs) > 1 and node.inputs[1] is not None and \
+                    node.inputs[1].const_value is not None:
+                require_finite(node.inputs[1].const_value.numpy(), node.inputs[1].name, node.name)
+                if node.meta.get(SCHEME_KEY) == "int8-static":
+                    mask_bias_reason(node)  # a NaN bias (an int32 one) raises by name; a +-inf one stays float
         position = {node: i for i, node in enumerate(model.graph)}
         if not self.has_budget:
             feeds = list(self.calibration_data.iter_batches(self.batch_size, self.screen_samples))
             return self._screen_activation_ops(model, candidates, activation_ops, position, feeds)
         feeds = list(self.calibration_data.iter_batches(self.batch_size, self.eval_samples))
-        reference = self._run(model, feeds)
+        reference = self._float_reference(model, feeds)
         sensitivity = {node: output_sqnr_db(reference, self._quantized_outputs(model, {position[node]}, feeds))
                        for node in candidates}
         ranked = sorted(candidates, key=lambda n: (sensitivity[n], position[n]))
@@ -233,7 +255,7 @@ class SelectPrecisionPass(QPass):
                                position: dict[ir.Node, int], feeds: list[dict[str, np.ndarray]]
                                ) -> ir.passes.PassResult:
         """Keep the activation-only ops that, added to the weight layers, cost at most the tolerance (no budget)."""
-        reference = self._run(model, feeds)
+        reference = self._float_reference(model, feeds)
         base = {position[n] for n in candidates if not is_activation_op(n)}
         base_sqnr = output_sqnr_db(reference, self._quantized_outputs(model, base, feeds)) if base else SQNR_CAP_DB
         in_context = {n: output_sqnr_db(reference, self._quantized_outputs(model, base | {position[n]}, feeds))

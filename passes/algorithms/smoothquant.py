@@ -26,6 +26,10 @@ residual ``Add``, keep ``X``). The float function is unchanged up to rounding (`
 clamped to ``[1e-4, 1e4]`` and are 1 for channels that are zero in ``X`` or in every weight. Without calibration data
 the pass changes nothing (counted), so the dynamic recipe smooths only when given ``--calib``. Limits: main graph
 only; ``X`` is emulated per tensor over the sample (dynamic quantization computes its range per run).
+
+Range: the maxima and the emulated errors are float64, so activations whose squares overflow float32 (``1e19`` and
+up) are still compared; a candidate whose ``X / s`` or ``s W`` overflows float32 is never chosen, and a weight
+holding NaN or Inf is refused (:class:`~qcompiler.errors.InvalidModelError`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from qcompiler import io
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, const_array
+from qcompiler.passes._finite import require_finite
 from qcompiler.passes.annotate import SCHEME_KEY, is_weight_layer, quantized_output
 from qcompiler.passes.lower._target import recipe_reduce_range
 from qcompiler.qspec import QSPEC_KEY, get_qspec, set_qspec
@@ -93,14 +98,21 @@ def _fake_quant_weight(w: np.ndarray, qmax: int) -> np.ndarray:
 
 
 def group_error(rows: np.ndarray, weights: Sequence[np.ndarray], s: np.ndarray | None, qmax: int) -> float:
-    """Relative output error of the group when quantized after smoothing by ``s`` (None: no smoothing)."""
-    x = rows if s is None else (rows / s).astype(np.float32)
-    qx = _fake_quant_activation(x)
+    """Relative output error of the group when quantized after smoothing by ``s`` (None: no smoothing).
+
+    The products and energies are float64, so activations whose squares overflow float32 still compare; a
+    smoothing whose ``X / s`` or ``s W`` overflows float32 is infinitely bad."""
+    with np.errstate(over="ignore"):
+        x = rows if s is None else (rows / s).astype(np.float32)
+        scaled = [w if s is None else (w * s[:, None]).astype(np.float32) for w in weights]
+    if not (np.all(np.isfinite(x)) and all(np.all(np.isfinite(ws)) for ws in scaled)):
+        return math.inf
+    qx = _fake_quant_activation(x).astype(np.float64)
+    x64 = rows.astype(np.float64)
     total = 0.0
-    for w in weights:
-        reference = rows @ w
-        ws = w if s is None else (w * s[:, None]).astype(np.float32)
-        diff = reference - qx @ _fake_quant_weight(ws, qmax)
+    for w, ws in zip(weights, scaled, strict=True):
+        reference = x64 @ w.astype(np.float64)
+        diff = reference - qx @ _fake_quant_weight(ws, qmax).astype(np.float64)
         total += float(np.vdot(diff, diff)) / max(float(np.vdot(reference, reference)), 1e-30)
     return total
 
@@ -243,7 +255,8 @@ class SmoothQuantPass(QPass):
             self.skip(group.members[0], f"fewer than {self.min_rows} calibration rows: per-channel maxima unreliable")
             return False
         rows = np.concatenate(group.rows)
-        weights = [_as_kn(n, n.inputs[1].const_value.numpy()).astype(np.float32) for n in group.members]
+        weights = [_as_kn(n, require_finite(n.inputs[1].const_value.numpy(), n.inputs[1].name, n.name))
+                   .astype(np.float32) for n in group.members]
         w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         best_alpha, best_error = None, group_error(rows, weights, None, self.weight_qmax)
         baseline = best_error

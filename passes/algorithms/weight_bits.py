@@ -24,7 +24,9 @@ kept (on SmolLM2, 2-bit layers together cost more than the sum of their separate
 uniform int4 wins).
 
 Damage: the mean KL divergence of the softmax over the last axis of the first output (``metric = "kl"``, for
-logits; the default) or its relative noise energy (``"mse"``).
+logits; the default) or its relative noise energy (``"mse"``). A candidate whose output holds NaN or Inf gets a
+damage of ``1e30`` (never preferred, and sums still compare); a float model whose own output is not finite on the
+sample cannot be measured against and is refused (:class:`~qcompiler.errors.CalibrationError`).
 
 The chosen bits go into each node's metadata (``WEIGHT_BITS_KEY``, read by
 :func:`~qcompiler.passes.lower.weight_only.layer_bits`, so GPTQ/AWQ/HQQ and the lowering follow them) and into the
@@ -55,6 +57,7 @@ from qcompiler.passes.lower.weight_only import (
     is_lm_head,
     layer_bits,
     layer_weight,
+    quantized_weight,
 )
 from qcompiler.progress import track
 
@@ -70,6 +73,8 @@ METADATA_KEY = "qcompiler.weight_bits"
 
 #: budget resolution of the allocation: the bit budget is counted in at most this many units
 _BUDGET_UNITS = 20_000
+#: the damage of a candidate whose output is not finite (far beyond any real one, finite so that sums compare)
+_MAX_DAMAGE = 1e30
 
 
 def mean_kl_divergence(reference: np.ndarray, actual: np.ndarray) -> float:
@@ -186,6 +191,7 @@ class SelectWeightBitsPass(QPass):
             found = layer_weight(model, node, self.exclude_nodes)
             if isinstance(found, str) or layer_bits(node, self.bits, self.lm_head) is None:
                 continue
+            quantized_weight(node, found[0])  # an int8 lm_head is quantized too, though not chosen here
             if self.lm_head != "same" and is_lm_head(node):
                 self.skip(node, f"lm_head format fixed by lm_head = {self.lm_head!r}")
                 continue
@@ -199,10 +205,14 @@ class SelectWeightBitsPass(QPass):
 
     def _damage(self, reference: np.ndarray, y: np.ndarray, energy: float) -> float:
         """How far ``y`` is from the float output: mean KL divergence of the softmax over the last axis ("kl",
-        for logits), or relative noise energy ("mse")."""
+        for logits), or relative noise energy ("mse"); :data:`_MAX_DAMAGE` when the output is not finite."""
+        if not np.all(np.isfinite(y)):
+            return _MAX_DAMAGE
         if self.metric == "mse":
-            return float(np.sum((y.astype(np.float64) - reference) ** 2)) / energy
-        return mean_kl_divergence(reference, y.astype(np.float64))
+            damage = float(np.sum((y.astype(np.float64) - reference) ** 2)) / energy
+        else:
+            damage = mean_kl_divergence(reference, y.astype(np.float64))
+        return damage if math.isfinite(damage) else _MAX_DAMAGE
 
     def _checked(self, choice: list[int], layers: list[_Layer], sizes: list[int], weight_inputs: list[str],
                  session: Any, first: list[str], float_feeds: dict[str, np.ndarray], reference: np.ndarray,
@@ -272,6 +282,10 @@ class SelectWeightBitsPass(QPass):
         session = io.ort_session(model, extra_outputs=activations)
         outputs = dict(zip((o.name for o in session.get_outputs()), session.run(None, feeds), strict=True))
         reference = outputs[model.graph.outputs[0].name].astype(np.float64)
+        if not np.all(np.isfinite(reference)):
+            raise CalibrationError(f"--target-bits: the float model's output {model.graph.outputs[0].name!r} holds NaN "
+                                   "or Inf on the calibration sample, so layer sensitivities cannot be measured (check "
+                                   "the calibration data and the model's weights)")
         energy = float(np.vdot(reference, reference)) or 1.0
         probe, weight_inputs = self._probe(model, layers)
         probe_session = io.ort_session(probe)
@@ -295,8 +309,12 @@ class SelectWeightBitsPass(QPass):
                 found[b] = self._damage(reference, y, energy)
             top, below = self.candidate_bits[-1], measured_bits[-1]
             if top not in found:
-                found[top] = found[below] * (local[top] / local[below] if local[below] > 0 else 0.0)
-            noise.append(found)
+                if found[below] < _MAX_DAMAGE and math.isfinite(local[top]) and math.isfinite(local[below]):
+                    found[top] = found[below] * (local[top] / local[below] if local[below] > 0 else 0.0)
+                else:  # no first-order model from a broken output: measure the top candidate itself
+                    y = probe_session.run(first, {**float_feeds, name: layer.feed(dequantized[top])})[0]
+                    found[top] = self._damage(reference, y, energy)
+            noise.append({b: min(d, _MAX_DAMAGE) for b, d in found.items()})
         sizes = [int(layer.weight.size) for layer in layers]
         choice = self._checked(allocate_bits(noise, sizes, float(self.target_bits)), layers, sizes, weight_inputs,
                                probe_session, first, float_feeds, reference, energy)

@@ -21,8 +21,12 @@ model's weights sit on GGUF Q4_1 grids that both steps break up.
 
 Runs only with ``[weight-only] algorithm = "awq"`` and calibration data; layers whose bits are 8 (an int8 lm_head)
 are left alone (nothing to gain). Skipped with a reason: a weight read by several groups, an activation that is a
-graph input of another type. Per layer it records the chosen ``awq_alpha`` and the group's output error before and
-after (dB, relative).
+graph input of another type, an activation that is zero on every sampled row (nothing to weigh the channels by).
+Per layer it records the chosen ``awq_alpha`` and the group's output error before and after (dB, relative).
+
+Range: the statistics and errors are float64, so calibration values whose squares overflow float32 (``1e19`` and
+up) still compare; an activation holding NaN or Inf is refused (:class:`~qcompiler.errors.CalibrationError` naming
+it), and a candidate ``alpha`` whose scaled weights ``s W`` or ``1 / s`` would overflow float32 is not considered.
 """
 
 from __future__ import annotations
@@ -39,8 +43,15 @@ from qcompiler.calibration.observers import fold_batches
 from qcompiler.errors import CalibrationError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, copy_type
+from qcompiler.passes.algorithms._gptq_core import activation_absmax
 from qcompiler.passes.lower._blockwise import BlockwiseWeight, codes_on_grid, grid, quantize_rtn, resolve_block_size
-from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, layer_bits, layer_weight, transposed_constant
+from qcompiler.passes.lower.weight_only import (
+    BLOCKWISE_KEY,
+    layer_bits,
+    layer_weight,
+    quantized_weight,
+    transposed_constant,
+)
 from qcompiler.runtime import packing
 
 if TYPE_CHECKING:
@@ -56,14 +67,15 @@ ALPHAS = tuple(round(a, 2) for a in np.linspace(0.0, 1.0, 21))
 class _ChannelStats:
     """Per input channel mean ``|x|`` and a bounded uniform sample of rows (a ``fold_batches`` folder)."""
 
-    def __init__(self, sample_rows: int, rng: np.random.Generator) -> None:
-        self.sample_rows, self.rng = sample_rows, rng
+    def __init__(self, name: str, sample_rows: int, rng: np.random.Generator) -> None:
+        self.name, self.sample_rows, self.rng = name, sample_rows, rng
         self.abs_sum: np.ndarray | None = None
         self.rows = 0
         self.sample: np.ndarray | None = None
 
     def update(self, array: np.ndarray) -> None:
         x = array.reshape(-1, array.shape[-1]).astype(np.float32)
+        activation_absmax(x, self.name)  # NaN or Inf: CalibrationError naming the activation
         total = np.abs(x).sum(axis=0, dtype=np.float64)
         self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
         self.rows += x.shape[0]
@@ -73,6 +85,11 @@ class _ChannelStats:
             merged = merged[self.rng.choice(merged.shape[0], self.sample_rows, replace=False)]
         self.sample = merged
 
+
+#: AWQ's scales are clamped to ``[1 / SCALE_LIMIT, SCALE_LIMIT]``: a ratio of ``1e8`` between two input channels
+#: weights is far beyond what real activations call for (massive LLM activations are ~1e4 times typical ones), and
+#: a larger one only pushes ``x / s`` toward the float32 limit
+SCALE_LIMIT = 1e4
 
 CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(10))  # 1.0 down to 0.55
 
@@ -115,6 +132,20 @@ def grid_clipped(weight: np.ndarray, bits: int, block_size: int, symmetric: bool
         part = weight[start:start + block_size]
         clipped[start:start + block_size] = np.clip(part, part.min(axis=0) * ratio, part.max(axis=0) * ratio)
     return grid(clipped, bits, block_size, symmetric, float_zero_point, ternary)
+
+
+def awq_scales(mean: np.ndarray, alpha: float) -> np.ndarray:
+    """``s = mean^alpha`` normalised by ``sqrt(max(s) min(s))`` and clamped to ``[1e-4, 1e4]`` (float64)."""
+    s = np.asarray(mean, dtype=np.float64) ** alpha
+    s = s / math.sqrt(float(s.max() * s.min()))
+    return np.clip(s, 1.0 / SCALE_LIMIT, SCALE_LIMIT)
+
+
+def _fits_float32(s: np.ndarray, layers: list[tuple[ir.Node, np.ndarray, int]]) -> bool:
+    """Whether ``1 / s`` and every ``s W`` of the group are finite in float32."""
+    with np.errstate(over="ignore", divide="ignore"):
+        return bool(np.all(np.isfinite((1.0 / s).astype(np.float32)))) and all(
+            np.all(np.isfinite((w * s[:, None]).astype(np.float32))) for _, w, _ in layers)
 
 
 class WeightOnlyAWQPass(QPass):
@@ -166,7 +197,7 @@ class WeightOnlyAWQPass(QPass):
             if len(node.inputs[1].uses()) != 1:
                 self.skip(node, "weight read by several nodes")
                 continue
-            groups.setdefault(node.inputs[0], []).append((node, found[0], bits))
+            groups.setdefault(node.inputs[0], []).append((node, quantized_weight(node, found[0]), bits))
         return groups
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -180,7 +211,7 @@ class WeightOnlyAWQPass(QPass):
             return ir.passes.PassResult(model, False)
         inputs = list(groups)
         rng = np.random.default_rng(self.seed)
-        stats = {v.name: _ChannelStats(self.sample_rows, rng) for v in inputs}
+        stats = {v.name: _ChannelStats(v.name, self.sample_rows, rng) for v in inputs}
         fold_batches(io.ort_session(model, extra_outputs=inputs), stats,
                      self.calibration_data.iter_batches(self.batch_size, self.max_samples))
         scope = NameScope(model)
@@ -188,7 +219,7 @@ class WeightOnlyAWQPass(QPass):
         for value in inputs:
             found = stats[value.name]
             mean = found.abs_sum / max(found.rows, 1)
-            applied += self._apply(model, value, groups[value], mean, found.sample, scope)
+            applied += self._apply(model, value, groups[value], mean, found.sample.astype(np.float64), scope)
         self.count("groups_scaled", applied)
         return ir.passes.PassResult(model, applied > 0)
 
@@ -207,10 +238,15 @@ class WeightOnlyAWQPass(QPass):
                x: np.ndarray, scope: NameScope) -> int:
         mean = np.maximum(mean, 1e-8)
         signal = sum(float(np.vdot(x @ w, x @ w)) for _, w, _ in layers)
+        if not signal > 0:
+            for node, _, _ in layers:
+                self.skip(node, "AWQ: the layer's output is zero on every sampled calibration row")
+            return 0
         best_alpha, best_error, base_error = 0.0, math.inf, math.inf
         for alpha in ALPHAS:
-            s = mean ** alpha
-            s = s / math.sqrt(float(s.max() * s.min()))
+            s = awq_scales(mean, alpha)
+            if not _fits_float32(s, layers):
+                continue
             error = self._error(x, layers, s)
             if alpha == 0.0:
                 base_error = error
@@ -220,8 +256,7 @@ class WeightOnlyAWQPass(QPass):
             self.record_layer(node, awq_alpha=best_alpha,
                               rtn_output_error_db=round(10 * math.log10(max(base_error, 1e-300) / signal), 3),
                               awq_output_error_db=round(10 * math.log10(max(best_error, 1e-300) / signal), 3))
-        s = mean ** best_alpha
-        s = (s / math.sqrt(float(s.max() * s.min()))).astype(np.float32)
+        s = awq_scales(mean, best_alpha).astype(np.float32)
         if self.clip:
             for node, weight, bits in layers:
                 block = resolve_block_size(self.block_size, weight.shape[0])

@@ -13,7 +13,10 @@ Gather also reads (a tied embedding) stays exact for the Gather.
 Per layer it records the output error ``tr((W - W_q)^T H (W - W_q)) / tr(W^T H W)`` of GPTQ and of round-to-nearest
 (``gptq_output_error_db`` / ``rtn_output_error_db``, in dB: lower is better). Without calibration data, or with the
 recipe's ``algorithm`` other than "gptq", the pass does nothing (counted). Skipped with a reason: weights read by
-several MatMul/Gemm (one set of codes could not fit two Hessians; they get round-to-nearest).
+several MatMul/Gemm (one set of codes could not fit two Hessians; they get round-to-nearest), and layers whose
+Hessian cannot be factorised even with more damping (round-to-nearest, counted ``rtn_fallback``). ``H`` is summed in
+float64 (:func:`~._gptq_core.second_moment`), so calibration values whose squares overflow float32 still give
+finite statistics; an activation holding NaN or Inf is refused with a :class:`~qcompiler.errors.CalibrationError`.
 """
 
 from __future__ import annotations
@@ -29,9 +32,15 @@ from qcompiler import io
 from qcompiler.calibration.observers import fold_batches
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass
-from qcompiler.passes.algorithms._gptq_core import gptq_round
+from qcompiler.passes.algorithms._gptq_core import CholeskyError, gptq_round, second_moment
 from qcompiler.passes.lower._blockwise import BlockwiseWeight, code_limits, codes_on_grid, grid, resolve_block_size
-from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, layer_bits, layer_weight, transposed_constant
+from qcompiler.passes.lower.weight_only import (
+    BLOCKWISE_KEY,
+    layer_bits,
+    layer_weight,
+    quantized_weight,
+    transposed_constant,
+)
 from qcompiler.progress import track
 
 if TYPE_CHECKING:
@@ -54,15 +63,17 @@ def output_error_db(weight: np.ndarray, dequantized: np.ndarray, hessian: np.nda
 
 
 class _Hessian:
-    """``sum x x^T`` over the rows of every batch of one activation (a ``fold_batches`` folder)."""
+    """``sum x x^T`` (float64) over the rows of every batch of the activation ``name`` (a ``fold_batches`` folder);
+    an activation holding NaN or Inf raises :class:`~qcompiler.errors.CalibrationError` naming it."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.sum: np.ndarray | None = None
         self.rows = 0
 
     def update(self, array: np.ndarray) -> None:
-        x = array.reshape(-1, array.shape[-1]).astype(np.float32)
-        h = (x.T @ x).astype(np.float64)
+        x = array.reshape(-1, array.shape[-1])
+        h = second_moment(x, self.name)
         self.sum = h if self.sum is None else self.sum + h
         self.rows += x.shape[0]
 
@@ -124,7 +135,7 @@ class WeightOnlyGPTQPass(QPass):
                 continue
             source = transposed_constant(node.inputs[1]) or node.inputs[1]
             readers[id(source)] = readers.get(id(source), 0) + 1
-            found.append((node, weight[0], source))
+            found.append((node, quantized_weight(node, weight[0]), source))
         layers = []
         for node, weight, source in found:
             if readers[id(source)] > 1:
@@ -145,16 +156,22 @@ class WeightOnlyGPTQPass(QPass):
         if not layers:
             return ir.passes.PassResult(model, False)
         inputs = list(dict.fromkeys(node.inputs[0] for node, _ in layers))
-        hessians = {v.name: _Hessian() for v in inputs}
+        hessians = {v.name: _Hessian(v.name) for v in inputs}
         batches = self.calibration_data.iter_batches(self.batch_size, self.max_samples)
         total = -(-min(self.calibration_data.num_samples, self.max_samples or self.calibration_data.num_samples)
                   // self.batch_size)
         fold_batches(io.ort_session(model, extra_outputs=inputs), hessians,
                      track(batches, enabled=self.progress, desc="GPTQ statistics", total=total, unit="batch"))
+        chosen = 0
         for node, weight in track(layers, enabled=self.progress, desc="GPTQ", unit="layer"):
             h = hessians[node.inputs[0].name]
-            self._choose(node, weight, h.sum, h.rows)
-        self.count("layers", len(layers))
+            try:
+                self._choose(node, weight, h.sum, h.rows)
+                chosen += 1
+            except CholeskyError as exc:  # no codes in the metadata: the lowering rounds this layer to nearest
+                self.skip(node, f"GPTQ failed ({exc}): rounded to nearest")
+                self.count("rtn_fallback")
+        self.count("layers", chosen)
         return ir.passes.PassResult(model, False)
 
     def _choose(self, node: ir.Node, weight: np.ndarray, hessian: np.ndarray, rows: int) -> None:

@@ -42,7 +42,7 @@ from qcompiler.passes.lower._blockwise import (
     resolve_block_size,
 )
 from qcompiler.passes.lower._weights import sqnr_from_energies
-from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, layer_bits, layer_weight
+from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, layer_bits, layer_weight, quantized_weight
 from qcompiler.runtime import packing
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ class WeightOnlyHQQPass(QPass):
             if id(node.inputs[1]) in done:
                 continue  # a shared weight: the lowering packs it once, from the first reader's codes
             done.add(id(node.inputs[1]))
-            weight = found[0]
+            weight = quantized_weight(node, found[0])
             block = resolve_block_size(self.block_size, weight.shape[0])
             float_zero, ternary = self.float_zero_point and bits != 8, self.ternary and bits == 2
             chosen = quantize_hqq(weight, bits, block, self.symmetric, float_zero, ternary, p=self.p,

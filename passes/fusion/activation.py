@@ -25,7 +25,7 @@ import logging
 import onnx_ir as ir
 
 from qcompiler.pass_manager import QPass, iter_nodes
-from qcompiler.passes._common import const_array, paused_gc
+from qcompiler.passes._common import const_array, paused_gc, peek_meta
 
 __all__ = ["FUSED_ACTIVATION_KEY", "FUSED_INTO_KEY", "FuseConvActivationPass", "fused_activation", "fused_into"]
 
@@ -36,6 +36,7 @@ FUSED_INTO_KEY = "qcompiler.fused_into"
 
 _PRODUCERS = frozenset({"Conv", "Gemm", "MatMul"})
 _ACTIVATIONS = frozenset({"Relu", "Clip"})
+_ABSENT = object()
 
 
 def _paired(producer: ir.Node, activation: ir.Node) -> bool:
@@ -78,7 +79,7 @@ class FuseConvActivationPass(QPass):
             if node.op_type not in _PRODUCERS and node.op_type not in _ACTIVATIONS:
                 continue  # (reading .meta creates the store: only look where a pairing can be)
             for key, getter in ((FUSED_ACTIVATION_KEY, fused_activation), (FUSED_INTO_KEY, fused_into)):
-                if key in node.meta and getter(node) is None:
+                if peek_meta(node, key, _ABSENT) is not _ABSENT and getter(node) is None:
                     del node.meta[key]
                     self.count("stale_removed")
                     changed += 1

@@ -108,6 +108,12 @@ class _MatMulAddToGemm(RewriteRuleClassBase):
         return op.Gemm(matmul.inputs[0], matmul.inputs[1], bias, _name=matmul.name or None)
 
 
+def _reads_a_matmul(add: ir.Node) -> bool:
+    """The rule's first test (an input produced by a default-domain MatMul), before any pattern matching."""
+    return any(v is not None and (p := v.producer()) is not None and p.op_type == "MatMul"
+               and p.domain in ("", "ai.onnx") for v in add.inputs)
+
+
 class FuseMatMulAddPass(QPass):
     """Turn ``MatMul(x, W) + c`` into ``Gemm(x, W, c)`` where Gemm's rank-2 contract is known to hold."""
 
@@ -122,6 +128,7 @@ class FuseMatMulAddPass(QPass):
             return [rule.chosen[add][0]]
 
         with paused_gc():
-            fused = apply_rule(model, as_rule(rule), root_op_types=("Add",), on_skip=self.skip, absorbed=absorbed)
+            fused = apply_rule(model, as_rule(rule), root_op_types=("Add",), on_skip=self.skip, absorbed=absorbed,
+                               candidate=_reads_a_matmul)
         self.count("fused", fused)
         return ir.passes.PassResult(model, fused > 0)

@@ -121,7 +121,10 @@ def sqnr_db(w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int | None) -
 
 
 def sqnr_from_energies(signal: float, noise: float) -> float:
-    """``10 log10(signal / noise)`` in dB, capped at :data:`SQNR_CAP_DB` (exact: +cap; no signal: -cap)."""
+    """``10 log10(signal / noise)`` in dB, capped at :data:`SQNR_CAP_DB` (exact: +cap; no signal, or a noise that is
+    not finite: -cap), so it is never NaN."""
+    if not np.isfinite(noise) or np.isnan(signal):
+        return -SQNR_CAP_DB
     if noise <= 0.0:
         return SQNR_CAP_DB
     if signal <= 0.0:

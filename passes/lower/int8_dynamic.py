@@ -23,7 +23,8 @@ random MLPs/transformer blocks end 4-10% (relative L2) from fp32 instead of abou
 6 dB of weight SQNR; on VNNI/AMX CPUs ``reduce_range=False`` gains those 6 dB back.
 
 Skipped with a counted reason: Conv (no dynamic int8 kernel in ORT), Gemm with ``transA = 1``, nodes without an
-annotation, models whose default opset is below 11. Per-layer weight SQNR is recorded. The float function changes
+annotation, models whose default opset is below 11. A weight holding NaN or Inf is refused
+(:class:`~qcompiler.errors.InvalidModelError`); the bias stays float and is not checked. Per-layer weight SQNR is recorded. The float function changes
 (``preserves_float = False``).
 """
 
@@ -36,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.pass_manager import QPass, iter_nodes
+from qcompiler.passes._finite import require_finite
 from qcompiler.passes.annotate import is_weight_layer
 from qcompiler.passes.lower._target import resolve_reduce_range
 from qcompiler.passes.lower._weights import (
@@ -135,7 +137,7 @@ class LowerInt8DynamicPass(QPass):
         spec = get_qspec(w)
         key = (w, transposed)
         if key not in weights:
-            array = w.const_value.numpy()
+            array = require_finite(w.const_value.numpy(), w.name, node.name)
             axis = spec.axis if spec.granularity == "per_channel" else None
             qw = quantize_weight(array, axis, scale=pinned_scale(w, array, axis), qmax=self.qmax)
             q = np.ascontiguousarray(qw.q.T) if transposed else qw.q
@@ -146,8 +148,9 @@ class LowerInt8DynamicPass(QPass):
         wq, wz, ws, qw = weights[key]
         alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
         if alpha != 1.0:
-            ws = add_constant(graph, namer(f"{base}_alpha_scale"), (qw.scale.astype(np.float64) * alpha)
-                              .astype(np.float32))
+            scaled = require_finite((qw.scale.astype(np.float64) * alpha).astype(np.float32), w.name, node.name,
+                                    what="scale of the weight times the Gemm's alpha")
+            ws = add_constant(graph, namer(f"{base}_alpha_scale"), scaled)
         new_nodes: list[ir.Node] = []
         dql = dynamic_q.get(x)
         if dql is None:

@@ -13,6 +13,9 @@ For each node annotated ``int8-static`` (see :mod:`qcompiler.passes.annotate`)::
   ``x_s w_s`` and zero point 0. Where ``|b| / (x_s w_s)`` would overflow int32 (a nearly-zero weight channel with a
   real bias) the channel's weight scale is widened to ``|b| / (x_s (2^31 - 1))``, counted as
   ``weight_scale_widened_for_bias``; a bias whose scale underflows float32 stays float (counted).
+- non-finite values: a weight holding NaN or Inf, or a bias holding NaN, is refused
+  (:class:`~qcompiler.errors.InvalidModelError` naming it); a layer whose bias holds ``+-inf`` (a logits mask folded
+  into a Gemm) stays float (:func:`mask_bias_reason`); a bias correction that would overflow float32 is skipped.
 - Gemm ``alpha`` is folded into the weight and ``beta`` into ``C`` before quantization (exact in float).
 - the output Q/DQ sits on the node's output, or on the output of the Relu/Clip fused behind it
   (``node.meta["qcompiler.fused_activation"]``), so nothing is quantized between the pair and ORT fuses the
@@ -77,6 +80,7 @@ import onnx_ir as ir
 
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass, iter_nodes
+from qcompiler.passes._finite import require_finite
 from qcompiler.passes.algorithms.bias_correction import BIAS_SHIFT_KEY, get_channel_mean, mean_shift
 from qcompiler.passes.annotate import SCHEME_KEY, activation_inputs, is_activation_op, is_weight_layer, quantized_output
 from qcompiler.passes.lower._target import resolve_reduce_range
@@ -97,7 +101,7 @@ from qcompiler.qspec import QuantSpec, get_qspec, get_range, is_float_dtype, onn
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
 
-__all__ = ["LowerInt8QDQPass", "layer_qmax"]
+__all__ = ["LowerInt8QDQPass", "layer_qmax", "mask_bias_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +140,22 @@ def _is_depthwise(node: ir.Node, weight: np.ndarray) -> bool:
         return False
     group = int(_attr(node, "group", 1))
     return group > 1 and weight.shape[1] == 1 and weight.shape[0] == group
+
+
+def mask_bias_reason(node: ir.Node) -> str | None:
+    """Why a static int8 layer must stay float because of its bias, or None: a constant bias holding ``+-inf`` (a
+    logits mask folded into a Gemm) fits no int32 grid, and ONNX Runtime's fused QGemm quantizes even a float bias
+    (measured: relative error 0.01 -> 0.47). A bias holding NaN raises :class:`~qcompiler.errors.InvalidModelError`.
+    """
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    tensor = None if bias is None else bias.const_value
+    if tensor is None or not tensor.dtype.is_floating_point():
+        return None
+    array = tensor.numpy()
+    if np.all(np.isfinite(array)):
+        return None
+    require_finite(array, bias.name, node.name, what="bias", nan_only=True)
+    return "bias holds +-Inf (a mask): the layer stays float (no int32 grid holds it)"
 
 
 def layer_qmax(node: ir.Node, weight: np.ndarray, qmax: int) -> int:
@@ -271,6 +291,9 @@ class LowerInt8QDQPass(QPass):
             return "weight lost its constant value or spec"
         if self._act_params(node.inputs[0]) is None:
             return f"no calibrated range for input '{node.inputs[0].name}'"
+        reason = mask_bias_reason(node)
+        if reason is not None:
+            return reason
         out = quantized_output(node)
         if self._quantizes_output(node) and self._act_params(out) is None:
             return f"no calibrated range for output '{out.name}'"
@@ -333,6 +356,9 @@ class LowerInt8QDQPass(QPass):
         earlier = node.meta.get(BIAS_SHIFT_KEY)  # the shift of an earlier rounding pass (GPTQ) on this weight
         if isinstance(earlier, np.ndarray) and earlier.shape == shift.shape:
             shift = shift + earlier
+        if not np.all(np.isfinite(shift.astype(np.float32))):
+            self.skip(node, "bias correction: the mean shift overflows float32 (calibration means too large)")
+            return None
         if bias is None:
             if node.op_type == "MatMul":
                 self.count("bias_correction_no_bias")
@@ -347,8 +373,12 @@ class LowerInt8QDQPass(QPass):
         if not int_bias:
             self.skip(node, "bias correction: bias is not per output channel")
             return None
+        corrected = (bias.astype(np.float64) + shift).astype(np.float32)
+        if not np.all(np.isfinite(corrected)):
+            self.skip(node, "bias correction: the corrected bias overflows float32 (calibration means too large)")
+            return None
         self.count("bias_corrected")
-        return (bias.astype(np.float64) + shift).astype(np.float32), node.inputs[2], True
+        return corrected, node.inputs[2], True
 
     def _quantizes_output(self, node: ir.Node) -> bool:
         """Conv outputs always (ORT needs the Q to run QLinearConv); MatMul/Gemm outputs only on request."""
@@ -371,7 +401,7 @@ class LowerInt8QDQPass(QPass):
         x_scale = float(x_params[0])
         fp8_weight = is_float_dtype(wspec.dtype)
         float_bias = fp8_weight or is_float_dtype(x_params[2].dtype)  # no integer grid: keep the bias float
-        weight = w.const_value.numpy()
+        weight = require_finite(w.const_value.numpy(), w.name, node.name)
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None
         bias = None if bias_value is None else bias_value.const_value.numpy()
         bias_changed = False
@@ -379,6 +409,7 @@ class LowerInt8QDQPass(QPass):
             alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
             if alpha != 1.0:
                 weight = (weight.astype(np.float64) * alpha).astype(np.float32)
+                require_finite(weight, w.name, node.name, what="weight times the Gemm's alpha")
                 node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
                 self.count("gemm_alpha_folded")
             if bias is not None and beta != 1.0:
@@ -390,6 +421,9 @@ class LowerInt8QDQPass(QPass):
         int_bias = bias is not None and bias.ndim == 1 and (n_out is None or bias.shape[0] == n_out)
         if bias is not None and not int_bias:
             self.skip(node, "bias left float (not 1-D per output channel)")
+        if int_bias and not float_bias:  # int32 needs a finite bias (+-inf ones were left float by _why_not)
+            require_finite(bias, bias_value.name, node.name,
+                           what="bias times the Gemm's beta" if bias_changed else "bias")
         if fp8_weight:
             qw, bias, bias_value, bias_changed = self._fp8_weight(graph, node, x, w, weight, axis, bias, bias_value,
                                                                   int_bias, bias_changed, namer)
@@ -436,7 +470,7 @@ class LowerInt8QDQPass(QPass):
             self.count("pinned_weight_scales")
         if int_bias:
             needed = np.abs(bias.astype(np.float64)) / (x_scale * _INT32_LIMIT)
-            wider = needed > scale.astype(np.float64)
+            wider = np.isfinite(needed) & (needed > scale.astype(np.float64))  # a non-finite bias stays float
             if np.any(wider):
                 scale = np.where(wider, np.nextafter(needed.astype(np.float32), np.float32(np.inf)), scale)
                 scale = scale.astype(np.float32)

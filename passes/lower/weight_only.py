@@ -8,7 +8,8 @@ along K (:mod:`qcompiler.passes.lower._blockwise`, layout :mod:`qcompiler.runtim
 
 Activations stay float (the kernel dequantizes the weights, or, at ``accuracy_level = 4`` on CPU, quantizes the
 activations to int8 per block). Widths MatMulNBits lacks on CPU (3, 5, 6, 7 bits; it runs 2, 4 and 8 in ORT 1.32)
-go to our own op, in the same arrangement with a generic packing and uint8 zero points only::
+go to our own op, in the same arrangement with a generic packing and uint8 zero points only (NF4 goes to
+``com.microsoft.MatMulBnb4``, which has no bias input: a Gemm's bias becomes an ``Add`` after it)::
 
     Y = ai.qcompiler.MatMulIntN(A, B_packed, scales, zero_points, bias; K, N, bits, block_size)
 
@@ -23,6 +24,9 @@ dropped when nothing else reads it (a tied embedding's Gather keeps it).
 Skipped with a counted reason: excluded names, nodes in subgraphs, non-constant or non-float32 weights (or weights
 that are graph inputs), weights not 2-D, a 1-D activation, Gemm with ``transA = 1``, ``alpha``/``beta`` other than
 1 or a bias that is not a constant ``[N]``. Per-layer weight SQNR is recorded. ``preserves_float = False``.
+A weight (or embedding table) that is quantized and holds NaN or Inf is refused (:func:`quantized_weight`,
+:class:`~qcompiler.errors.InvalidModelError`, exit code 2); the same check guards the algorithm passes that read the
+weights before the lowering (GPTQ, AWQ, HQQ, ``select-weight-bits``). A float bias is not checked: it stays float.
 
 Tied embeddings: exporters write a tied lm_head as ``MatMul(x, Transpose(E))`` with ``E[vocab, hidden]`` the token
 embedding that a Gather also reads. The pass quantizes ``E^T`` as the lm_head's weight (the Transpose goes away)
@@ -44,6 +48,7 @@ import onnx_ir as ir
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unused_initializers, release_external
+from qcompiler.passes._finite import require_finite
 from qcompiler.passes.lower._blockwise import BlockwiseWeight, quantize_nf4, quantize_rtn, resolve_block_size
 from qcompiler.passes.lower._weights import quantize_weight_fp8, sqnr_from_energies
 from qcompiler.progress import track
@@ -53,7 +58,7 @@ if TYPE_CHECKING:
     from qcompiler.config import Recipe
 
 __all__ = ["BLOCKWISE_KEY", "WEIGHT_BITS_KEY", "LowerWeightOnlyPass", "is_lm_head", "layer_bits", "layer_weight",
-           "transposed_constant"]
+           "quantized_weight", "transposed_constant"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +136,8 @@ def layer_weight(model: ir.Model, node: ir.Node,
         return "unsupported dtype (float32 only)"
     if array.ndim != 2:
         return f"weight of rank {array.ndim} (2-D only)"
+    if array.size == 0:
+        return "empty weight (0 elements)"
     if x.shape is not None and x.shape.rank() < 2:
         return "1-D activation"
     bias = None
@@ -147,6 +154,17 @@ def layer_weight(model: ir.Model, node: ir.Node,
             if b is None or b.shape != (array.shape[1],) or b.dtype != np.float32:
                 return "Gemm bias is not a constant float32 [N]"
     return np.ascontiguousarray(array), bias
+
+
+def quantized_weight(node: ir.Node, weight: np.ndarray) -> np.ndarray:
+    """``weight`` (``W[K, N]`` of ``node``, as :func:`layer_weight` found it) if it is finite, else
+    :class:`~qcompiler.errors.InvalidModelError` naming the weight (a tied lm_head's embedding table) and the node.
+
+    Every pass that quantizes (or measures the quantization of) a layer's weight calls it first."""
+    stored = transposed_constant(node.inputs[1]) or node.inputs[1]
+    array = const_array(stored)  # the stored orientation, so that the index in the message is the file's
+    require_finite(weight if array is None else array, stored.name, node.name)
+    return weight
 
 
 def empty_constant(graph: ir.Graph, names: NameScope, dtype: type) -> ir.Value:
@@ -260,6 +278,7 @@ class LowerWeightOnlyPass(QPass):
         candidates = [n for n in graph if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx")]
         for node in track(candidates, enabled=self.progress and len(candidates) > 8, desc="lower weights",
                           unit="layer"):
+            before: list[ir.Node] = []  # nodes ahead of the replacement (nf4: MatMulBnb4 before its bias Add)
             found = layer_weight(model, node, self.exclude_nodes)
             if isinstance(found, str):
                 self.skip(node, found)
@@ -269,6 +288,7 @@ class LowerWeightOnlyPass(QPass):
             if bits is None:
                 self.skip(node, "lm_head left in float (lm_head = 'float')")
                 continue
+            quantized_weight(node, weight)
             source = transposed_constant(node.inputs[1])
             if self.fp8 and bits == 8 and not (self.lm_head == "int8" and is_lm_head(node)):
                 fp8_node = self._fp8_fused_node if self.fp8_fused else self._fp8_node
@@ -278,10 +298,12 @@ class LowerWeightOnlyPass(QPass):
                 self.skip(node, f"float zero points: {bits}-bit MatMulIntN stores uint8 zero points only")
                 continue
             elif self.nf4 and bits == 4:
-                if bias is not None:
-                    self.skip(node, "nf4: MatMulBnb4 has no bias input (Gemm with a bias stays float)")
-                    continue
                 replacement = self._nf4_node(graph, node, weight, names)
+                if bias is not None:  # MatMulBnb4 has no bias input: the Gemm's bias is added after it
+                    replacement.outputs[0].name = names.fresh(f"{node.name or 'gemm'}_nf4")
+                    before = [replacement]
+                    replacement = ir.node("Add", [replacement.outputs[0], bias], name=names.fresh(f"{node.name}_bias"))
+                    copy_type(replacement.outputs[0], node.outputs[0])
                 kind = f"{node.op_type}_nf4"
             else:
                 replacement = self._matmulnbits_node(graph, node, weight, bias, bits, source, shared, names)
@@ -289,7 +311,7 @@ class LowerWeightOnlyPass(QPass):
             transposer = node.inputs[1].producer() if source is not None else None
             old.extend(v for v in node.inputs[1:] if v is not None)
             read = (node.inputs[1], source)
-            ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [node.outputs[0]],
+            ir.convenience.replace_nodes_and_values(graph, node, [node], [*before, replacement], [node.outputs[0]],
                                                    replacement.outputs)
             if transposer is not None:
                 self.count("tied_weight_transpose_read")
@@ -395,6 +417,7 @@ class LowerWeightOnlyPass(QPass):
             if bits == 4 and array.shape[1] % 2:
                 self.skip(node, "int4 embedding with an odd row length")
                 continue
+            require_finite(array, table.name, node.name, what="embedding table")
             block = resolve_block_size(self.block_size, array.shape[1])
             q = quantize_rtn(np.ascontiguousarray(array.T), bits, block, self.symmetric)  # codes [rows, cols]
             zero_points = None if q.zero_points is None else \

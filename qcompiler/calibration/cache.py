@@ -23,7 +23,8 @@ Not in the key, on purpose: the calibrator, the percentile, the activation dtype
 estimation depends on them); the thread count.
 
 A cache file is ``calib-<key>.npz`` in the cache folder, written atomically (a temporary file in that folder, then
-``os.replace``) and read with ``allow_pickle=False``. A file that is unreadable, truncated, holds another key, other
+``os.replace``) and read back through :mod:`qcompiler.calibration._numpy_files` (opened beneath the folder without
+following a symlink, never a FIFO or device, one link; array headers checked before any allocation; no pickle). A file that is unreadable, truncated, holds another key, other
 names or an inconsistent state is ignored with a logged warning and recomputed (then overwritten); a file that
 cannot be written is a warning too. Nothing here ever raises on a cache problem except an unusable cache folder.
 
@@ -47,6 +48,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import io
+from qcompiler.calibration._numpy_files import open_numpy
 from qcompiler.calibration.histogram import DEFAULT_BINS, Histogram
 from qcompiler.calibration.observers import (
     HistogramObserver,
@@ -298,13 +300,14 @@ def load_statistics(folder: str | os.PathLike[str], key: str,
                     names: Sequence[str]) -> dict[str, CalibrationStatistics] | None:
     """The cached statistics of ``key``, or None (missing, or unusable: then a warning says why)."""
     path = cache_path(folder, key)
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
+        # beneath the folder: no symlink, no FIFO or device, one link; headers checked before reading (bounded)
+        with open_numpy(path.name, folder=folder, label=f"calibration cache {path}") as archive:
+            if archive.kind != "npz":
                 raise ValueError("not an .npz archive")
-            arrays = {k: archive[k] for k in archive.files}
+            arrays = {k: archive.read(k) for k in archive.keys()}
         if arrays["format"].tolist() != [FORMAT_VERSION]:
             raise ValueError(f"format {arrays['format'].tolist()}, expected [{FORMAT_VERSION}]")
         if str(arrays["key"][()]) != key:

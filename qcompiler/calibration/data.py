@@ -9,8 +9,14 @@ Accepted forms of ``path``:
   concatenated lazily;
 - a single ``.npy`` when the model has exactly one input.
 
-Everything is read with ``allow_pickle=False``; ``.npy`` files are memory-mapped, ``.npz`` members are read one key of
-one file at a time, so memory stays bounded by one member plus one batch. Checks, all done up front: input names
+Files are opened and read by :mod:`qcompiler.calibration._numpy_files`: a non-blocking open checked with ``fstat``
+(a FIFO, device or socket is refused, never waited on), headers before data (an array declaring more than its file
+holds, or a file declaring more than half the physical memory, is refused before anything is allocated), never a
+pickle. A file the user names is opened as named (symlinks followed); the ``.npz``/``.npy`` files *inside* a
+calibration folder are opened like a model's external data: no symlink, no FIFO or device, a single link (name
+such a file directly to use it). A file is reopened for each pass over the data and must still be the very file
+(device, inode, size) that was checked. ``.npy`` files are memory-mapped, ``.npz`` members are read one key of
+one file at a time, so memory stays bounded by one file's arrays plus one batch. Checks, all done up front: input names
 (missing and unknown ones listed), dtypes (exactly the input's element type, no silent casts), shapes (rank and every
 static dimension but the batch axis; symbolic dimensions are free), NaN/Inf (naming the input and the sample index),
 at least one sample. A model whose batch dimension is the integer 1 is fed one sample at a time; one whose batch
@@ -20,17 +26,19 @@ Every problem is a one-line :class:`~qcompiler.errors.CalibrationError`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.calibration._numpy_files import NumpyFile, open_numpy
 from qcompiler.errors import CalibrationError
+from qcompiler.runtime._safe_files import FileIdentity
 
 __all__ = ["CalibrationData", "load_calibration_data"]
 
@@ -51,6 +59,8 @@ class _Source:
     path: Path
     kind: str  # "npz" or "npy"
     num_samples: int
+    in_folder: bool = False  # opened beneath its folder (an entry of a calibration folder)
+    identity: FileIdentity | None = None  # what was checked; a reopened file must be the same
 
 
 def _model_inputs(model: ir.Model) -> list[_InputInfo]:
@@ -72,34 +82,12 @@ def _model_inputs(model: ir.Model) -> list[_InputInfo]:
     return infos
 
 
-def _read_array(path: Path, key: str | None, *, mmap: bool = True) -> np.ndarray:
-    """One array: an .npy (memory-mapped) or one member of an .npz; never unpickles."""
-    try:
-        if key is None:
-            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        with np.load(path, allow_pickle=False) as archive:
-            return archive[key]
-    except ValueError as exc:
-        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
-            raise CalibrationError(f"calibration file {path} holds pickled or object data, which is never loaded "
-                                   "(save plain numeric arrays with numpy.savez)") from exc
-        raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
-
-
-def _npz_keys(path: Path) -> list[str]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise CalibrationError(f"calibration file {path} is not an .npz archive")
-            return list(archive.files)
-    except CalibrationError:
-        raise
-    except ValueError as exc:
-        raise CalibrationError(f"calibration file {path} holds pickled data, which is never loaded") from exc
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
+def _open(path: Path, in_folder: bool, expect: FileIdentity | None = None) -> contextlib.AbstractContextManager[
+        NumpyFile]:
+    """Open one calibration file: as named, or (an entry of a calibration folder) beneath its folder."""
+    if in_folder:
+        return open_numpy(path.name, folder=path.parent, label=f"calibration file {path}", expect=expect)
+    return open_numpy(path, label=f"calibration file {path}", expect=expect)
 
 
 def _check_array(arr: np.ndarray, info: _InputInfo, path: Path, first_index: int) -> int:
@@ -173,9 +161,10 @@ class CalibrationData:
         return f"CalibrationData(inputs={list(self.input_names)}, num_samples={self.num_samples})"
 
     def _read_source(self, source: _Source) -> dict[str, np.ndarray]:
-        if source.kind == "npy":
-            return {self.input_names[0]: _read_array(source.path, None)}
-        return {name: _read_array(source.path, name) for name in self.input_names}
+        with _open(source.path, source.in_folder, source.identity) as file:
+            if source.kind == "npy":
+                return {self.input_names[0]: file.read(None, mmap=True)}
+            return {name: file.read(name) for name in self.input_names}
 
     def iter_batches(self, batch_size: int, max_samples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Yield feeds ``{input name: array}`` of ``batch_size`` samples along the first axis.
@@ -227,17 +216,21 @@ class CalibrationData:
                 yield flush(pending)
 
 
-def _list_files(path: Path) -> list[Path]:
+def _list_files(path: Path) -> list[tuple[Path, bool]]:
+    """The calibration files to read, each with whether it is an entry of a calibration folder."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
-        if not files:
+        try:
+            names = sorted(n for n in os.listdir(path) if os.path.splitext(n)[1] in (".npz", ".npy"))
+        except OSError as exc:
+            raise CalibrationError(f"calibration folder {path} cannot be listed ({exc.strerror or exc})") from None
+        if not names:
             raise CalibrationError(f"calibration folder {path} holds no .npz or .npy files")
-        return files
-    if not path.exists():
+        return [(path / n, True) for n in names]
+    if not path.exists() and not path.is_symlink():
         raise CalibrationError(f"calibration data not found: {path}")
     if path.suffix not in (".npz", ".npy"):
         raise CalibrationError(f"calibration data must be an .npz, an .npy or a folder of them, got {path}")
-    return [path]
+    return [(path, False)]
 
 
 def load_calibration_data(path: str | os.PathLike[str], model: ir.Model) -> CalibrationData:
@@ -250,38 +243,16 @@ def load_calibration_data(path: str | os.PathLike[str], model: ir.Model) -> Cali
     names = [i.name for i in inputs]
     sources: list[_Source] = []
     offset = 0
-    for file in _list_files(Path(path)):
-        if file.suffix == ".npy":
-            if len(inputs) != 1:
-                raise CalibrationError(f"calibration file {file} is an .npy, but the model has {len(inputs)} inputs "
-                                       f"({', '.join(names)}): use an .npz keyed by input name")
-            arrays = {names[0]: _read_array(file, None)}
-            kind = "npy"
-        else:
-            keys = _npz_keys(file)
-            missing = [n for n in names if n not in keys]
-            unknown = sorted(k for k in keys if k not in names)
-            if missing or unknown:
-                parts = []
-                if missing:
-                    parts.append(f"missing input(s) {', '.join(missing)}")
-                if unknown:
-                    parts.append(f"unknown name(s) {', '.join(unknown)}")
-                raise CalibrationError(f"calibration file {file.name}: {'; '.join(parts)} "
-                                       f"(the model's inputs: {', '.join(names)})")
-            arrays = None
-            kind = "npz"
-        counts = {}
-        for info in inputs:
-            arr = arrays[info.name] if arrays is not None else _read_array(file, info.name)
-            counts[info.name] = _check_array(arr, info, file, offset)
-            del arr
+    for file_path, in_folder in _list_files(Path(path)):
+        with _open(file_path, in_folder) as file:
+            counts = _check_file(file, file_path, inputs, offset)
+            kind, identity = file.kind, file.identity
         if len(set(counts.values())) > 1:
             detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
-            raise CalibrationError(f"calibration file {file.name}: the inputs have different numbers of samples "
+            raise CalibrationError(f"calibration file {file_path.name}: the inputs have different numbers of samples "
                                    f"({detail})")
         n = next(iter(counts.values()))
-        sources.append(_Source(file, kind, n))
+        sources.append(_Source(file_path, kind, n, in_folder, identity))
         offset += n
     data = CalibrationData(sources, inputs)
     if data.num_samples == 0:
@@ -291,3 +262,30 @@ def load_calibration_data(path: str | os.PathLike[str], model: ir.Model) -> Cali
                                f"fixed batch size {data.fixed_batch}")
     logger.info("calibration data %s: %d samples for %s", path, data.num_samples, ", ".join(names))
     return data
+
+
+def _check_file(file: NumpyFile, path: Path, inputs: list[_InputInfo], offset: int) -> dict[str, int]:
+    """Check one opened file against the model's inputs; return the number of samples per input."""
+    names = [i.name for i in inputs]
+    if file.kind == "npy":
+        if len(inputs) != 1:
+            raise CalibrationError(f"calibration file {path} is an .npy, but the model has {len(inputs)} inputs "
+                                   f"({', '.join(names)}): use an .npz keyed by input name")
+        return {names[0]: _check_array(file.read(None, mmap=True), inputs[0], path, offset)}
+    keys = file.keys()
+    missing = [n for n in names if n not in keys]
+    unknown = sorted(k for k in keys if k not in names)
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unknown name(s) {', '.join(unknown)}")
+        raise CalibrationError(f"calibration file {path.name}: {'; '.join(parts)} "
+                               f"(the model's inputs: {', '.join(names)})")
+    counts = {}
+    for info in inputs:
+        arr = file.read(info.name)
+        counts[info.name] = _check_array(arr, info, path, offset)
+        del arr
+    return counts

@@ -12,25 +12,53 @@ then checks like any other:
   positions).
 
 Any other input the data does not hold is left to the loader, which names it.
+
+Files are read from descriptors opened without blocking and checked with ``fstat``
+(:mod:`qcompiler.runtime._safe_files`): a FIFO, device or socket named as the text, the tokenizer or the token ids
+is refused in one line, never waited on; the tokenizer is parsed from the bytes that were read (not reopened by
+name), token ids through :mod:`qcompiler.calibration._numpy_files` (headers checked before any allocation). Text
+and tokenizer files larger than :data:`MAX_TEXT_BYTES` are refused.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.calibration._numpy_files import open_numpy
 from qcompiler.errors import CalibrationError
+from qcompiler.runtime._safe_files import SafeOpenError, open_regular
 
-__all__ = ["TEXT_SUFFIXES", "complete_decoder_inputs", "prepare_calibration", "tokenize_text"]
+__all__ = ["MAX_TEXT_BYTES", "TEXT_SUFFIXES", "complete_decoder_inputs", "prepare_calibration", "tokenize_text"]
 
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 _PAST = re.compile(r"^(past_key_values|past)[._]", re.IGNORECASE)
+#: Largest calibration text or tokenizer file read (it is read whole, then tokenized in memory).
+MAX_TEXT_BYTES = 1 << 30
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A user-named UTF-8 file, read from a non-blocking, fstat-checked descriptor."""
+    try:
+        fd, st = open_regular(path, what=f"{what} {path}")
+    except SafeOpenError as exc:
+        raise CalibrationError(str(exc)) from None
+    with os.fdopen(fd, "rb") as file:
+        if st.st_size > MAX_TEXT_BYTES:
+            raise CalibrationError(f"{what} {path} is {st.st_size} bytes, more than the {MAX_TEXT_BYTES} read at most")
+        try:
+            return file.read(MAX_TEXT_BYTES + 1).decode("utf-8")
+        except OSError as exc:
+            raise CalibrationError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise CalibrationError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def _load_tokenizer(path: Path):  # noqa: ANN202 -- tokenizers.Tokenizer, imported lazily
@@ -39,10 +67,11 @@ def _load_tokenizer(path: Path):  # noqa: ANN202 -- tokenizers.Tokenizer, import
     except ImportError as exc:
         raise CalibrationError("text calibration needs the 'tokenizers' package: pip install tokenizers") from exc
     file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
+    if not file.exists():
         raise CalibrationError(f"tokenizer not found: {file} (give a tokenizer.json or a folder holding one)")
+    text = _read_text(file, "tokenizer")
     try:
-        return Tokenizer.from_file(str(file))
+        return Tokenizer.from_str(text)
     except Exception as exc:  # the library raises a bare Exception on a malformed file
         raise CalibrationError(f"cannot read tokenizer {file}: {str(exc).splitlines()[0]}") from exc
 
@@ -51,10 +80,7 @@ def tokenize_text(text_path: Path, tokenizer_path: Path, seq_len: int) -> np.nda
     """``input_ids`` int64 ``[windows, seq_len]``: the text's tokens in consecutive windows."""
     if seq_len < 2:
         raise CalibrationError(f"--seq-len must be at least 2, got {seq_len}")
-    try:
-        text = text_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CalibrationError(f"cannot read calibration text {text_path}: {exc}") from exc
+    text = _read_text(text_path, "calibration text")
     ids = _load_tokenizer(tokenizer_path).encode(text, add_special_tokens=False).ids
     count = len(ids) // seq_len
     if count == 0:
@@ -122,16 +148,13 @@ def prepare_calibration(calib: Path, model: ir.Model, workdir: Path, tokenizer: 
 
 def _read_token_ids(calib: Path) -> dict[str, np.ndarray] | None:
     """``{"input_ids": [N, S]}`` when the file holds token ids only (else None: the loader checks it as is)."""
-    try:
-        if calib.suffix == ".npy":
-            ids = np.load(calib, allow_pickle=False)
+    with open_numpy(calib) as file:
+        if file.kind == "npy":
+            ids = file.read(None)
+        elif file.keys() != ["input_ids"]:
+            return None
         else:
-            with np.load(calib, allow_pickle=False) as archive:
-                if list(archive.files) != ["input_ids"]:
-                    return None
-                ids = archive["input_ids"]
-    except (ValueError, OSError, EOFError) as exc:
-        raise CalibrationError(f"cannot read calibration file {calib}: {exc}") from exc
+            ids = file.read("input_ids")
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         return None
     return {"input_ids": ids}

@@ -85,7 +85,8 @@ class GraphExecutor:
     """An ONNX model on one torch device.
 
     Args:
-        path: the ``.onnx`` file (external data read from its folder).
+        path: the ``.onnx`` file (external data read from its folder, checked as Session checks it), or a
+            :class:`~qcompiler.runtime._model_file.ModelFile` already read and checked.
         device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``... (the quantized ops use qcompiler's Triton kernels on CUDA,
             dequantized weights elsewhere).
         cuda_graphs: capture each reusable input signature in a CUDA graph from its second run (CUDA only).

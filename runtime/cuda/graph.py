@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+
+from qcompiler.runtime._model_file import ModelFile, ModelFileError, open_model_file
 
 __all__ = ["Node", "TensorSpec", "LoadedGraph", "load_graph", "torch_dtype", "ONNX_TO_TORCH"]
 
@@ -120,10 +122,71 @@ def _tensor(proto: onnx.TensorProto, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(array).to(device)
 
 
-def load_graph(path: str | os.PathLike[str], device: torch.device | str) -> LoadedGraph:
-    """Read ``path`` (and its external data) into a :class:`LoadedGraph` with the weights on ``device``."""
+def _read_checked(source: str | os.PathLike[str] | ModelFile) -> onnx.ModelProto:
+    """The model with its external data read in from the checked files (never opened again by path)."""
+    model_file = source if isinstance(source, ModelFile) else open_model_file(source)
+    model = onnx.ModelProto.FromString(model_file.blob)
+    if not model_file.refs:
+        return model
+    filled = 0
+    with model_file.external_files() as buffers:
+        for tensor in _all_tensors(model):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            filled += 1
+            info = {e.key: e.value for e in tensor.external_data}
+            data = buffers[info["location"]]
+            offset = int(info.get("offset") or 0)
+            length = int(info["length"]) if info.get("length") else len(data) - offset
+            tensor.raw_data = bytes(data[offset:offset + length])
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+    if filled != len(model_file.refs):  # the checked walk and this one must agree on every tensor
+        raise ModelFileError(f"{model_file.path}: {len(model_file.refs)} tensors name external data, the GPU executor "
+                             f"reads {filled} of them; refusing to load")
+    return model
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            yield from _attribute_tensors(attr)
+
+
+def _attribute_tensors(attr: onnx.AttributeProto) -> Iterator[onnx.TensorProto]:
+    if attr.HasField("t"):
+        yield attr.t
+    yield from attr.tensors
+    for sparse in [attr.sparse_tensor] * attr.HasField("sparse_tensor") + list(attr.sparse_tensors):
+        yield sparse.values
+        yield sparse.indices
+    for sub in [attr.g] * attr.HasField("g") + list(attr.graphs):
+        yield from _graph_tensors(sub)
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model, in the places :mod:`qcompiler.runtime._external_data` walks."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                yield from _attribute_tensors(attr)
+        for attr in function.attribute_proto:
+            yield from _attribute_tensors(attr)
+    for info in model.training_info:
+        yield from _graph_tensors(info.initialization)
+        yield from _graph_tensors(info.algorithm)
+
+
+def load_graph(path: str | os.PathLike[str] | ModelFile, device: torch.device | str) -> LoadedGraph:
+    """Read ``path`` (and its external data, checked as :class:`qcompiler.runtime.Session` checks it) into a
+    :class:`LoadedGraph` with the weights on ``device``."""
     device = torch.device(device)
-    model = onnx.load(str(Path(path)))
+    model = _read_checked(path)
     graph = model.graph
     initializers: dict[str, torch.Tensor] = {}
     while graph.initializer:  # move one weight at a time and drop its protobuf copy

@@ -32,7 +32,7 @@ class GpuSession:
     """A model on a torch device (CUDA: qcompiler's kernels and CUDA graphs).
 
     Args:
-        path: the ``.onnx`` file.
+        path: the ``.onnx`` file, or a ``ModelFile`` already read and checked (what Session hands over).
         device: a torch device string (``"cuda"``, ``"cuda:1"``; ``"cpu"`` runs the same executor with torch's
             CPU ops, which is how it is tested without a GPU).
         cuda_graphs: replay each input signature from a CUDA graph after its first run.
