@@ -36,6 +36,7 @@ _GRAPH_FIELD = 7  # ModelProto.graph
 
 
 _MISSING = object()
+_ANNOTATION_KEY = getattr(ir.serde, "_QUANT_PARAMETER_TENSOR_NAMES_FIELD", "quant_parameter_tensor_names")
 _maybe_add_annotation = ir.serde._maybe_add_quantization_annotation
 
 
@@ -110,6 +111,14 @@ def model_to_bytes(model: ir.Model, *, edit: Callable[[onnx.ModelProto], None] |
     ir.serde.serialize_model_into(proto, header)  # type: ignore[arg-type]
     if edit is not None:
         edit(proto)
+    # the graph outputs' quantization annotations come last (after the nodes') in onnx-ir's order
+    annotations = proto.graph.quantization_annotation
+    outputs_annotated = sum(1 for v in graph.outputs if getattr(v, "_metadata", None) is not None
+                            and v.meta.get(_ANNOTATION_KEY))
+    tail = onnx.GraphProto()
+    if outputs_annotated:
+        tail.quantization_annotation.extend(annotations[len(annotations) - outputs_annotated:])
+        del annotations[len(annotations) - outputs_annotated:]
     parts = [proto.graph.SerializeToString(deterministic=True)]
     proto.ClearField("graph")
     head = proto.SerializeToString(deterministic=True)
@@ -121,5 +130,6 @@ def model_to_bytes(model: ir.Model, *, edit: Callable[[onnx.ModelProto], None] |
                                       model_ir_version=model.ir_version)
         parts.append(chunk.SerializeToString(deterministic=True))
     del nodes
+    parts.append(tail.SerializeToString(deterministic=True))
     length = sum(len(p) for p in parts)
     return b"".join([head, _varint(_GRAPH_FIELD << 3 | 2), _varint(length), *parts])

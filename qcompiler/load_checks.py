@@ -10,8 +10,9 @@ before any pass runs (not by a pass halfway, nor by ONNX Runtime after an output
    data present *exactly*: ``raw_data`` of the size the type and shape need (the ONNX checker only says "too
    small"), or the typed field with the right count; no ``raw_data`` for strings.
 3. Graph inputs, outputs and value_info: no negative dimension.
-4. Sparse initializers become dense ones (ONNX Runtime accepts them as weights; onnx-ir would drop them, leaving
-   an output that does not load): indices checked against the shape, the dense size bounded.
+4. Sparse initializers become dense ones, and so does a Constant's ``sparse_value`` (ONNX Runtime accepts them;
+   onnx-ir would drop the first and cannot serialize the second): indices checked against the shape, the dense size
+   bounded.
 5. The ONNX checker with full checking, on a copy without weight bytes (initializers over 1 KiB and external ones
    become typed graph inputs, so a 2 GB model is not copied): topological order, values read before they are
    defined (or never), cycles, recursive functions, ops unknown at the declared opset, attributes, shape
@@ -236,7 +237,7 @@ def tensor_data(tensor: TensorProto, files: CheckedFiles) -> np.ndarray:
 def _densify(sparse: onnx.SparseTensorProto, files: CheckedFiles, path: Path) -> TensorProto:
     name = sparse.values.name
     dims = tuple(sparse.dims)
-    label = f"sparse initializer {name!r}"
+    label = f"sparse tensor {name!r}"
     if any(d < 0 for d in dims):
         raise _fail(path, f"{label} has a negative dimension {list(dims)}")
     nbytes = tensor_nbytes(sparse.values.data_type, dims)
@@ -267,13 +268,26 @@ def _densify(sparse: onnx.SparseTensorProto, files: CheckedFiles, path: Path) ->
 
 
 def _densify_sparse_initializers(proto: onnx.ModelProto, files: CheckedFiles, path: Path) -> None:
+    """Sparse initializers become dense initializers, and a Constant's ``sparse_value`` its dense ``value``."""
     for graph in _graphs(proto):
-        if not len(graph.sparse_initializer):
+        if len(graph.sparse_initializer):
+            dense = [_densify(sparse, files, path) for sparse in graph.sparse_initializer]
+            del graph.sparse_initializer[:]
+            graph.initializer.extend(dense)
+            logger.info("%s: %d sparse initializer(s) made dense", path, len(dense))
+        _densify_constants(graph.node, files, path)
+    for function in proto.functions:
+        _densify_constants(function.node, files, path)
+
+
+def _densify_constants(nodes, files: CheckedFiles, path: Path) -> None:
+    for node in nodes:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
             continue
-        dense = [_densify(sparse, files, path) for sparse in graph.sparse_initializer]
-        del graph.sparse_initializer[:]
-        graph.initializer.extend(dense)
-        logger.info("%s: %d sparse initializer(s) made dense", path, len(dense))
+        for i, attr in enumerate(node.attribute):
+            if attr.name == "sparse_value" and attr.HasField("sparse_tensor"):
+                tensor = _densify(attr.sparse_tensor, files, path)
+                node.attribute[i].CopyFrom(onnx.helper.make_attribute("value", tensor))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -129,8 +129,8 @@ def read_regular(path: str | os.PathLike[str], *, limit: int, what: str | None =
     """The whole content of a user-named regular file (see :func:`open_regular`), at most ``limit`` bytes.
 
     Raises:
-        SafeOpenError: as :func:`open_regular`; ``errno.EFBIG`` when the file holds more than ``limit`` bytes
-            (checked on the descriptor's size and on what was read, so a growing file cannot slip through).
+        SafeOpenError: as :func:`open_regular`; ``errno.EFBIG`` when the file holds more than ``limit`` bytes;
+            ``errno.EAGAIN`` when what was read is not the size the descriptor reported (the file changed).
     """
     what = what or str(path)
     fd, st = open_regular(path, what=what)
@@ -138,11 +138,11 @@ def read_regular(path: str | os.PathLike[str], *, limit: int, what: str | None =
         if st.st_size > limit:
             raise SafeOpenError(errno.EFBIG, f"{what} is {st.st_size} bytes, more than the {limit} allowed")
         try:
-            data = file.read(limit + 1)
+            data = file.read(st.st_size + 1)  # one byte more than fstat said: a file that grew is noticed
         except OSError as exc:
             raise SafeOpenError(exc.errno or errno.EIO, f"{what} cannot be read ({exc.strerror or exc})") from None
-    if len(data) > limit:
-        raise SafeOpenError(errno.EFBIG, f"{what} holds more than the {limit} bytes allowed")
+    if len(data) != st.st_size:
+        raise SafeOpenError(errno.EAGAIN, f"{what} changed while it was being read")
     return data
 
 

@@ -228,3 +228,29 @@ def test_every_recipe_output_passes_the_full_checker(tmp_path: Path, capfd) -> N
         assert code in (0, 2), err
         if code == 0:
             _full_check(out)
+
+
+def test_constant_with_a_sparse_value_compiles(tmp_path: Path, capfd) -> None:
+    model = _mlp()
+    values = numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "c")
+    indices = numpy_helper.from_array(np.array([0, 3], np.int64), "c_idx")
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["c"], sparse_value=helper.make_sparse_tensor(
+        values, indices, [D])))
+    model.graph.node[1].input[0] = "xc"
+    model.graph.node.insert(1, helper.make_node("Add", ["x", "c"], ["xc"]))
+    code, err, out = _compile(model, tmp_path, capfd, "--recipe", "float")
+    assert code == 0, err
+    _full_check(out)
+    x = np.random.default_rng(2).normal(size=(2, D)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, {"x": x})[0], _run(tmp_path / "in.onnx", {"x": x})[0], rtol=1e-6)
+
+
+def test_constant_with_a_huge_sparse_value_is_refused(tmp_path: Path, capfd) -> None:
+    model = _mlp()
+    values = numpy_helper.from_array(np.array([1.0], np.float32), "c")
+    indices = numpy_helper.from_array(np.array([0], np.int64), "c_idx")
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["c"], sparse_value=helper.make_sparse_tensor(
+        values, indices, [2**20, 2**20])))
+    model.graph.node[1].input[0] = "xc"
+    model.graph.node.insert(1, helper.make_node("Add", ["x", "c"], ["xc"]))
+    _refused(model, tmp_path, capfd, "sparse tensor 'c'")

@@ -308,7 +308,7 @@ def test_folding_skips_huge_results_before_evaluating() -> None:
 
 
 # -- scaling -----------------------------------------------------------------------------------------------------------
-def _chain(path: Path, n: int) -> Path:
+def _chain_proto(n: int) -> onnx.ModelProto:
     """``n`` elementwise nodes (Add/Mul/Relu by shared constants) and a MatMul every 500."""
     rng = np.random.default_rng(0)
     consts = [numpy_helper.from_array(rng.uniform(0.5, 1.5, K).astype(np.float32), f"c{i}") for i in range(8)]
@@ -327,7 +327,11 @@ def _chain(path: Path, n: int) -> Path:
                               [helper.make_tensor_value_info(h, TensorProto.FLOAT, [1, K])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    onnx.save(model, path)
+    return model
+
+
+def _chain(path: Path, n: int) -> Path:
+    onnx.save(_chain_proto(n), path)
     return path
 
 
@@ -342,3 +346,51 @@ def test_compile_time_grows_about_linearly(tmp_path: Path) -> None:
         times[n] = time.perf_counter() - start
     assert times[20_000] < 60, times
     assert times[20_000] < 8 * times[5_000], times  # quadratic growth would be 16x
+
+
+# -- the linear-time replacements give the same model ------------------------------------------------------------------
+_SUBGRAPHS = """
+<ir_version: 10, opset_import: ["" : 18, "local": 1]>
+g (float[2, 3] x, bool c, float[3] s, float[3] b, float[3] mean, float[3] var) => (float[2, 3] y, float[2, 3] z) {
+  d, mask = Dropout(x)
+  dead = Relu(x)
+  t = Clip(d, , )
+  u = BatchNormalization<training_mode = 0>(t, s, b, mean, var)
+  f = local.f(u)
+  y = If(c) <then_branch = g1 () => (float[2, 3] a) { k = Neg(f) a = Relu(f) },
+             else_branch = g2 () => (float[2, 3] q) { q = Neg(f) }>
+  z = Abs(t)
+}
+<domain: "local", opset_import: ["" : 18]>
+f (x) => (y) { y = Abs(x) }
+"""
+
+
+def test_chunked_serialization_parses_to_onnx_irs_proto(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qcompiler import _serialize
+
+    monkeypatch.setattr(_serialize, "CHUNK_NODES", 2)  # several chunks even for a small graph
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(_SUBGRAPHS))
+    for node in model.graph:
+        for value in node.outputs:
+            value.meta["quant_parameter_tensor_names"] = {"scale": "s"}  # annotations travel with their chunk
+            break
+    parsed = onnx.ModelProto()
+    parsed.ParseFromString(_serialize.model_to_bytes(model))
+    assert parsed == ir.serde.serialize_model(model)
+    chain = ir.serde.deserialize_model(_chain_proto(50))
+    parsed.ParseFromString(_serialize.model_to_bytes(chain))
+    assert parsed == ir.serde.serialize_model(chain)
+
+
+def test_dead_code_removal_matches_onnx_ir() -> None:
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from qcompiler.passes.canonicalize import RemoveDeadCodePass
+
+    ours = ir.serde.deserialize_model(onnx.parser.parse_model(_SUBGRAPHS))
+    theirs = ir.serde.deserialize_model(onnx.parser.parse_model(_SUBGRAPHS))
+    result = RemoveDeadCodePass()(ours)
+    RemoveUnusedNodesPass()(theirs)
+    assert result.modified and result.stats.counters["nodes_removed"] == 2  # Relu and the If branch's Neg
+    assert ir.serde.serialize_model(ours) == ir.serde.serialize_model(theirs)
