@@ -4,7 +4,7 @@
 before any pass runs (not by a pass halfway, nor by ONNX Runtime after an output was written):
 
 1. Opset imports: each domain once; a version in the range the onnx package knows for its own domains (positive
-   for others), the default domain's at least 7 (ONNX Runtime's oldest). IR version at most the onnx package's.
+   for others). IR version at most the onnx package's.
 2. Every tensor (initializers, sparse tensors, node attributes, subgraphs, functions and their attribute defaults,
    training info): a known data type, no negative dimension, a byte size that fits in memory arithmetic, and its
    data present *exactly*: ``raw_data`` of the size the type and shape need (the ONNX checker only says "too
@@ -42,8 +42,6 @@ __all__ = ["MAX_DENSE_SPARSE_BYTES", "check_and_normalize", "tensor_data"]
 
 logger = logging.getLogger(__name__)
 
-#: The oldest default-domain opset accepted: what ONNX Runtime guarantees to run (older ones load, then lack kernels).
-MIN_DEFAULT_OPSET = 7
 #: A sparse initializer is made dense only up to this many bytes.
 MAX_DENSE_SPARSE_BYTES = 1 << 31
 #: An external tensor in a node attribute is given to the checker as zeros up to this size (else refused).
@@ -140,9 +138,6 @@ def _check_opsets(proto: onnx.ModelProto, path: Path) -> None:
                 raise _fail(path, f"imports the opset of domain {domain or 'ai.onnx'!r} twice")
             seen.add(domain)
         low, high = known.get(domain, (1, 2**31 - 1))
-        if domain == "" and 1 <= opset.version < MIN_DEFAULT_OPSET:
-            raise _fail(path, f"declares opset {opset.version} of domain 'ai.onnx'; ONNX Runtime runs opset "
-                              f"{MIN_DEFAULT_OPSET} and newer (convert the model: onnx.version_converter)")
         if not low <= opset.version <= high:
             raise _fail(path, f"declares opset {opset.version} of domain {domain or 'ai.onnx'!r}; the versions that "
                               f"exist are {low} to {high}" if domain in known else

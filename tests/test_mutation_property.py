@@ -1,8 +1,8 @@
 """Issue 12: a property test that mutates the fields of a small valid model (dims, data types, raw_data lengths,
 names, external-data entries, attributes, opsets, order) and compiles it.
 
-Whatever the mutation, ``qcompile`` must end with exit 0 and an output that ONNX Runtime loads (finite wherever the
-mutated input computes finite values), or exit 2 with one line; never exit 1, never a hang (each run has a time
+Whatever the mutation, ``qcompile`` must end with exit 0 and an output that ONNX Runtime loads whenever it loads the
+input (and finite wherever the mutated input computes finite values), or exit 2 with one line; never exit 1, never a hang (each run has a time
 limit), never a byte of the secret file outside the model's folder in any output, never a change to the input.
 """
 
@@ -204,7 +204,14 @@ def test_mutated_model_compiles_or_is_refused_cleanly(data, recipe: str, capfd) 
             assert len(lines) == 1 and lines[0].startswith("qcompile: error:"), err
             assert not any(out_dir.iterdir()), "an output or temporary was left behind"
             return
-        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - allowed only where ORT cannot load the input either (e.g. no
+            try:  # kernel for an opset-1 Add): then the output is as unrunnable as the input
+                ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+            except Exception:  # noqa: BLE001
+                return
+            raise AssertionError(f"ONNX Runtime loads the input but not the output: {exc}") from exc
         inputs = session.get_inputs()
         if [i.name for i in inputs] != ["x"] or inputs[0].type != "tensor(float)":
             return
