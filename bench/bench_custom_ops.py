@@ -65,8 +65,8 @@ from _common import (  # noqa: E402 - the sibling module of a script
     run_job,
 )
 
-from qcompiler.passes.lower._blockwise import quantize_rtn  # noqa: E402
-from qcompiler.passes.lower._weights import quantize_weight_fp8  # noqa: E402
+from qcompiler.formats.blockwise import quantize_rtn  # noqa: E402
+from qcompiler.formats.channelwise import quantize_weight_fp8  # noqa: E402
 from qcompiler.runtime import Session, custom_ops  # noqa: E402
 from qcompiler.runtime.custom_ops import _ortext  # noqa: E402
 

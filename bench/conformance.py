@@ -6,7 +6,7 @@ Usage::
                                 [--recipe float] [--out bench/out/conformance.md]
 
 Every case is run in ONNX Runtime as it is, compiled (``--recipe``, default ``float``) in a worker process with a
-per-case time limit, and run again; see :mod:`qcompiler.conformance` for the categories. The report (counts per
+per-case time limit, and run again; see ``bench/_conformance.py`` (the harness) for the categories. The report (counts per
 kind and category, the bugs grouped by error, refusals, ORT problems, wall time, versions) is printed and written
 to ``--out``; every case's result goes to the same path with ``.json``. Exit status: 0 when no case is a bug
 (``changed``, ``crash``, ``timeout``), 1 otherwise, 2 for bad arguments.
@@ -24,7 +24,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qcompiler.conformance import BUG_CATEGORIES, CATEGORIES, KINDS, CaseResult, discover_cases, run_cases
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _conformance import (  # noqa: E402 - the sibling module of a script
+    BUG_CATEGORIES,
+    CATEGORIES,
+    KINDS,
+    CaseResult,
+    discover_cases,
+    run_cases,
+)
 
 __all__ = ["main", "format_report"]
 

@@ -18,6 +18,9 @@
 - after the pipeline, :func:`check_quantized`: a pipeline with a lowering pass that quantized no layer is an error
   (nothing is written) that gives the lowering's skip reasons or the model's operators; ``--calib`` data that no
   pass read (e.g. ``int4`` with RTN) is a warning (:class:`TrackedData` tells).
+
+Messages name an option as the caller wrote it (:mod:`qcompiler._wording`): ``--block-size 64`` from the command
+line, ``weight_only={'block_size': 64}`` from the Python API.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from qcompiler import _wording
 from qcompiler.config import Recipe
 from qcompiler.errors import UnsupportedModelError, UsageError
 from qcompiler.pass_manager import PipelineReport
@@ -40,20 +44,6 @@ __all__ = ["TrackedData", "check_model", "check_options", "check_quantized", "qu
 
 logger = logging.getLogger(__name__)
 
-#: the command-line flag of each option, for messages (API-only options are named by their field)
-FLAGS = {
-    "quantization.weight_dtype": "--weight-dtype", "quantization.activation_dtype": "--activation-dtype",
-    "quantization.per_channel": "--per-tensor", "quantization.op_types": "--op-types",
-    "quantization.exclude_nodes": "--exclude-node", "quantization.min_sqnr_db": "--min-sqnr",
-    "quantization.max_accuracy_drop": "--max-accuracy-drop", "calibration.calibrator": "--calibrator",
-    "calibration.max_samples": "--calib-samples", "calibration.batch_size": "--calib-batch-size",
-    "calibration.percentile": "--percentile", "calibration.cache_dir": "--calib-cache",
-    "weight_only.algorithm": "--algorithm", "weight_only.block_size": "--block-size",
-    "weight_only.symmetric": "--symmetric/--asymmetric", "weight_only.zero_point": "--zero-point",
-    "weight_only.accuracy_level": "--accuracy-level", "weight_only.lm_head": "--lm-head",
-    "weight_only.embedding": "--embedding", "weight_only.target_bits": "--target-bits",
-    "weight_only.exclude_nodes": "--exclude-node",
-}
 #: options that tune resources only: unused, they are worth a warning, not an error
 _RESOURCE_OPTIONS = frozenset({"calibration.cache_dir", "calibration.max_samples", "calibration.batch_size"})
 #: operator types that only a quantized model contains (any domain); plus every QLinear* op and ai.qcompiler op
@@ -72,20 +62,6 @@ def _show(value: Any) -> str:
         return ",".join(_show(v) for v in value)
     text = str(value)
     return text if text.isprintable() else repr(text)
-
-
-def _label(key: str, value: Any) -> str:
-    """How a message names an option: its flag and value, then its field (``--block-size 64 (weight_only...)``)."""
-    flag = FLAGS.get(key)
-    if flag is None:
-        return f"{key}={_show(value)}"
-    if key == "weight_only.symmetric":
-        flag = "--symmetric" if value else "--asymmetric"
-    elif key == "quantization.per_channel":
-        flag = "--per-tensor" if value is False else "per_channel=true"
-    else:
-        flag = f"{flag} {_show(value)}"
-    return f"{flag} ({key})"
 
 
 def check_options(base: Recipe, active: Recipe, overrides: Mapping[str, Mapping[str, Any]], *,
@@ -107,7 +83,7 @@ def check_options(base: Recipe, active: Recipe, overrides: Mapping[str, Mapping[
     reads = options_read(active, BuildContext(calibration_data=object() if calib_given else None))
     given = {f"{section}.{field}": value for section, fields in overrides.items() for field, value in fields.items()}
     unused: dict[str, str] = {}  # key -> why
-    labels = {key: _label(key, value) for key, value in given.items()}
+    labels = {key: _wording.option(key, value) for key, value in given.items()}
     for key, value in given.items():
         if key in reads:
             continue
@@ -115,14 +91,16 @@ def check_options(base: Recipe, active: Recipe, overrides: Mapping[str, Mapping[
         if key.endswith(".exclude_nodes") and twin in reads and given.get(twin) == value:
             continue  # the API's exclude_nodes reaches whichever section the pipeline reads
         if key.endswith(".exclude_nodes") and twin in unused and given.get(twin) == value:
-            labels[twin] = f"--exclude-node {_show(value)}"  # one list given to both sections: one message
+            labels[twin] = _wording.argument("--exclude-node", value)  # one list given to both sections: one message
             continue
         unused[key] = "no pass of its pipeline reads it"
     calibrator = active.calibration.calibrator
     if "calibration.percentile" in given and "calibration.percentile" in reads and calibrator != "percentile":
-        unused["calibration.percentile"] = f"it applies to --calibrator percentile, and the calibrator is {calibrator}"
+        unused["calibration.percentile"] = (f"it applies to {_wording.option('calibration.calibrator', 'percentile')}"
+                                            f", and the calibrator is {calibrator}")
     if "weight_only.zero_point" in given and "weight_only.zero_point" in reads and active.weight_only.symmetric:
-        unused["weight_only.zero_point"] = "symmetric weights have no zero point (--asymmetric)"
+        unused["weight_only.zero_point"] = ("symmetric weights have no zero point "
+                                            f"({_wording.option('weight_only.symmetric', False)})")
     errors, warnings = [], []
     for key, why in unused.items():
         section, field = key.split(".", 1)
@@ -130,8 +108,8 @@ def check_options(base: Recipe, active: Recipe, overrides: Mapping[str, Mapping[
         text = f"{labels[key]} has no effect with recipe {active.name!r}: {why}"
         (warnings if restated or key in _RESOURCE_OPTIONS else errors).append(text)
     if calib_given and "context.calibration_data" not in reads:
-        errors.append(f"--calib has no effect with recipe {active.name!r}: no pass of its pipeline takes "
-                      "calibration data")
+        errors.append(f"{_wording.argument('--calib')} has no effect with recipe {active.name!r}: no pass of its "
+                      "pipeline takes calibration data")
     for text in warnings:
         logger.warning("%s", text)
     if errors:
@@ -185,13 +163,14 @@ def check_model(model: ir.Model, recipe: Recipe, reads: frozenset[str], *, exclu
     if missing:
         closest = dict.fromkeys(m for name in missing for m in difflib.get_close_matches(name, _pool(names, name), n=3))
         hint = f" (closest: {', '.join(repr(c) for c in closest)})" if closest else ""
-        where = "--exclude-node" if set(missing) <= set(exclude_from_args) else \
+        where = _wording.argument("--exclude-node") if set(missing) <= set(exclude_from_args) else \
             f"recipe {recipe.name!r}: exclude_nodes"
         raise UsageError(f"{where} names no node of {source}: {', '.join(repr(m) for m in missing)}{hint}")
     if op_types_given:
         absent = [op for op in recipe.quantization.op_types if op not in present]
         if absent:
-            logger.warning("--op-types: %s has no %s node", source, ", ".join(absent))
+            flag = "--op-types" if _wording.is_cli() else "quantization={'op_types': ...}"
+            logger.warning("%s: %s has no %s node", flag, source, ", ".join(absent))
 
 
 def _pool(names: set[str], name: str) -> list[str]:
@@ -245,4 +224,5 @@ def check_quantized(model: ir.Model, recipe: Recipe, report: PipelineReport, *,
         logger.warning("recipe %r quantized no layer of this model: %s; the output is the cleaned-up float model",
                        recipe.name, why)
     if calibration is not None and not calibration.used:
-        logger.warning("--calib data was not used: no pass of recipe %r needed it with these options", recipe.name)
+        logger.warning("%s data was not used: no pass of recipe %r needed it with these options",
+                       _wording.argument("--calib"), recipe.name)

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 
+from qcompiler._deps import require_compiler
 from qcompiler.errors import QCompileError, UsageError
 
 __all__ = ["main", "build_parser"]
@@ -256,14 +257,17 @@ def _compile(args: argparse.Namespace) -> int:
         io.check_output_path(args.model, report_path, what="--report", data_file=False)
 
     start = time.perf_counter()
-    result = compile_model(
-        args.model, args.output, recipe=recipe, calib=args.calib, tokenizer=args.tokenizer, seq_len=args.seq_len,
-        plugins=args.plugin, disable=args.disable_pass,
-        quantization=quantization or None, calibration=calibration or None, weight_only=weight_only or None,
-        exclude_nodes=tuple(args.exclude_node),
-        dump_after=args.dump_after,
-        dump_dir=args.dump_dir, verify_each=args.verify_each, progress=progress,
-    )
+    from qcompiler._wording import cli_wording
+
+    with cli_wording():  # messages name the flags (--calib), not the API's arguments (calib=)
+        result = compile_model(
+            args.model, args.output, recipe=recipe, calib=args.calib, tokenizer=args.tokenizer, seq_len=args.seq_len,
+            plugins=args.plugin, disable=args.disable_pass,
+            quantization=quantization or None, calibration=calibration or None, weight_only=weight_only or None,
+            exclude_nodes=tuple(args.exclude_node),
+            dump_after=args.dump_after,
+            dump_dir=args.dump_dir, verify_each=args.verify_each, progress=progress,
+        )
     seconds = time.perf_counter() - start
     for report_path in report_paths:
         from qcompiler.report import report_dict, write_report
@@ -342,12 +346,14 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         if argv and argv[0] == "demo":
             _setup_logging(False, 0)
+            require_compiler()
             return _demo(argv[1:])
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # --help / --version: return the code instead of exiting the caller's process
             return exc.code if isinstance(exc.code, int) else 0
         _setup_logging(args.quiet, args.verbose)
+        require_compiler()  # a runtime-only install: one line saying what to install (--help, --version work)
         if args.list_passes:
             _list_passes()
             return 0

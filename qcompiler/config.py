@@ -140,12 +140,9 @@ class QuantizationOptions:
             raise ConfigError(f"quantization.max_accuracy_drop must be a fraction in [0, 1), got {drop!r}")
 
 
-#: weight-only formats and their bits (MatMulNBits codes; int3 is our own ai.qcompiler.MatMulIntN)
-WEIGHT_ONLY_FORMATS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2, "nf4": 4, "ternary": 2, "fp8": 8}
 FP8_KERNELS = ("dequantize", "fused")
 #: the bits a layer may get under mixed precision (3: MatMulIntN)
 CANDIDATE_BITS = (2, 3, 4, 8)
-WEIGHT_ONLY_ALGORITHMS = ("rtn", "gptq", "awq", "hqq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,15 +196,19 @@ class WeightOnlyOptions:
     sensitivity_samples: int = 1
 
     def __post_init__(self) -> None:
+        from qcompiler.formats import format_names, get_format
+        from qcompiler.passes.algorithms import algorithm_names, algorithm_needs
+
         if self.embedding not in ("float", "int8", "int4"):
             raise ConfigError(f"weight-only.embedding must be 'float', 'int8' or 'int4', got {self.embedding!r}")
         if self.lm_head not in ("same", "int8", "float"):
             raise ConfigError(f"weight-only.lm_head must be 'same', 'int8' or 'float', got {self.lm_head!r}")
-        if self.format not in WEIGHT_ONLY_FORMATS:
-            raise ConfigError(f"weight-only.format must be one of {', '.join(WEIGHT_ONLY_FORMATS)}, got "
+        if not isinstance(self.format, str) or self.format not in format_names():
+            raise ConfigError(f"weight-only.format must be one of {', '.join(format_names())}, got "
                               f"{self.format!r}")
-        if self.algorithm not in WEIGHT_ONLY_ALGORITHMS:
-            raise ConfigError(f"weight-only.algorithm must be one of {', '.join(WEIGHT_ONLY_ALGORITHMS)}, got "
+        algorithms = algorithm_names()
+        if not isinstance(self.algorithm, str) or self.algorithm not in algorithms:
+            raise ConfigError(f"weight-only.algorithm must be one of {', '.join(algorithms)}, got "
                               f"{self.algorithm!r}")
         size = self.block_size
         if isinstance(size, bool) or not isinstance(size, int) or not (size == 0 or (16 <= size <= 256 and
@@ -226,33 +227,36 @@ class WeightOnlyOptions:
         if self.fp8_kernel != "dequantize" and self.format != "fp8":
             raise ConfigError(f"weight-only.fp8_kernel = {self.fp8_kernel!r} needs format = 'fp8', not "
                               f"{self.format!r}")
-        if self.zero_point == "float" and self.format == "int3":
-            raise ConfigError("weight-only.zero_point = 'float' with int3: MatMulIntN stores uint8 zero points "
-                              "only (--zero-point int)")
-        if self.zero_point == "float" and self.format == "int8":
-            raise ConfigError("weight-only.zero_point = 'float' with int8: ONNX Runtime's CPU MatMulNBits has no "
-                              "8-bit kernel with float zero points")
-        if self.format == "nf4":
-            if self.algorithm in ("gptq", "hqq"):
-                raise ConfigError(f"weight-only.format 'nf4' is a fixed codebook with absmax scales: algorithm must "
-                                  f"be 'rtn' or 'awq' ({self.algorithm} here works on integer grids)")
-            if not self.symmetric:
-                raise ConfigError("weight-only.format 'nf4' is symmetric (absmax scales): no --asymmetric")
-        if self.format == "fp8" and (self.algorithm != "rtn" or not self.symmetric or self.target_bits is not None):
-            raise ConfigError("weight-only.format 'fp8' is symmetric per-channel FP8 with round to nearest: no "
-                              "--algorithm, --asymmetric or --target-bits")
-        if self.format == "ternary" and not self.symmetric:
-            raise ConfigError("weight-only.format 'ternary' is symmetric ({-1, 0, +1} times a scale): no --asymmetric")
-        self._check_mixed_precision()
+        fmt = get_format(self.format)
+        try:  # the format decides what it can store: bits, symmetry, zero-point kind, kernel
+            spec = fmt.spec(block_size=self.block_size, symmetric=self.symmetric, zero_point=self.zero_point,
+                            kernel=self.kernel)
+        except ConfigError as exc:
+            raise ConfigError(f"weight-only.format {self.format!r}: {exc}") from None
+        if not fmt.supports(self.algorithm, algorithm_needs(self.algorithm)):
+            raise ConfigError(f"weight-only.format {self.format!r} cannot take algorithm {self.algorithm!r}: the "
+                              f"format offers {', '.join(sorted(fmt.capabilities))}, the algorithm needs "
+                              f"{', '.join(sorted(algorithm_needs(self.algorithm)))}")
+        self._check_mixed_precision(spec)
         level = self.accuracy_level
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 4:
             raise ConfigError(f"weight-only.accuracy_level must be an integer from 0 to 4, got {level!r}")
 
     @property
     def bits(self) -> int:
-        return WEIGHT_ONLY_FORMATS[self.format]
+        """The code bits of the format."""
+        from qcompiler.formats import get_format
 
-    def _check_mixed_precision(self) -> None:
+        return get_format(self.format).bits
+
+    @property
+    def kernel(self) -> str:
+        """The format's kernel choice: ``fp8_kernel`` for the fp8 format, the default ("") for the others."""
+        return self.fp8_kernel if self.format == "fp8" else ""
+
+    def _check_mixed_precision(self, spec: Any) -> None:
+        from qcompiler.formats.registry import spec_at_bits
+
         candidates = self.candidate_bits
         if not isinstance(candidates, (tuple, list)) or not candidates or \
                 any(isinstance(b, bool) or b not in CANDIDATE_BITS for b in candidates):
@@ -270,16 +274,11 @@ class WeightOnlyOptions:
         if not low <= target <= high:
             raise ConfigError(f"weight-only.target_bits must lie between the candidate bits {low} and {high}, "
                               f"got {target}")
-        if self.format == "nf4":
-            raise ConfigError("weight-only.target_bits: mixed precision needs an integer format (int2/int3/int4/"
-                              "int8/ternary), not nf4")
-        if self.zero_point == "float" and (8 in self.candidate_bits or 3 in self.candidate_bits):
-            raise ConfigError("weight-only.target_bits with zero_point = 'float': 3- and 8-bit layers have no float "
-                              "zero-point kernel; set candidate_bits = [2, 4]")
-
-    @property
-    def ternary(self) -> bool:
-        return self.format == "ternary"
+        missing = [b for b in self.candidate_bits if spec_at_bits(spec, b) is None]
+        if missing:
+            raise ConfigError(f"weight-only.target_bits: format {self.format!r} has no {missing[0]}-bit member for "
+                              f"mixed precision (candidate_bits {list(self.candidate_bits)}); mixed precision needs "
+                              "an integer format (int2/int3/int4/int8/ternary)")
 
 
 @dataclasses.dataclass(frozen=True)

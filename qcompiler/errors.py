@@ -18,6 +18,7 @@ __all__ = [
     "PluginError",
     "CalibrationError",
     "PassFailedError",
+    "MissingDependencyError",
 ]
 
 
@@ -67,3 +68,8 @@ class PassFailedError(QCompileError):
     """A pass failed for a reason that is not the user's: an internal error, reported with the pass history."""
 
     exit_code = 1
+
+
+class MissingDependencyError(QCompileError, ImportError):
+    """The compiler's own dependencies are not installed (the base install is the runtime alone); the message says
+    what to install. Also an ``ImportError``, for code that guards an optional import."""

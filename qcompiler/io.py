@@ -8,7 +8,9 @@ initializers, sparse tensors, node attributes, functions and their attribute def
 initializers dense, and onnx-ir deserializes the proto. External tensors stay lazy: they are memory-mapped only
 when a pass reads them, so loading a multi-GB model costs only the size of its graph, and they reopen their file
 only through the check's record (:class:`_CheckedExternalTensor`): the same inode, beneath the model's folder,
-without symlinks, or a one-line refusal.
+without symlinks, or a one-line refusal. A model given in memory (the API's ``onnx.ModelProto`` or
+``onnx_ir.Model``) is serialized and loaded through the same checks (:func:`load_model_bytes`); a tensor of it that
+names external data is refused, as there is no folder to check the file beneath.
 
 An external-data reference is refused (:class:`~qcompiler.errors.UnsafeModelError`) when its location is empty,
 absolute, contains ``..``, a NUL or a ``\\``, goes through a symlinked file or folder, names a missing file,
@@ -75,6 +77,7 @@ __all__ = [
     "EXTERNAL_MIN_TENSOR_BYTES",
     "VALID_EXTERNAL_DATA_KEYS",
     "load_model",
+    "load_model_bytes",
     "read_proto",
     "check_output_path",
     "check_dump_folder",
@@ -82,6 +85,7 @@ __all__ = [
     "model_bytes",
     "external_data_files",
     "to_proto",
+    "to_bytes",
     "ort_session",
     "check_model",
     "check_output",
@@ -187,6 +191,48 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     del proto
     _pin_external_tensors(model, files, path)
     logger.debug("loaded %s (%d nodes in the main graph)", path, len(model.graph))
+    return model
+
+
+def load_model_bytes(blob: bytes, source: str = "the in-memory model") -> ir.Model:
+    """Load a serialized model held in memory (what the API makes of an ``onnx.ModelProto`` or ``onnx_ir.Model``)
+    with the checks :func:`load_model` makes; ``source`` names it in messages. The IR is a new object: nothing in
+    it shares memory with what ``blob`` was made from.
+
+    A tensor that keeps its data in an external file is refused: bytes in memory have no folder that the file
+    could be checked beneath (load the data into the model first, or give the model's file path instead).
+
+    Raises:
+        InputError: not an ONNX model, too large for one protobuf, or a malformed model.
+        UnsafeModelError: a tensor names external data.
+    """
+    path = Path(source)
+    if not blob:
+        raise InputError(f"{source}: is empty, not an ONNX model")
+    if len(blob) > _PROTOBUF_LIMIT:
+        raise InputError(f"{source}: is {len(blob)} bytes serialized, more than one protobuf can hold (2 GiB); save "
+                         "it with external data and give its file path")
+    proto = _parse(blob, path)
+    try:
+        refs = find_external_refs(blob)
+    except ExternalDataError as exc:
+        raise UnsafeModelError(f"{source}: {exc}; refusing to load") from None
+    except ValueError:
+        raise InputError(f"{source}: not an ONNX model (the protobuf cannot be parsed)") from None
+    if refs:
+        ref = refs[0]
+        raise UnsafeModelError(
+            f"{source}: tensor {ref.name!r} ({ref.where}) keeps its data in the external file {ref.location!r}; "
+            f"an in-memory model must hold all its tensors ({len(refs)} external): give the model's file path "
+            "instead (its data files are then checked), or load the data into the model first "
+            "(onnx.load(path) loads it; onnx_ir.load(path) then onnx_ir.external_data.load_to_model(model))")
+    files = check_external_refs([], "")
+    check_and_normalize(proto, path, files)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise InputError(f"{source}: cannot read the model ({type(exc).__name__}: {_one_line(exc)})") from None
+    logger.debug("loaded %s (%d nodes in the main graph)", source, len(model.graph))
     return model
 
 
@@ -381,6 +427,14 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
                     if isinstance(t, ir.ExternalTensor)]
     with _swapped(replacements):
         return ir.serde.serialize_model(model)
+
+
+def to_bytes(model: ir.Model) -> bytes:
+    """The self-contained ONNX bytes of the model (external tensors read in): what an inline save writes."""
+    replacements = [(setter, t, _in_memory(t)) for t, setter, _ in _tensor_slots(model)
+                    if isinstance(t, ir.ExternalTensor)]
+    with _swapped(replacements):
+        return model_to_bytes(model)
 
 
 # ---------------------------------------------------------------------------------------------------------------

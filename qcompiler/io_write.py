@@ -334,12 +334,12 @@ def _probe_writable(folder: Path, what: str, path: Path) -> None:
         _discard([(fd, temp)])
 
 
-def check_output_path(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], *,
+def check_output_path(input_path: str | os.PathLike[str] | None, output_path: str | os.PathLike[str], *,
                       what: str = "output", data_file: bool = True) -> None:
     """Refuse an output path that would overwrite the input model or its external data, or cannot be written.
 
     Args:
-        input_path: the input model.
+        input_path: the input model (None: a model given in memory; only the destination is checked).
         output_path: the file to be written.
         what: how messages name the file (``output``, ``--report``...).
         data_file: the file is a model that may get external-data files beside it.
@@ -349,6 +349,10 @@ def check_output_path(input_path: str | os.PathLike[str], output_path: str | os.
             folder, device, FIFO or socket, in a missing folder; or an input data file is named like the output's.
         OutputError: the name is too long, or the folder cannot be written (read-only, full, permission denied).
     """
+    if input_path is None:
+        _check_destination(Path(output_path), what)
+        _probe_writable(Path(output_path).parent, what, Path(output_path))
+        return
     input_path, output_path = Path(input_path), Path(output_path)
     _check_destination(output_path, what)
     if os.path.realpath(input_path) == os.path.realpath(output_path) or (
@@ -370,17 +374,18 @@ def check_output_path(input_path: str | os.PathLike[str], output_path: str | os.
     _probe_writable(output_path.parent, what, output_path)
 
 
-def check_dump_folder(input_path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> None:
+def check_dump_folder(input_path: str | os.PathLike[str] | None, folder: str | os.PathLike[str]) -> None:
     """Refuse a ``--dump-dir`` that is not a folder, holds the input model or its data, or cannot be written.
 
     Raises:
         UsageError: the path is an existing non-folder, or the input model or one of its data files is inside it.
         OutputError: the folder (or, when missing, its nearest existing parent) cannot be written.
     """
-    input_path, folder = Path(input_path), Path(folder)
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--dump-dir {folder} exists and is not a folder")
-    inputs = [input_path, *_input_data_files(input_path)] if input_path.is_file() else []
+    input_path = Path(input_path) if input_path is not None else None  # None: a model given in memory
+    inputs = [input_path, *_input_data_files(input_path)] if input_path is not None and input_path.is_file() else []
     real_folder = os.path.realpath(folder)
     for path in inputs:
         real = os.path.realpath(path)

@@ -1,6 +1,9 @@
 """Turning a recipe into a runnable pipeline.
 
-The recipe lists its passes explicitly. Plugin passes are then placed: right after the pass named by their
+The recipe lists its passes explicitly; ``weight-only-algorithm`` stands for the pass of the recipe's weight-only
+``algorithm`` (a built-in one or a plugin's, :mod:`qcompiler.passes.algorithms`), and a pass class whose
+``applies(recipe)`` says False is left out (``select-weight-bits`` without ``target_bits``): the builder, not the
+pass, decides what runs. Plugin passes are then placed: right after the pass named by their
 ``after``, right before the pass named by their ``before``, or else at the end of their stage (after the last pass
 whose stage is not later than theirs). Disabled passes are removed last; naming a pass that is not in the pipeline
 is an error, so a typo never silently does nothing.
@@ -25,6 +28,7 @@ from typing import Any
 from qcompiler.config import Recipe
 from qcompiler.errors import ConfigError, PluginError
 from qcompiler.pass_manager import STAGES, PassInstrument, PassPipeline, QPass
+from qcompiler.passes.algorithms import ALGORITHM_SLOT, algorithm_pass
 from qcompiler.plugins import discover_passes, load_pass_class
 
 __all__ = ["BuildContext", "resolve_pass_classes", "build_pipeline", "options_read"]
@@ -62,9 +66,18 @@ def _place(order: list[type[QPass]], plugin: type[QPass], origin: str = "") -> N
     order.insert(position, plugin)
 
 
+def _listed_class(name: str, recipe: Recipe) -> type[QPass]:
+    """The class of a pass the recipe lists; ``weight-only-algorithm`` is the pass of the recipe's algorithm."""
+    if name == ALGORITHM_SLOT:
+        return algorithm_pass(recipe.weight_only.algorithm)
+    return load_pass_class(name)
+
+
 def resolve_pass_classes(recipe: Recipe) -> list[type[QPass]]:
-    """The recipe's pass classes in run order: built-ins, plugins placed, disabled passes removed."""
-    order = [load_pass_class(name) for name in recipe.passes]
+    """The recipe's pass classes in run order: built-ins (the algorithm's pass in its slot; a pass whose
+    ``applies(recipe)`` is False left out), plugins placed, disabled passes removed."""
+    order = [cls for cls in (_listed_class(name, recipe) for name in recipe.passes)
+             if getattr(cls, "applies", None) is None or cls.applies(recipe)]
     for plugin_name in recipe.plugins:
         if plugin_name in recipe.passes:
             continue
@@ -115,8 +128,10 @@ class _RecordingSection:
     def __getattr__(self, name: str) -> Any:
         if name in self._fields:
             self._reads.add(f"{self._section}.{name}")
-        elif name == "bits" or name == "ternary":  # WeightOnlyOptions' properties derive from the format
+        elif name == "bits":  # WeightOnlyOptions' properties derive from the format (and fp8_kernel)
             self._reads.add(f"{self._section}.format")
+        elif name == "kernel":
+            self._reads.update((f"{self._section}.format", f"{self._section}.fp8_kernel"))
         return getattr(self._options, name)
 
 
@@ -154,6 +169,8 @@ def options_read(recipe: Recipe, context: BuildContext | None = None) -> frozens
     reads: set[str] = set()
     view = _RecordingRecipe(recipe, reads)
     seen = _RecordingContext(context or BuildContext(), reads)
-    for cls in resolve_pass_classes(recipe):
+    for cls in resolve_pass_classes(view):  # type: ignore[arg-type]  # the builder's reads count too (algorithm)
         _instantiate(cls, view, seen)  # type: ignore[arg-type]  # duck-typed views of Recipe and BuildContext
+    if ALGORITHM_SLOT in recipe.passes:  # another algorithm of the slot may take data: --calib is not pointless
+        reads.add("context.calibration_data")
     return frozenset(reads)

@@ -1,10 +1,14 @@
-"""The pass registry: built-in and plugin passes, both declared as entry points in the group ``qcompiler.passes``.
+"""The registries: passes, weight formats and weight-only algorithms, built-in or from plugins, all declared as
+entry points.
 
-Listing reads distribution metadata only; a pass module is imported when the pipeline needs it (a built-in named by
-the recipe, or a plugin named with ``--plugin NAME`` or ``plugins = [...]``). A loaded class is checked: it is a
-:class:`~qcompiler.pass_manager.QPass` subclass, its ``name`` matches the entry point, its ``stage`` is known, and
-no two distributions claim the same name. Nothing is ever imported from the model's folder or the current folder:
-only installed distributions are searched.
+Groups: ``qcompiler.passes`` (``name = "module:PassClass"``), ``qcompiler.formats`` (``name = "module:FORMAT"``, a
+:class:`~qcompiler.formats.WeightFormat` instance, see :mod:`qcompiler.formats.registry`) and
+``qcompiler.algorithms`` (``name = "module:PassClass"``: the pass that chooses weight-only codes when a recipe's
+``algorithm`` is ``name``). Listing reads distribution metadata only; a module is imported when it is needed (a
+built-in named by the recipe, or a plugin named with ``--plugin NAME``, ``plugins = [...]``, ``--algorithm`` or a
+recipe's ``format``). A loaded pass class is checked: it is a :class:`~qcompiler.pass_manager.QPass` subclass, its
+``name`` matches the entry point, its ``stage`` is known, and no two distributions claim the same name. Nothing is
+ever imported from the model's folder or the current folder: only installed distributions are searched.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from importlib import metadata
 
 from qcompiler.errors import PluginError
 
-__all__ = ["GROUP", "PassEntry", "discover_passes", "load_pass_class"]
+__all__ = ["ALGORITHM_GROUP", "FORMAT_GROUP", "GROUP", "PassEntry", "discover", "discover_passes", "load_entry",
+           "load_pass_class"]
 
 logger = logging.getLogger(__name__)
 
 GROUP = "qcompiler.passes"
+FORMAT_GROUP = "qcompiler.formats"
+ALGORITHM_GROUP = "qcompiler.algorithms"
 _BUILTIN_DIST = "qcompiler"
 
 
@@ -59,16 +66,16 @@ def _without_current_folder() -> Iterator[None]:
         sys.path[:] = saved
 
 
-def _entries() -> list[PassEntry]:
-    return _entries_on(tuple(_search_path()))
+def _entries(group: str = GROUP) -> list[PassEntry]:
+    return _entries_on(tuple(_search_path()), group)
 
 
-@functools.lru_cache(maxsize=8)
-def _entries_on(search_path: tuple[str, ...]) -> list[PassEntry]:
-    """The registered passes on one search path (cached: a changed ``sys.path`` is a new key)."""
+@functools.lru_cache(maxsize=16)
+def _entries_on(search_path: tuple[str, ...], group: str = GROUP) -> list[PassEntry]:
+    """The entries of ``group`` on one search path (cached: a changed ``sys.path`` is a new key)."""
     found: list[PassEntry] = []
     for dist in metadata.distributions(path=list(search_path)):
-        eps = [ep for ep in dist.entry_points if ep.group == GROUP]  # reads entry_points.txt only
+        eps = [ep for ep in dist.entry_points if ep.group == group]  # reads entry_points.txt only
         if eps:
             dist_name = dist.metadata["Name"] or "?"
             found.extend(PassEntry(ep.name, ep.value, dist_name, dist.version) for ep in eps)
@@ -77,44 +84,58 @@ def _entries_on(search_path: tuple[str, ...]) -> list[PassEntry]:
     return sorted(unique.values(), key=lambda e: (not e.builtin, e.name))
 
 
-def discover_passes() -> dict[str, list[PassEntry]]:
-    """All registered passes by name; a name with more than one entry is a clash, reported when it is loaded."""
+def discover(group: str) -> dict[str, list[PassEntry]]:
+    """Every entry of ``group`` by name; a name with more than one entry is a clash, reported when it is loaded."""
     table: dict[str, list[PassEntry]] = {}
-    for entry in _entries():
+    for entry in _entries(group):
         table.setdefault(entry.name, []).append(entry)
     return table
 
 
-def load_pass_class(name: str) -> type:
-    """Import and validate the pass registered under ``name``."""
-    from qcompiler.pass_manager import STAGES, QPass
+def discover_passes() -> dict[str, list[PassEntry]]:
+    """All registered passes by name; a name with more than one entry is a clash, reported when it is loaded."""
+    return discover(GROUP)
 
-    table = discover_passes()
+
+def load_entry(group: str, name: str, what: str, hint: str) -> tuple[object, PassEntry]:
+    """Import the object registered as ``name`` in ``group`` (``what``: "pass", "format"... for the messages;
+    ``hint``: where to see the installed ones) and return it with its entry."""
+    table = discover(group)
     if name not in table:
-        raise PluginError(f"no pass named '{name}' is installed (see qcompile --list-passes)")
+        raise PluginError(f"no {what} named '{name}' is installed ({hint})")
     entries = table[name]
     if len(entries) > 1:
         owners = ", ".join(f"{e.distribution} ({e.target})" for e in entries)
-        raise PluginError(f"pass name '{name}' is claimed by more than one distribution: {owners}")
+        raise PluginError(f"{what} name '{name}' is claimed by more than one distribution: {owners}")
     entry = entries[0]
     module_name, _, attr = entry.target.partition(":")
     try:
         with _without_current_folder():
             module = importlib.import_module(module_name)
-        cls = module
+        found: object = module
         for part in attr.split("."):
-            cls = getattr(cls, part)
+            found = getattr(found, part)
     except Exception as exc:  # a plugin's import can fail in any way: report it as the plugin's fault
-        raise PluginError(f"cannot load pass '{name}' from distribution {entry.distribution} "
+        raise PluginError(f"cannot load {what} '{name}' from distribution {entry.distribution} "
                           f"({entry.target}): {type(exc).__name__}: {exc}") from exc
+    return found, entry
+
+
+def load_pass_class(name: str, group: str = GROUP) -> type:
+    """Import and validate the pass registered under ``name`` (in ``group``: passes, or algorithms)."""
+    from qcompiler.pass_manager import STAGES, QPass
+
+    what = "pass" if group == GROUP else "algorithm"
+    cls, entry = load_entry(group, name, what, "see qcompile --list-passes" if group == GROUP else
+                            "see qcompile --list-recipes")
     if not (isinstance(cls, type) and issubclass(cls, QPass)):
-        raise PluginError(f"pass '{name}' from distribution {entry.distribution} ({entry.target}) "
+        raise PluginError(f"{what} '{name}' from distribution {entry.distribution} ({entry.target}) "
                           "is not a subclass of qcompiler.pass_manager.QPass")
-    if cls.name != name:
+    if group == GROUP and cls.name != name:  # an algorithm's entry name is the recipe's; its pass keeps its own
         raise PluginError(f"pass '{name}' from distribution {entry.distribution}: the class calls itself "
                           f"'{cls.name}'; the entry point name and the class's name must match")
     if cls.stage not in STAGES:
-        raise PluginError(f"pass '{name}' from distribution {entry.distribution} has unknown stage "
+        raise PluginError(f"{what} '{name}' from distribution {entry.distribution} has unknown stage "
                           f"{cls.stage!r} (stages: {', '.join(STAGES)})")
     logger.debug("loaded pass %s from %s %s", name, entry.distribution, entry.version)
     return cls

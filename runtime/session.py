@@ -1,11 +1,13 @@
-"""Run a compiled model file with ONNX Runtime: a thin, checked wrapper around ``onnxruntime.InferenceSession``.
+"""Run a compiled model file: a thin, checked wrapper around an engine (ONNX Runtime by default).
 
 This module imports only the standard library, numpy and onnxruntime, so that an application can run qcompiler's
 output without the compiler's dependencies (onnx, onnx_ir, networkx, torch). ``Session(path, device="cuda")``
 runs the same file on qcompiler's GPU executor instead (:mod:`qcompiler.runtime.cuda`, which imports torch and
-onnx when, and only when, it is asked for), behind the same inputs, outputs, feed checks and numpy results.
+onnx when, and only when, it is asked for), behind the same inputs, outputs, feed checks and numpy results. The
+engines are :class:`~qcompiler.runtime.backend.Backend` objects: ``Session`` picks one at construction and
+delegates to it; what is the same for every engine (the file checks, the feed checks, the call forms) stays here.
 
-The file is read once and checked before ONNX Runtime sees it (:mod:`._model_file`): every external-data reference,
+The file is read once and checked before any engine sees it (:mod:`._model_file`): every external-data reference,
 wherever it sits, must name a regular, singly linked file beneath the model's folder reached without symlinks, and
 ORT gets those very bytes (the model as a buffer, the data as in-memory files), so it opens nothing by path. Its
 opset imports and metadata are read (:mod:`._onnx_scan`, without parsing the weights). A model that imports qcompiler's own domain (``ai.qcompiler``: the int3 and fused FP8 matmuls of
@@ -14,88 +16,71 @@ their input counts) and its ops are registered through onnxruntime-extensions (w
 they would steal the cores from the ops' BLAS threads); every refusal is one line.
 
 :meth:`Session.run` takes a dict of numpy arrays keyed by input name and returns a dict keyed by output name (in the
-model's output order). Feeds are checked before ORT sees them: unknown or missing names, wrong
-element types and wrong ranks or fixed dimensions raise :class:`InvalidFeedError` with one clear line. Feeds are
-never cast silently. Limits: tensor inputs only (no sequence, map or optional inputs).
+order asked, or the model's output order); ONNX Runtime's call ``run(output_names, input_feed)`` (names or None
+first, the feeds second, or ``input_feed=`` by keyword) is accepted too and returns a list like ORT's, so code
+ported from ``onnxruntime.InferenceSession`` runs unchanged. Feeds are checked before the engine sees them: unknown
+or missing names, wrong element types and wrong ranks or fixed dimensions raise :class:`InvalidFeedError` with one
+clear line. Feeds are never cast silently. Limits: tensor inputs only (no sequence, map or optional inputs); ORT's
+``run_options`` argument is not taken.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import onnxruntime as ort
 
 from qcompiler.runtime import custom_ops
-from qcompiler.runtime._model_file import ModelFileError, open_model_file
+from qcompiler.runtime._model_file import ModelFile, ModelFileError, open_model_file
 from qcompiler.runtime._onnx_scan import ModelScan, scan_blob
+from qcompiler.runtime._ort_backend import AUTO_PROVIDERS, OrtBackend
+from qcompiler.runtime.backend import Backend, InvalidFeedError, SessionError, TensorInfo
 
 __all__ = ["AUTO_PROVIDERS", "Session", "TensorInfo", "SessionError", "InvalidFeedError"]
 
-#: what ``providers="auto"`` tries before the CPU, in order: the GPU providers whose kernels cover the contrib ops
-#: the recipes write (MatMulNBits, GatherBlockQuantized, QDQ); ORT falls back to the CPU node by node otherwise
-AUTO_PROVIDERS = ("CUDAExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
-
 logger = logging.getLogger(__name__)
 
-# ORT's type strings to numpy dtypes (types numpy cannot hold, e.g. bfloat16, map to None).
-_ORT_TYPES: dict[str, np.dtype | None] = {
-    "tensor(float)": np.dtype(np.float32),
-    "tensor(double)": np.dtype(np.float64),
-    "tensor(float16)": np.dtype(np.float16),
-    "tensor(int8)": np.dtype(np.int8),
-    "tensor(uint8)": np.dtype(np.uint8),
-    "tensor(int16)": np.dtype(np.int16),
-    "tensor(uint16)": np.dtype(np.uint16),
-    "tensor(int32)": np.dtype(np.int32),
-    "tensor(uint32)": np.dtype(np.uint32),
-    "tensor(int64)": np.dtype(np.int64),
-    "tensor(uint64)": np.dtype(np.uint64),
-    "tensor(bool)": np.dtype(np.bool_),
-    "tensor(string)": np.dtype(object),
-}
+_CALL_FORMS = "Session.run takes run(feeds, output_names=None) or ONNX Runtime's run(output_names, input_feed)"
 
 
-class SessionError(RuntimeError):
-    """The model cannot be loaded or run."""
+def _names_or_none(value: Any) -> bool:
+    """Whether ``value`` can be a list of output names (None for all of them)."""
+    return value is None or (isinstance(value, Sequence) and not isinstance(value, (str, bytes)))
 
 
-class InvalidFeedError(SessionError):
-    """The inputs given to :meth:`Session.run` do not match the model's inputs."""
+def _kind(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """One model input or output.
+def _call_form(first: Any, second: Any, input_feed: Any) -> tuple[Mapping[str, Any], Sequence[str] | None, bool]:
+    """(feeds, output names, whether the call was ONNX Runtime's order) of a :meth:`Session.run` call.
 
-    Attributes:
-        name: the tensor's name.
-        shape: the dimensions: an int when fixed, a str (symbolic name) or None when dynamic.
-        type: ORT's type string, e.g. ``tensor(float)``.
-        dtype: the numpy dtype, or None when numpy has none (e.g. ``tensor(bfloat16)``) or it is not a tensor.
-    """
-
-    name: str
-    shape: tuple[int | str | None, ...]
-    type: str
-    dtype: np.dtype | None
-
-
-def _tensor_info(name: str, shape: tuple[int | str | None, ...], type_: str) -> TensorInfo:
-    return TensorInfo(name, shape, type_, _ORT_TYPES.get(type_))
-
-
-def _info(arg: Any) -> TensorInfo:
-    return _tensor_info(arg.name, tuple(arg.shape) if arg.shape is not None else (), arg.type)
+    Our order has the feeds (a mapping) first; ORT's has the names (a list or None) first and the feeds second or
+    as ``input_feed=``. Anything else (two mappings, no mapping, a str as the names) is refused: guessing could run
+    the model on the wrong arguments."""
+    for value in (first, second):
+        if isinstance(value, (str, bytes)):
+            raise InvalidFeedError(f"output names must be a list of names, not the {type(value).__name__} "
+                                   f"{value!r}; {_CALL_FORMS}")
+    if input_feed is not None:  # ORT's keyword: the names are the one other argument given, if any
+        given = [value for value in (first, second) if value is not None]
+        if isinstance(input_feed, Mapping) and len(given) <= 1 and all(map(_names_or_none, given)):
+            return input_feed, given[0] if given else None, True
+        raise InvalidFeedError(f"{_CALL_FORMS}; got run({_kind(first)}, {_kind(second)}, input_feed={_kind(input_feed)})")
+    if isinstance(first, Mapping) and _names_or_none(second):
+        return first, second, False
+    if isinstance(second, Mapping) and _names_or_none(first):
+        return second, first, True
+    raise InvalidFeedError(f"{_CALL_FORMS}; got run({_kind(first)}, {_kind(second)})")
 
 
 class Session:
-    """An ONNX Runtime session over a model file.
+    """A compiled model, checked and loaded into an engine (ONNX Runtime unless ``device`` says otherwise).
 
     Args:
         path: the ``.onnx`` file (external data is read from its folder).
@@ -123,58 +108,24 @@ class Session:
                  cuda_graphs: bool = True) -> None:
         self.path = Path(path)
         try:
-            self._file = open_model_file(self.path)
+            model = open_model_file(self.path)
         except ModelFileError as exc:
             raise SessionError(str(exc)) from None
-        scan = self._scan()
+        scan = self._scan(model)
         self._opsets = dict(scan.opsets) if scan is not None else {}
         self._custom_ops = self._check_custom_ops(scan) if scan is not None else ()
         self.device = device
-        self._gpu: Any = None
-        if device != "cpu":
+        if device == "cpu":
+            self._backend: Backend = OrtBackend(model, providers, intra_op_threads=intra_op_threads,
+                                                inter_op_threads=inter_op_threads, custom=self._custom_ops)
+        else:
             if providers is not None:
                 raise SessionError(f"providers are ONNX Runtime's: they go with device='cpu', not {device!r}")
-            self._start_gpu(device, cuda_graphs)
-            self._file = None  # the executor holds its weights
-            return
-        available = ort.get_available_providers()
-        if providers == "auto":
-            wanted = [p for p in AUTO_PROVIDERS if p in available and not self._custom_ops] + ["CPUExecutionProvider"]
-        elif isinstance(providers, str):
-            raise SessionError(f"providers must be a list of ONNX Runtime execution providers or 'auto', got "
-                               f"{providers!r}")
-        else:
-            wanted = list(providers) if providers is not None else ["CPUExecutionProvider"]
-        missing = [p for p in wanted if p not in available]
-        if missing:
-            raise SessionError(f"execution provider(s) {', '.join(missing)} not available in this onnxruntime "
-                               f"(available: {', '.join(available)})")
-        options = ort.SessionOptions()
-        if intra_op_threads is not None:
-            options.intra_op_num_threads = intra_op_threads
-        if inter_op_threads is not None:
-            options.inter_op_num_threads = inter_op_threads
-        if self._custom_ops:
-            try:
-                custom_ops.register(options)
-            except ImportError as exc:
-                raise SessionError(f"{self.path}: the model uses qcompiler's custom ops "
-                                   f"({', '.join(self._custom_ops)}); they run through onnxruntime-extensions, which "
-                                   "is not installed: pip install onnxruntime-extensions==0.15.2") from exc
-        try:  # the checked bytes and files, never the path: ORT opens nothing by itself (see _model_file)
-            with self._file.ort_options(options) as checked_options:
-                self._session = ort.InferenceSession(self._file.ort_blob(), checked_options, providers=wanted)
-        except ModelFileError as exc:
-            raise SessionError(str(exc)) from None
-        except Exception as exc:
-            message = " ".join(str(exc).split())
-            raise SessionError(f"{self.path}: onnxruntime cannot load the model: {message[:500]}") from exc
-        self._file = None  # ORT copied what it needs
-        self._inputs = [_info(a) for a in self._session.get_inputs()]
-        self._outputs = [_info(a) for a in self._session.get_outputs()]
-        logger.debug("session on %s with %s", self.path, self._session.get_providers())
+            self._backend = self._gpu_backend(model, device, cuda_graphs)
+        self._inputs = tuple(self._backend.inputs)
+        self._outputs = tuple(self._backend.outputs)
 
-    def _start_gpu(self, device: str, cuda_graphs: bool) -> None:
+    def _gpu_backend(self, model: ModelFile, device: str, cuda_graphs: bool) -> Backend:
         """The GPU executor (imported only here: torch and onnx are never loaded for a CPU session)."""
         if not (device in ("torch-cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise SessionError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'torch-cpu', got {device!r}")
@@ -184,28 +135,20 @@ class Session:
         try:
             import torch
 
-            from qcompiler.runtime.cuda.executor import UnsupportedOpError
             from qcompiler.runtime.cuda.session import GpuSession
         except ImportError as exc:
             raise SessionError(f"device={device!r} needs torch (and triton for the CUDA kernels): {exc}") from exc
         if device != "torch-cpu" and not torch.cuda.is_available():
             raise SessionError(f"device={device!r}: torch sees no CUDA device")
-        try:
-            self._gpu = GpuSession(self._file, "cpu" if device == "torch-cpu" else device, cuda_graphs=cuda_graphs)
-        except ModelFileError as exc:
-            raise SessionError(str(exc)) from None
-        except (UnsupportedOpError, ValueError) as exc:
-            raise SessionError(f"{self.path}: the GPU executor cannot run this model: {exc}") from exc
-        self._session = None
-        self._inputs = [_tensor_info(*self._gpu.describe(spec)) for spec in self._gpu.inputs]
-        self._outputs = [_tensor_info(*self._gpu.describe(spec)) for spec in self._gpu.outputs]
+        backend = GpuSession(model, "cpu" if device == "torch-cpu" else device, cuda_graphs=cuda_graphs)
         logger.debug("GPU executor on %s for %s", device, self.path)
+        return backend
 
-    def _scan(self) -> ModelScan | None:
-        """The file's opsets, metadata and ``ai.qcompiler`` nodes, or None when it is not readable protobuf (ORT
-        then reports why it cannot load it)."""
+    def _scan(self, model: ModelFile) -> ModelScan | None:
+        """The file's opsets, metadata and ``ai.qcompiler`` nodes, or None when it is not readable protobuf (the
+        engine then reports why it cannot load it)."""
         try:
-            return scan_blob(self._file.blob, custom_ops.DOMAIN)
+            return scan_blob(model.blob, custom_ops.DOMAIN)
         except ValueError as exc:
             logger.debug("%s: not scanned (%s)", self.path, exc)
             return None
@@ -244,30 +187,29 @@ class Session:
     @property
     def providers(self) -> list[str]:
         """The execution providers the session really uses (for the GPU executor: its name and device)."""
-        if self._gpu is not None:
-            return [f"qcompiler.GraphExecutor({self._gpu.executor.device})"]
-        return list(self._session.get_providers())
+        return self._backend.providers
 
     @property
     def metadata(self) -> dict[str, str]:
         """The model's ``metadata_props`` (e.g. ``qcompiler.version``, ``qcompiler.recipe``)."""
-        if self._gpu is not None:
-            return self._gpu.metadata
-        return dict(self._session.get_modelmeta().custom_metadata_map)
+        return self._backend.metadata
+
+    @property
+    def backend(self) -> Backend:
+        """The engine this session delegates to (:class:`~qcompiler.runtime.backend.Backend`)."""
+        return self._backend
 
     @property
     def inference_session(self) -> ort.InferenceSession:
-        """The underlying ``onnxruntime.InferenceSession`` (SessionError on the GPU executor, which has none)."""
-        if self._session is None:
+        """The underlying ``onnxruntime.InferenceSession`` (SessionError for another engine, which has none)."""
+        if not isinstance(self._backend, OrtBackend):
             raise SessionError(f"a device={self.device!r} session runs no onnxruntime.InferenceSession")
-        return self._session
+        return self._backend.session
 
     def run_torch(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """GPU executor only: run on torch tensors and get the device tensors back (no host copies; with CUDA
         graphs they are the graph's buffers, valid until the next run). Feeds are not checked here."""
-        if self._gpu is None:
-            raise SessionError("run_torch is for device='cuda' sessions; use run() on the CPU")
-        return self._gpu.run_torch(feeds)
+        return self._backend.run_torch(feeds)
 
     def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         expected = {i.name: i for i in self._inputs}
@@ -297,49 +239,45 @@ class Session:
             checked[name] = array
         return checked
 
-    def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run the model once.
+    @overload
+    def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]: ...
+
+    @overload
+    def run(self, feeds: Sequence[str] | None, output_names: Mapping[str, Any]) -> list[np.ndarray]: ...
+
+    @overload
+    def run(self, feeds: Sequence[str] | None = None, output_names: Sequence[str] | None = None, *,
+            input_feed: Mapping[str, Any]) -> list[np.ndarray]: ...
+
+    def run(self, feeds: Any = None, output_names: Any = None, *,
+            input_feed: Mapping[str, Any] | None = None) -> dict[str, np.ndarray] | list[np.ndarray]:
+        """Run the model once: ``run(feeds, output_names=None)``, or ONNX Runtime's ``run(output_names,
+        input_feed)``.
 
         Args:
-            feeds: one array per model input, keyed by input name.
-            output_names: the outputs to compute (default: all of them).
+            feeds: one array per model input, keyed by input name. In ORT's order: the output names (or None).
+            output_names: the outputs to compute (default: all of them). In ORT's order: the feeds.
+            input_feed: the feeds by ORT's keyword (then the names come first, or as ``output_names=``).
 
         Returns:
-            The outputs keyed by name, in the order asked for (or the model's order).
+            Called with the feeds first: the outputs keyed by name, in the order asked for (or the model's order).
+            Called in ORT's order: a list of the outputs in that order, as ``InferenceSession.run`` returns.
 
         Raises:
-            InvalidFeedError: wrong input names, element types or shapes, or an unknown output name.
-            SessionError: ONNX Runtime, or one of our custom ops, failed while running.
+            InvalidFeedError: a call that is neither form (two mappings, no mapping, a str as the names), wrong
+                input names, element types or shapes, or an unknown output name.
+            SessionError: the engine (ONNX Runtime, one of our custom ops, the GPU executor) failed while running.
         """
+        feeds, names, ort_order = _call_form(feeds, output_names, input_feed)
         checked = self._check_feeds(feeds)
-        names = [o.name for o in self._outputs] if output_names is None else list(output_names)
+        wanted = [o.name for o in self._outputs] if names is None else list(names)
         known = {o.name for o in self._outputs}
-        unknown = [n for n in names if n not in known]
+        unknown = [n for n in wanted if n not in known]
         if unknown:
             raise InvalidFeedError(f"unknown output name(s) {', '.join(map(repr, unknown))}; the model's outputs "
                                    f"are {', '.join(repr(o.name) for o in self._outputs)}")
-        if self._gpu is not None:
-            try:
-                return self._gpu.run(checked, names)
-            except (RuntimeError, ValueError) as exc:
-                message = " ".join(str(exc).split())
-                raise SessionError(f"{self.path}: the GPU executor failed: {message[:500]}") from exc
-        mark = custom_ops.failure_count() if self._custom_ops else 0
-        try:
-            results = self._session.run(names, checked)
-        except Exception as exc:
-            self._raise_custom_op_failure(mark)
-            message = " ".join(str(exc).split())
-            raise SessionError(f"{self.path}: onnxruntime failed: {message[:500]}") from exc
-        if self._custom_ops:
-            self._raise_custom_op_failure(mark)
-        return dict(zip(names, results, strict=True))
-
-    def _raise_custom_op_failure(self, mark: int) -> None:
-        """Raise the first failure of one of our custom ops since ``mark`` (they cannot raise into ORT)."""
-        failed = custom_ops.failures_since(mark)
-        if failed:
-            raise SessionError(f"{self.path}: custom op failed: {failed[0][:500]}")
+        results = self._backend.run(checked, wanted)
+        return [results[n] for n in wanted] if ort_order else results
 
     def __repr__(self) -> str:
         return f"Session({str(self.path)!r}, device={self.device!r}, providers={self.providers})"

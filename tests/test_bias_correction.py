@@ -12,10 +12,10 @@ from onnx import TensorProto, helper
 
 from qcompiler.calibration.data import load_calibration_data
 from qcompiler.errors import CalibrationError
+from qcompiler.formats.channelwise import quantize_weight
 from qcompiler.passes.algorithms.bias_correction import CollectInputMeansPass, get_channel_mean, mean_shift
 from qcompiler.passes.annotate import AnnotateInt8Pass
 from qcompiler.passes.calibrate import CalibratePass
-from qcompiler.passes.lower._weights import quantize_weight
 from qcompiler.passes.lower.int8_qdq import LowerInt8QDQPass
 
 F = TensorProto.FLOAT

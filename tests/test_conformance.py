@@ -8,13 +8,18 @@ Each subset case must end ``pass``, ``refused`` or as an ONNX Runtime problem on
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompiler.conformance import (
+# the harness is a test tool beside the benchmarks (bench/ is scripts, not a package); its spawned workers find it
+# through the same sys.path entry
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from _conformance import (  # noqa: E402
     ACCEPTABLE_CATEGORIES,
     Case,
     CaseResult,

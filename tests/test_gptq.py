@@ -13,12 +13,12 @@ from onnx import TensorProto, helper
 
 from qcompiler.calibration.data import load_calibration_data
 from qcompiler.errors import ConfigError
+from qcompiler.metadata import PINNED_SCALE_KEY
 from qcompiler.passes.algorithms._gptq_core import gptq_round
 from qcompiler.passes.algorithms.bias_correction import CollectInputMeansPass
 from qcompiler.passes.algorithms.gptq import GPTQPass, conv_patches
 from qcompiler.passes.annotate import AnnotateInt8Pass
 from qcompiler.passes.calibrate import CalibratePass
-from qcompiler.passes.lower._weights import PINNED_SCALE_KEY
 from qcompiler.passes.lower.int8_qdq import LowerInt8QDQPass
 
 F = TensorProto.FLOAT

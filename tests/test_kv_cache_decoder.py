@@ -145,8 +145,8 @@ def test_int4_keeps_the_cache_interface_and_lowers_every_constant_weight(compile
             for n in lowered.graph.node if n.op_type == "MatMulNBits"}
     assert sorted(bits.values()) == [4, 4, 4, 4, 8]  # the lm_head gets int8 by default
     assert {init.name for init in lowered.graph.initializer}.isdisjoint({"wq", "wk", "wv", "wo", "embedding"})
-    lowering = next(r for r in result.report.passes if r.name == "lower-weight-only")
-    assert dict(lowering.stats.skips) == {"qk": "non-constant weight", "pv": "non-constant weight"}
+    annotation = next(r for r in result.report.passes if r.name == "annotate-weight-only")
+    assert dict(annotation.stats.skips) == {"qk": "non-constant weight", "pv": "non-constant weight"}
 
 
 def test_prefill_then_decode_with_the_cache_stays_close_to_float(compiled):

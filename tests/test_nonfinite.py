@@ -320,12 +320,16 @@ def test_failed_cholesky_falls_back_to_rounding(tmp_path, monkeypatch):
 
     monkeypatch.setattr(weight_only_gptq, "gptq_round", broken)
     from qcompiler.calibration.data import load_calibration_data
+    from qcompiler.formats import RoundToNearest
+    from qcompiler.metadata import WEIGHT_CODES_KEY
+    from qcompiler.passes.annotate_weight_only import AnnotateWeightOnlyPass
 
     model = ir.serde.deserialize_model(_mlp())
     data = load_calibration_data(_calib(tmp_path, "normal"), model)
-    result = WeightOnlyGPTQPass(calibration_data=data, lm_head="same")(model)
+    AnnotateWeightOnlyPass()(model)
+    result = WeightOnlyGPTQPass(calibration_data=data)(model)
     assert result.stats.counters["rtn_fallback"] == 2
-    assert not any("qcompiler.blockwise_weight" in n.meta for n in model.graph)
+    assert all(isinstance(n.meta[WEIGHT_CODES_KEY], RoundToNearest) for n in model.graph if n.op_type == "MatMul")
 
 
 def test_histogram_observers_with_float32_extremes():

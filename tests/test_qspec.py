@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from qcompiler.calibration.observers import MinMaxObserver, make_observer
-from qcompiler.passes.lower._weights import SQNR_CAP_DB, quantize_weight, sqnr_db
+from qcompiler.formats.channelwise import SQNR_CAP_DB, quantize_weight, sqnr_db
 from qcompiler.qspec import (
     MIN_SCALE,
     QuantSpec,

@@ -25,6 +25,7 @@ from qcompiler.config import (
     recipe_from_dict,
 )
 from qcompiler.errors import ConfigError
+from qcompiler.passes.algorithms import ALGORITHM_SLOT
 
 
 def _write(path: Path, text: str) -> Path:
@@ -74,7 +75,7 @@ def test_builtin_recipes_load() -> None:
         assert recipe.name == name
         assert recipe.description
         assert recipe.passes and len(set(recipe.passes)) == len(recipe.passes)
-        unknown = [p for p in recipe.passes if p not in registered]
+        unknown = [p for p in recipe.passes if p not in registered and p != ALGORITHM_SLOT]
         assert not unknown, f"recipe {name} names unregistered passes {unknown}"
     assert load_recipe("int8").needs_calibration
     assert not load_recipe("int8-dynamic").needs_calibration
@@ -85,12 +86,16 @@ def test_builtin_recipes_load() -> None:
 def test_builtin_recipes_build(cnn: tuple[Path, Path]) -> None:
     """Every built-in recipe resolves to importable, valid pass classes in its declared order."""
     from qcompiler.pass_manager import STAGES
+    from qcompiler.passes.algorithms import algorithm_pass
     from qcompiler.pipelines import resolve_pass_classes
 
     for name in builtin_recipe_names():
         recipe = load_recipe(name)
         classes = resolve_pass_classes(recipe)
-        assert [c.name for c in classes] == list(recipe.passes)
+        algorithm = algorithm_pass(recipe.weight_only.algorithm).name
+        expected = [algorithm if p == ALGORITHM_SLOT else p for p in recipe.passes
+                    if p != "select-weight-bits" or recipe.weight_only.target_bits is not None]
+        assert [c.name for c in classes] == expected
         ranks = [STAGES.index(c.stage) for c in classes]
         assert ranks == sorted(ranks), f"recipe {name}: stages out of order: {[c.stage for c in classes]}"
 

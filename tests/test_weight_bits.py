@@ -11,14 +11,17 @@ import onnx
 import onnx_ir as ir
 import pytest
 from _int8_models import rel_l2, run
+from _weight_only import annotate_weight_only, rtn_and_lower
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.config import load_recipe, override
 from qcompiler.errors import ConfigError
+from qcompiler.formats import get_format
+from qcompiler.metadata import WEIGHT_SPEC_KEY
 from qcompiler.passes.algorithms.weight_bits import SelectWeightBitsPass, allocate_bits
-from qcompiler.passes.lower.weight_only import LowerWeightOnlyPass
+from qcompiler.pipelines import resolve_pass_classes
 
 F = TensorProto.FLOAT
 
@@ -76,6 +79,7 @@ def _data(tmp_path, model, k: int = 64):
 def test_the_layer_that_matters_more_gets_more_bits(tmp_path):
     model = _two_branches()
     data, x = _data(tmp_path, model)
+    annotate_weight_only(model, bits=4, block_size=32)
     result = SelectWeightBitsPass(calibration_data=data, target_bits=3.0, candidate_bits=(2, 4))(model)
     layers = result.stats.layers
     assert layers["a"]["chosen_bits"] == 4 and layers["b"]["chosen_bits"] == 2, layers
@@ -83,27 +87,33 @@ def test_the_layer_that_matters_more_gets_more_bits(tmp_path):
     meta = json.loads(model.metadata_props["qcompiler.weight_bits"])
     assert meta["bits"] == {"a": 4, "b": 2} and meta["average_bits"] == 3.0 and meta["target_bits"] == 3.0
     expected = run(_two_branches(), {"x": x})[0]
-    lowered = LowerWeightOnlyPass(bits=4, block_size=32)(model)
+    lowered = rtn_and_lower(model)
     assert {n.name: n.attributes["bits"].value for n in model.graph if n.op_type == "MatMulNBits"} == \
         {"a": 4, "b": 2}
     assert lowered.stats.layers["b"]["scheme"] == "int2-weight-only"
     mixed = rel_l2(run(model, {"x": x})[0], expected)
     swapped = _two_branches()  # the opposite choice at the same average is much worse
+    annotate_weight_only(swapped, bits=4, block_size=32)
     for node in swapped.graph:
         if node.op_type == "MatMul":
-            node.meta["qcompiler.weight_bits"] = {"a": 2, "b": 4}[node.name]
-    LowerWeightOnlyPass(bits=4, block_size=32)(swapped)
+            node.meta[WEIGHT_SPEC_KEY] = get_format(f"int{ {'a': 2, 'b': 4}[node.name]}").spec(block_size=32)
+    rtn_and_lower(swapped)
     assert mixed < 0.5 * rel_l2(run(swapped, {"x": x})[0], expected)
 
 
 def test_ternary_candidates_and_no_budget(tmp_path):
     model = _two_branches()
     data, _ = _data(tmp_path, model)
-    assert SelectWeightBitsPass(calibration_data=data)(model).stats.counters["not_requested"] == 1
-    result = SelectWeightBitsPass(calibration_data=data, target_bits=8.0, ternary=True)(model)
+    assert "select-weight-bits" not in [c.name for c in resolve_pass_classes(load_recipe("ternary"))]
+    annotate_weight_only(model, bits=2, ternary=True)
+    result = SelectWeightBitsPass(calibration_data=data, target_bits=8.0)(model)
     assert all(layer["chosen_bits"] == 8 for layer in result.stats.layers.values())
-    result = SelectWeightBitsPass(calibration_data=data, target_bits=2.0, ternary=True)(_two_branches())
+    other = _two_branches()
+    annotate_weight_only(other, bits=2, ternary=True)
+    result = SelectWeightBitsPass(calibration_data=data, target_bits=2.0)(other)
     assert all(layer["chosen_bits"] == 2 for layer in result.stats.layers.values())
+    assert {n.meta[WEIGHT_SPEC_KEY].format for n in other.graph if n.op_type == "MatMul"} == {"ternary"}
+    assert json.loads(other.metadata_props["qcompiler.weight_bits"])["ternary"] is True
 
 
 def test_budget_options_are_checked():
@@ -141,6 +151,7 @@ def test_a_uniform_choice_that_measures_better_is_kept(tmp_path, monkeypatch):
 
     model = _two_branches()
     data, _ = _data(tmp_path, model)
+    annotate_weight_only(model)
     monkeypatch.setattr(weight_bits, "allocate_bits", lambda noise, sizes, target: [2, 4])  # a bad allocation
     result = SelectWeightBitsPass(calibration_data=data, target_bits=4.0, candidate_bits=(2, 4, 8))(model)
     assert result.stats.counters["uniform_assignment_kept"] == 1

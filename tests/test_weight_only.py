@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from _int8_models import rel_l2, run
+from _weight_only import annotate_weight_only, lower_weight_only
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -17,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.config import load_recipe, override
 from qcompiler.errors import ConfigError
-from qcompiler.passes.lower._blockwise import quantize_rtn, resolve_block_size
+from qcompiler.formats.blockwise import quantize_rtn, resolve_block_size
 from qcompiler.passes.lower.weight_only import LowerWeightOnlyPass
 from qcompiler.runtime import packing
 
@@ -102,13 +103,13 @@ def _mlp(k: int = 100, hidden: int = 48, n: int = 10, seed: int = 0, tied: bool 
 def test_matmulnbits_in_ort_matches_the_numpy_reference(bits, symmetric, float_zp, block):
     if bits == 8 and float_zp:
         with pytest.raises(ConfigError):  # ORT's CPU kernel refuses it: so does the pass
-            LowerWeightOnlyPass(bits=8, symmetric=False, float_zero_point=True)
+            lower_weight_only(bits=8, symmetric=False, float_zero_point=True)
         return
     model = _mlp()  # K = 100 is no multiple of 16, 32 or 128
     x = np.random.default_rng(1).standard_normal((2, 3, 100)).astype(np.float32)
     reference = _mlp()
     w1, w2 = (reference.graph.initializers[n].const_value.numpy() for n in ("w1", "w2"))
-    result = LowerWeightOnlyPass(bits=bits, block_size=block, symmetric=symmetric, float_zero_point=float_zp)(model)
+    result = lower_weight_only(bits=bits, block_size=block, symmetric=symmetric, float_zero_point=float_zp)(model)
     assert result.stats.counters["lowered_MatMul"] == 2 and result.stats.counters["float_weights_removed"] == 2
     nodes = [n for n in model.graph if n.op_type == "MatMulNBits"]
     assert len(nodes) == 2 and all(n.domain == "com.microsoft" for n in nodes)
@@ -126,7 +127,7 @@ def test_matmulnbits_in_ort_matches_the_numpy_reference(bits, symmetric, float_z
 
 def test_a_shared_weight_is_quantized_once():
     model = _mlp(tied=True)
-    result = LowerWeightOnlyPass(bits=4)(model)
+    result = lower_weight_only(bits=4)(model)
     assert result.stats.counters["weights_shared"] == 1
     fc1, again = (n for n in model.graph if n.name in ("fc1", "fc1_again"))
     assert fc1.inputs[1] is again.inputs[1]
@@ -143,7 +144,7 @@ def test_gemm_with_transposed_weight_and_bias():
     proto.ir_version = 8
     model = ir.serde.deserialize_model(proto)
     x = rng.standard_normal((5, 64)).astype(np.float32)
-    LowerWeightOnlyPass(bits=8)(model)
+    lower_weight_only(bits=8)(model)
     (node,) = list(model.graph)
     assert node.op_type == "MatMulNBits" and node.inputs[-1].name == "c"
     expected = x @ quantize_rtn(np.ascontiguousarray(b.T), 8, 32, True).dequantize() + c
@@ -152,12 +153,12 @@ def test_gemm_with_transposed_weight_and_bias():
 
 def test_skips_with_reasons_and_bad_options():
     model = _mlp()
-    result = LowerWeightOnlyPass(exclude_nodes=("fc2",))(model)
+    result = lower_weight_only(exclude_nodes=("fc2",))(model)
     assert dict(result.stats.skips) == {"fc2": "excluded by name"}
     with pytest.raises(ConfigError):
-        LowerWeightOnlyPass(bits=1)  # 3, 5, 6 and 7 bits go to ai.qcompiler.MatMulIntN (test_weight_only_int3.py)
+        lower_weight_only(bits=1)  # 3, 5, 6 and 7 bits go to ai.qcompiler.MatMulIntN (test_weight_only_int3.py)
     with pytest.raises(ConfigError):
-        LowerWeightOnlyPass(block_size=48)
+        lower_weight_only(block_size=48)
     for bad in ({"format": "int5"}, {"block_size": 8}, {"block_size": 512}, {"algorithm": "magic"},
                 {"accuracy_level": 7}, {"symmetric": "yes"}):
         with pytest.raises(ConfigError):
@@ -201,7 +202,7 @@ def test_tied_lm_head_reads_the_embedding_through_a_transpose():
     proto.ir_version = 8
     model = ir.serde.deserialize_model(proto)
     ids = rng.integers(0, 40, (2, 5)).astype(np.int64)
-    result = LowerWeightOnlyPass(bits=8)(model)
+    result = lower_weight_only(bits=8)(model)
     assert result.stats.counters["tied_weight_transpose_read"] == 1
     assert [n.op_type for n in model.graph] == ["Gather", "MatMulNBits"]
     assert "emb" in model.graph.initializers  # the Gather keeps the float embedding
@@ -225,7 +226,8 @@ def test_gptq_lowers_the_layer_output_error_against_rtn(tmp_path, bits, symmetri
 
     model = _mlp()
     data, x = _calibrated(tmp_path, model)
-    result = WeightOnlyGPTQPass(calibration_data=data, bits=bits, block_size=32, symmetric=symmetric)(model)
+    annotate_weight_only(model, bits=bits, block_size=32, symmetric=symmetric)
+    result = WeightOnlyGPTQPass(calibration_data=data)(model)
     layers = result.stats.layers
     assert result.stats.counters["layers"] == 2 and not result.modified
     for name in ("fc1", "fc2"):
@@ -233,8 +235,8 @@ def test_gptq_lowers_the_layer_output_error_against_rtn(tmp_path, bits, symmetri
     reference = _mlp()
     expected = run(reference, {"x": x[:16]})[0]
     rtn = _mlp()
-    LowerWeightOnlyPass(bits=bits, block_size=32, symmetric=symmetric)(rtn)
-    lowered = LowerWeightOnlyPass(bits=bits, block_size=32, symmetric=symmetric)(model)
+    lower_weight_only(bits=bits, block_size=32, symmetric=symmetric)(rtn)
+    lowered = LowerWeightOnlyPass()(model)
     assert lowered.stats.counters["codes_chosen_by_algorithm"] == 2
     assert rel_l2(run(model, {"x": x[:16]})[0], expected) < rel_l2(run(rtn, {"x": x[:16]})[0], expected)
 
@@ -244,10 +246,11 @@ def test_gptq_codes_for_another_grid_fall_back_to_rtn(tmp_path):
 
     model = _mlp()
     data, _ = _calibrated(tmp_path, model, count=8)
-    WeightOnlyGPTQPass(calibration_data=data, bits=4, block_size=32)(model)
-    result = LowerWeightOnlyPass(bits=4, block_size=64)(model)
-    assert result.stats.skip_reasons() == {
-        "codes chosen for other bits, block size or symmetry: rounded to nearest instead": 2}
+    annotate_weight_only(model, bits=4, block_size=32)
+    WeightOnlyGPTQPass(calibration_data=data)(model)
+    annotate_weight_only(model, bits=4, block_size=64)  # a pass that changed the specs after the codes were chosen
+    result = LowerWeightOnlyPass()(model)
+    assert result.stats.skip_reasons() == {"codes chosen for another spec: rounded to nearest instead": 2}
 
 
 def test_cli_gptq_needs_calibration_data(tmp_path, capsys):
@@ -285,7 +288,7 @@ def test_float_zero_points_reproduce_a_min_scale_grid_exactly():
 @pytest.mark.parametrize("lm_head", ["same", "int8", "float"])
 def test_lm_head_format_is_chosen_separately(lm_head):
     model = _mlp()  # fc2's output is the graph output: the output projection
-    result = LowerWeightOnlyPass(bits=4, lm_head=lm_head)(model)
+    result = lower_weight_only(bits=4, lm_head=lm_head)(model)
     nodes = {n.name: n for n in model.graph}
     assert nodes["fc1"].op_type == "MatMulNBits" and nodes["fc1"].attributes["bits"].as_int() == 4
     if lm_head == "float":
@@ -314,7 +317,7 @@ def _tied(vocab: int = 40, hidden: int = 48, seed: int = 3) -> tuple[ir.Model, n
 def test_embedding_becomes_gather_block_quantized(embedding, symmetric):
     model, emb = _tied(hidden=40)  # 40 = one full block of 32 and a partial one
     ids = np.random.default_rng(1).integers(0, 40, (2, 5)).astype(np.int64)
-    result = LowerWeightOnlyPass(bits=4, symmetric=symmetric, embedding=embedding, lm_head="int8")(model)
+    result = lower_weight_only(bits=4, symmetric=symmetric, embedding=embedding, lm_head="int8")(model)
     assert result.stats.counters["lowered_Gather"] == 1
     assert sorted(n.op_type for n in model.graph) == ["GatherBlockQuantized", "MatMulNBits"]
     assert "emb" not in model.graph.initializers  # nothing reads the float table any more
@@ -335,7 +338,7 @@ def test_bnb4_codes_round_trip(n, k, seed):
 
 
 def test_nf4_rounds_to_the_nearest_codebook_value():
-    from qcompiler.passes.lower._blockwise import quantize_nf4
+    from qcompiler.formats.nf4 import quantize_nf4
 
     w = np.random.default_rng(6).standard_normal((64, 3)).astype(np.float32)
     codes, absmax = quantize_nf4(w, 64)
@@ -349,10 +352,10 @@ def test_nf4_lowers_to_matmulbnb4_that_matches_the_reference(block):
     model = _mlp()  # K = 100: blocks of the flattened W^T span two columns
     reference = _mlp()
     x = np.random.default_rng(1).standard_normal((2, 3, 100)).astype(np.float32)
-    result = LowerWeightOnlyPass(bits=4, block_size=block, nf4=True)(model)
+    result = lower_weight_only(bits=4, block_size=block, nf4=True)(model)
     assert result.stats.counters["lowered_MatMul_nf4"] == 2
     assert [n.op_type for n in model.graph if n.domain == "com.microsoft"] == ["MatMulBnb4", "MatMulBnb4"]
-    from qcompiler.passes.lower._blockwise import quantize_nf4
+    from qcompiler.formats.nf4 import quantize_nf4
 
     deq = []
     for name in ("w1", "w2"):
@@ -370,7 +373,7 @@ def test_nf4_refuses_what_it_cannot_do():
         with pytest.raises(ConfigError):
             override(load_recipe("nf4"), weight_only=bad)
     with pytest.raises(ConfigError):
-        LowerWeightOnlyPass(bits=8, nf4=True)
+        lower_weight_only(bits=8, nf4=True)
 
 
 def _outlier_data(tmp_path, model: ir.Model, count: int = 32):
@@ -389,41 +392,51 @@ def test_awq_scaling_keeps_the_float_function_and_lowers_the_error(tmp_path):
     model = _mlp()
     data, x = _outlier_data(tmp_path, model)
     expected = run(_mlp(), {"x": x[:8]})[0]
-    result = WeightOnlyAWQPass(calibration_data=data, bits=4, block_size=32, symmetric=False)(model)
+    annotate_weight_only(model, bits=4, block_size=32, symmetric=False)
+    result = WeightOnlyAWQPass(calibration_data=data)(model)
     assert result.modified and result.stats.counters["groups_scaled"] >= 1
     fc1 = result.stats.layers["fc1"]
     assert fc1["awq_alpha"] > 0 and fc1["awq_output_error_db"] < fc1["rtn_output_error_db"]
     assert any(n.op_type == "Mul" and n.name.endswith("_awq") for n in model.graph)
     np.testing.assert_allclose(run(model, {"x": x[:8]})[0], expected, rtol=1e-4, atol=1e-4)  # before rounding
     rtn = _mlp()
-    LowerWeightOnlyPass(bits=4, block_size=32, symmetric=False)(rtn)
-    LowerWeightOnlyPass(bits=4, block_size=32, symmetric=False)(model)
+    lower_weight_only(bits=4, block_size=32, symmetric=False)(rtn)
+    LowerWeightOnlyPass()(model)
     assert rel_l2(run(model, {"x": x[:8]})[0], expected) < rel_l2(run(rtn, {"x": x[:8]})[0], expected)
 
 
-def test_awq_is_off_unless_asked_and_needs_data(tmp_path):
+def test_awq_runs_only_when_chosen_and_needs_data(tmp_path):
     from qcompiler.errors import CalibrationError
     from qcompiler.passes.algorithms.weight_only_awq import WeightOnlyAWQPass
+    from qcompiler.pipelines import resolve_pass_classes
 
-    assert not WeightOnlyAWQPass(enabled=False)(_mlp()).modified
+    names = [c.name for c in resolve_pass_classes(load_recipe("int4"))]
+    assert "weight-only-rtn" in names and "weight-only-awq" not in names  # the builder picks the algorithm's pass
+    chosen = [c.name for c in resolve_pass_classes(override(load_recipe("int4"), weight_only={"algorithm": "awq"}))]
+    assert "weight-only-awq" in chosen and "weight-only-rtn" not in chosen
+    model = _mlp()
+    annotate_weight_only(model)
     with pytest.raises(CalibrationError):
-        WeightOnlyAWQPass()(_mlp())
+        WeightOnlyAWQPass()(model)
 
 
 def test_awq_clipping_search_hands_codes_with_less_output_error(tmp_path):
+    from qcompiler.formats.blockwise import quantize_rtn as rtn
     from qcompiler.passes.algorithms.weight_only_awq import WeightOnlyAWQPass, clipped_codes
-    from qcompiler.passes.lower._blockwise import quantize_rtn as rtn
 
     rng = np.random.default_rng(9)
     w = (rng.standard_t(3, size=(96, 8)) * 0.05).astype(np.float32)  # heavy tails: clipping pays
     x = rng.standard_normal((64, 96)).astype(np.float32)
-    chosen, error = clipped_codes(w, x, 4, 32, False, False, False)
+    from qcompiler.formats import get_format
+
+    chosen, error = clipped_codes(get_format("int4"), get_format("int4").spec(block_size=32, symmetric=False), w, x)
     plain = rtn(w, 4, 32, False)
     diff = x.astype(np.float64) @ (w - plain.dequantize())
     assert error < float(np.vdot(diff, diff))
     assert np.all(chosen.scales <= plain.scales * (1 + 1e-6))  # ranges only ever shrink
     model = _mlp()
     data, _ = _outlier_data(tmp_path, model)
-    WeightOnlyAWQPass(calibration_data=data, bits=4, block_size=32, symmetric=False)(model)
-    lowered = LowerWeightOnlyPass(bits=4, block_size=32, symmetric=False)(model)
+    annotate_weight_only(model, bits=4, block_size=32, symmetric=False)
+    WeightOnlyAWQPass(calibration_data=data)(model)
+    lowered = LowerWeightOnlyPass()(model)
     assert lowered.stats.counters["codes_chosen_by_algorithm"] == 2

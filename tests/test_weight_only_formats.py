@@ -9,6 +9,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from _int8_models import rel_l2, run
+from _weight_only import annotate_weight_only, hqq_codes, lower_weight_only
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -16,8 +17,9 @@ from test_weight_only import _calibrated, _mlp
 
 from qcompiler.config import load_recipe, override
 from qcompiler.errors import ConfigError
-from qcompiler.passes.algorithms.weight_only_hqq import WeightOnlyHQQPass, quantize_hqq
-from qcompiler.passes.lower._blockwise import quantize_rtn
+from qcompiler.formats.blockwise import quantize_rtn
+from qcompiler.metadata import WEIGHT_CODES_KEY
+from qcompiler.passes.algorithms.weight_only_hqq import WeightOnlyHQQPass
 from qcompiler.passes.lower.weight_only import LowerWeightOnlyPass
 
 _weights = hnp.arrays(np.float32, st.tuples(st.integers(1, 70), st.integers(1, 4)),
@@ -47,7 +49,7 @@ def test_ternary_lowers_to_2bit_matmulnbits_that_matches_the_reference():
     reference = _mlp()
     w1, w2 = (reference.graph.initializers[n].const_value.numpy() for n in ("w1", "w2"))
     x = np.random.default_rng(1).standard_normal((2, 3, 100)).astype(np.float32)
-    result = LowerWeightOnlyPass(bits=2, block_size=32, ternary=True)(model)
+    result = lower_weight_only(bits=2, block_size=32, ternary=True)(model)
     assert result.stats.counters["lowered_MatMul"] == 2
     assert result.stats.layers["fc1"]["scheme"] == "ternary-weight-only"
     assert all(n.attributes["bits"].value == 2 for n in model.graph if n.op_type == "MatMulNBits")
@@ -55,12 +57,12 @@ def test_ternary_lowers_to_2bit_matmulnbits_that_matches_the_reference():
     d2 = quantize_rtn(w2, 2, 32, True, ternary=True).dequantize()
     np.testing.assert_allclose(run(model, {"x": x})[0], np.maximum(x @ d1, 0) @ d2, rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError):
-        LowerWeightOnlyPass(bits=4, ternary=True)
+        lower_weight_only(bits=4, ternary=True)
 
 
 def test_ternary_recipe_and_refusals():
     recipe = load_recipe("ternary")
-    assert recipe.weight_only.ternary and recipe.weight_only.bits == 2
+    assert recipe.weight_only.format == "ternary" and recipe.weight_only.bits == 2
     with pytest.raises(ConfigError, match="symmetric"):
         override(recipe, weight_only={"symmetric": False})
     for bad in ({"algorithm": "hqq"}, {"algorithm": "gptq"}):
@@ -73,15 +75,16 @@ def test_ternary_gptq_stays_on_the_ternary_grid_and_beats_rtn(tmp_path):
 
     model = _mlp()
     data, x = _calibrated(tmp_path, model)
-    result = WeightOnlyGPTQPass(calibration_data=data, bits=2, block_size=32, ternary=True)(model)
+    annotate_weight_only(model, bits=2, block_size=32, ternary=True)
+    result = WeightOnlyGPTQPass(calibration_data=data)(model)
     for name in ("fc1", "fc2"):
         layer = result.stats.layers[name]
         assert layer["gptq_output_error_db"] < layer["rtn_output_error_db"], layer
-    chosen = [n.meta["qcompiler.blockwise_weight"] for n in model.graph if n.op_type == "MatMul"]
+    chosen = [n.meta[WEIGHT_CODES_KEY] for n in model.graph if n.op_type == "MatMul"]
     assert all(set(np.unique(c.codes)) <= {1, 2, 3} for c in chosen)
-    LowerWeightOnlyPass(bits=2, block_size=32, ternary=True)(model)
+    LowerWeightOnlyPass()(model)
     rtn = _mlp()
-    LowerWeightOnlyPass(bits=2, block_size=32, ternary=True)(rtn)
+    lower_weight_only(bits=2, block_size=32, ternary=True)(rtn)
     expected = run(_mlp(), {"x": x[:16]})[0]
     assert rel_l2(run(model, {"x": x[:16]})[0], expected) < rel_l2(run(rtn, {"x": x[:16]})[0], expected)
 
@@ -102,7 +105,7 @@ def test_hqq_never_ends_a_block_worse_than_round_to_nearest(weight, bits, block,
         bits = 2
     if float_zp and bits == 8:
         float_zp = False
-    hqq = quantize_hqq(weight, bits, block, symmetric, float_zp, ternary)
+    hqq = hqq_codes(weight, bits, block, symmetric, float_zp, ternary)
     rtn = quantize_rtn(weight, bits, block, symmetric, float_zp, ternary)
     lo, hi = (1, 3) if ternary else (0, (1 << bits) - 1)
     assert hqq.codes.min() >= lo and hqq.codes.max() <= hi
@@ -116,30 +119,30 @@ def test_hqq_lowers_the_error_of_heavy_tailed_weights_and_keeps_exact_grids():
     rng = np.random.default_rng(3)
     w = (rng.standard_t(3, size=(256, 64)) * 0.02).astype(np.float32)
     for bits, symmetric, float_zp in [(4, False, False), (4, False, True), (4, True, False), (2, False, False)]:
-        hqq = quantize_hqq(w, bits, 64, symmetric, float_zp).dequantize()
+        hqq = hqq_codes(w, bits, 64, symmetric, float_zp).dequantize()
         rtn = quantize_rtn(w, bits, 64, symmetric, float_zp).dequantize()
         assert np.abs(w - hqq).mean() < 0.97 * np.abs(w - rtn).mean(), (bits, symmetric, float_zp)
     # weights that lie exactly on a min + s*q grid (a GGUF Q4_1 file) stay exact with float zero points
     codes = rng.integers(0, 16, size=(64, 8))
     codes[0], codes[1], codes[32], codes[33] = 0, 15, 0, 15  # every block spans the whole grid
     exact = (rng.uniform(-1, 0, (2, 8)).repeat(32, 0) + 0.05 * codes).astype(np.float32)
-    np.testing.assert_allclose(quantize_hqq(exact, 4, 32, False, True).dequantize(), exact, atol=1e-6)
+    np.testing.assert_allclose(hqq_codes(exact, 4, 32, False, True).dequantize(), exact, atol=1e-6)
 
 
 def test_hqq_pass_hands_its_codes_to_the_lowering():
     model, reference = _mlp(), _mlp()
     x = np.random.default_rng(2).standard_normal((2, 3, 100)).astype(np.float32)
-    result = WeightOnlyHQQPass(bits=4, block_size=32, symmetric=False)(model)
+    annotate_weight_only(model, bits=4, block_size=32, symmetric=False)
+    result = WeightOnlyHQQPass()(model)
     assert result.stats.counters["layers"] == 2 and not result.modified
     fc1 = result.stats.layers["fc1"]
     assert fc1["hqq_weight_sqnr_db"] >= fc1["rtn_weight_sqnr_db"] - 0.05
     w1, w2 = (reference.graph.initializers[n].const_value.numpy() for n in ("w1", "w2"))
-    d1 = quantize_hqq(w1, 4, 32, False).dequantize()
-    d2 = quantize_hqq(w2, 4, 32, False).dequantize()
-    lowered = LowerWeightOnlyPass(bits=4, block_size=32, symmetric=False)(model)
+    d1 = hqq_codes(w1, 4, 32, False).dequantize()
+    d2 = hqq_codes(w2, 4, 32, False).dequantize()
+    lowered = LowerWeightOnlyPass()(model)
     assert lowered.stats.counters["codes_chosen_by_algorithm"] == 2
     np.testing.assert_allclose(run(model, {"x": x})[0], np.maximum(x @ d1, 0) @ d2, rtol=1e-4, atol=1e-4)
-    assert WeightOnlyHQQPass(enabled=False)(_mlp()).stats.counters["not_requested"] == 1
 
 
 def test_cli_ternary_with_hqq(tmp_path, capsys):
@@ -165,7 +168,7 @@ def test_fp8_weights_dequantize_before_a_float_matmul():
 
     model, reference = _mlp(), _mlp()  # opset 17: converted to 19 for FP8 DequantizeLinear
     w1, w2 = (reference.graph.initializers[n].const_value.numpy() for n in ("w1", "w2"))
-    result = LowerWeightOnlyPass(bits=8, fp8=True)(model)
+    result = lower_weight_only(bits=8, fp8=True)(model)
     assert result.stats.counters["lowered_MatMul_fp8"] == 2 and model.opset_imports[""] == 19
     assert result.stats.counters["opset_17_converted_to_19"] == 1
     dqs = [n for n in model.graph if n.op_type == "DequantizeLinear"]
@@ -180,7 +183,7 @@ def test_fp8_weights_dequantize_before_a_float_matmul():
     np.testing.assert_allclose(run(model, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
     assert rel_l2(run(model, {"x": x})[0], run(reference, {"x": x})[0]) < 0.06
     with pytest.raises(ConfigError):
-        LowerWeightOnlyPass(bits=4, fp8=True)
+        lower_weight_only(bits=4, fp8=True)
     recipe = load_recipe("fp8-weight")
     assert recipe.weight_only.format == "fp8"
     for bad in ({"algorithm": "gptq"}, {"symmetric": False}, {"target_bits": 8}):

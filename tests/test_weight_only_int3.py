@@ -13,13 +13,14 @@ import onnx_ir as ir
 import pytest
 from _cli import one_error_line, run_main
 from _int8_models import rel_l2, run
+from _weight_only import annotate_weight_only, hqq_codes, lower_weight_only, rtn_and_lower
 from onnx import TensorProto, helper, numpy_helper
 from test_weight_only import _calibrated, _mlp
 
 from qcompiler.config import load_recipe, override, recipe_from_dict
 from qcompiler.errors import ConfigError
-from qcompiler.passes.algorithms.weight_only_hqq import WeightOnlyHQQPass, quantize_hqq
-from qcompiler.passes.lower._blockwise import quantize_rtn
+from qcompiler.formats.blockwise import quantize_rtn
+from qcompiler.passes.algorithms.weight_only_hqq import WeightOnlyHQQPass
 from qcompiler.passes.lower.weight_only import LowerWeightOnlyPass
 from qcompiler.runtime import Session
 
@@ -41,7 +42,7 @@ def _weights(model: ir.Model) -> tuple[np.ndarray, np.ndarray]:
 def test_int3_lowers_to_matmulintn_that_matches_the_numpy_reference(tmp_path, symmetric):
     model, reference = _mlp(), _mlp()  # K = 100: the last block of 32 is padded
     w1, w2 = _weights(reference)
-    result = LowerWeightOnlyPass(bits=3, block_size=32, symmetric=symmetric)(model)
+    result = lower_weight_only(bits=3, block_size=32, symmetric=symmetric)(model)
     assert result.modified and result.stats.counters["lowered_MatMul_intn"] == 2
     assert result.stats.layers["fc1"]["scheme"] == "int3-weight-only"
     nodes = [n for n in model.graph if n.op_type == "MatMulIntN"]
@@ -70,7 +71,7 @@ def test_gemm_bias_and_transposed_weight_go_into_matmulintn(tmp_path):
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
     model = ir.serde.deserialize_model(proto)
-    LowerWeightOnlyPass(bits=3, block_size=16, symmetric=False)(model)
+    lower_weight_only(bits=3, block_size=16, symmetric=False)(model)
     (node,) = list(model.graph)
     assert node.op_type == "MatMulIntN" and node.inputs[4].name == "c"
     x = rng.standard_normal((5, 64)).astype(np.float32)
@@ -84,14 +85,15 @@ def test_int3_gptq_beats_rtn_and_its_codes_are_lowered(tmp_path):
 
     model = _mlp()
     data, x = _calibrated(tmp_path, model)
-    result = WeightOnlyGPTQPass(calibration_data=data, bits=3, block_size=32, symmetric=False)(model)
+    annotate_weight_only(model, bits=3, block_size=32, symmetric=False)
+    result = WeightOnlyGPTQPass(calibration_data=data)(model)
     for name in ("fc1", "fc2"):
         layer = result.stats.layers[name]
         assert layer["gptq_output_error_db"] < layer["rtn_output_error_db"], layer
-    lowered = LowerWeightOnlyPass(bits=3, block_size=32, symmetric=False)(model)
+    lowered = LowerWeightOnlyPass()(model)
     assert lowered.stats.counters["codes_chosen_by_algorithm"] == 2
     rtn = _mlp()
-    LowerWeightOnlyPass(bits=3, block_size=32, symmetric=False)(rtn)
+    lower_weight_only(bits=3, block_size=32, symmetric=False)(rtn)
     expected = run(_mlp(), {"x": x[:16]})[0]
     _, gptq_y = _run_file(model, tmp_path, {"x": x[:16]})
     _, rtn_y = _run_file(rtn, tmp_path, {"x": x[:16]})
@@ -101,12 +103,12 @@ def test_int3_gptq_beats_rtn_and_its_codes_are_lowered(tmp_path):
 def test_int3_hqq_codes_are_lowered(tmp_path):
     model, reference = _mlp(), _mlp()
     w1, w2 = _weights(reference)
-    assert WeightOnlyHQQPass(bits=3, block_size=32, symmetric=False)(model).stats.counters["layers"] == 2
-    assert LowerWeightOnlyPass(bits=3, block_size=32, symmetric=False)(model).stats.counters[
-        "codes_chosen_by_algorithm"] == 2
+    annotate_weight_only(model, bits=3, block_size=32, symmetric=False)
+    assert WeightOnlyHQQPass()(model).stats.counters["layers"] == 2
+    assert LowerWeightOnlyPass()(model).stats.counters["codes_chosen_by_algorithm"] == 2
     x = np.random.default_rng(3).standard_normal((2, 3, 100)).astype(np.float32)
     _, y = _run_file(model, tmp_path, {"x": x})
-    d1, d2 = (quantize_hqq(w, 3, 32, False).dequantize() for w in (w1, w2))
+    d1, d2 = (hqq_codes(w, 3, 32, False).dequantize() for w in (w1, w2))
     np.testing.assert_allclose(y, np.maximum(x @ d1, 0) @ d2, rtol=1e-4, atol=1e-4)
 
 
@@ -117,12 +119,12 @@ def test_int3_awq_lowers_the_error_against_rtn(tmp_path):
 
     model = _mlp()
     data, x = _outlier_data(tmp_path, model)
-    result = WeightOnlyAWQPass(calibration_data=data, bits=3, block_size=32, symmetric=False)(model)
+    annotate_weight_only(model, bits=3, block_size=32, symmetric=False)
+    result = WeightOnlyAWQPass(calibration_data=data)(model)
     assert result.modified and result.stats.counters["groups_scaled"] >= 1
-    assert LowerWeightOnlyPass(bits=3, block_size=32, symmetric=False)(model).stats.counters[
-        "codes_chosen_by_algorithm"] >= 1
+    assert LowerWeightOnlyPass()(model).stats.counters["codes_chosen_by_algorithm"] >= 1
     rtn = _mlp()
-    LowerWeightOnlyPass(bits=3, block_size=32, symmetric=False)(rtn)
+    lower_weight_only(bits=3, block_size=32, symmetric=False)(rtn)
     expected = run(_mlp(), {"x": x[:8]})[0]
     _, awq_y = _run_file(model, tmp_path, {"x": x[:8]})
     _, rtn_y = _run_file(rtn, tmp_path, {"x": x[:8]})
@@ -136,23 +138,29 @@ def test_mixed_precision_with_3_bit_candidates(tmp_path):
 
     model = _two_branches()  # the output is 10x more sensitive to layer a than to b
     data, x = _data(tmp_path, model)
+    annotate_weight_only(model, bits=4, block_size=32)
     result = SelectWeightBitsPass(calibration_data=data, target_bits=3.5, candidate_bits=(3, 4))(model)
     assert {name: layer["chosen_bits"] for name, layer in result.stats.layers.items()} == {"a": 4, "b": 3}
-    LowerWeightOnlyPass(bits=4, block_size=32)(model)
+    rtn_and_lower(model)
     assert sorted(n.op_type for n in model.graph if n.name in ("a", "b")) == ["MatMulIntN", "MatMulNBits"]
     _, y = _run_file(model, tmp_path, {"x": x[:2]})
     assert rel_l2(y, run(_two_branches(), {"x": x[:2]})[0]) < 0.2
     recipe = recipe_from_dict({"extends": "int4", "weight-only": {"candidate_bits": [3, 4], "target_bits": 3.5}})
     assert recipe.weight_only.candidate_bits == (3, 4)
-    with pytest.raises(ConfigError, match="3- and 8-bit layers have no float"):
-        override(load_recipe("int4"), weight_only={"target_bits": 3.5, "candidate_bits": [2, 3, 4],
-                                                   "symmetric": False, "zero_point": "float"})
+    # float zero points: the 3-bit members of the family store integer ones (MatMulIntN has no float zero points)
+    mixed = override(load_recipe("int4"), weight_only={"target_bits": 3.5, "candidate_bits": [2, 3, 4],
+                                                       "symmetric": False, "zero_point": "float"})
+    from qcompiler.formats import get_format
+    from qcompiler.formats.registry import spec_at_bits
+
+    base = get_format("int4").spec(block_size=mixed.weight_only.block_size, symmetric=False, zero_point="float")
+    assert spec_at_bits(base, 3).zero_point == "int" and spec_at_bits(base, 2).zero_point == "float"
 
 
 def test_fused_fp8_computes_what_dequantize_linear_does(tmp_path):
     fused, plain = _mlp(), _mlp()
-    result = LowerWeightOnlyPass(bits=8, fp8=True, fp8_fused=True)(fused)
-    LowerWeightOnlyPass(bits=8, fp8=True)(plain)
+    result = lower_weight_only(bits=8, fp8=True, fp8_fused=True)(fused)
+    lower_weight_only(bits=8, fp8=True)(plain)
     assert result.stats.counters["lowered_MatMul_fp8"] == 2 and "opset_17_converted_to_19" not in \
         result.stats.counters
     assert fused.opset_imports[""] == 17 and fused.opset_imports["ai.qcompiler"] == 1
@@ -171,7 +179,7 @@ def test_recipes_and_refusals():
     assert int3.weight_only.format == "int3" and int3.weight_only.bits == 3
     assert fused.weight_only.format == "fp8" and fused.weight_only.fp8_kernel == "fused"
     assert load_recipe("fp8-weight").weight_only.fp8_kernel == "dequantize"
-    refusals = [(int3, {"symmetric": False, "zero_point": "float"}, "int3: MatMulIntN stores uint8 zero points"),
+    refusals = [(int3, {"symmetric": False, "zero_point": "float"}, "MatMulIntN stores uint8 zero points"),
                 (int3, {"fp8_kernel": "fused"}, "fp8_kernel = 'fused' needs format = 'fp8'"),
                 (fused, {"fp8_kernel": "native"}, "fp8_kernel must be one of dequantize, fused"),
                 (int3, {"candidate_bits": [3, 5]}, "candidate_bits must be a list of 2, 3, 4 and/or 8")]
@@ -181,7 +189,7 @@ def test_recipes_and_refusals():
     for bad in ({"bits": 3, "symmetric": False, "float_zero_point": True}, {"bits": 8, "fp8_fused": True},
                 {"bits": 1}):
         with pytest.raises(ConfigError):
-            LowerWeightOnlyPass(**bad)
+            lower_weight_only(**bad)
 
 
 @pytest.mark.parametrize(("recipe", "op", "tolerance"), [("int3", "MatMulIntN", 0.3), ("fp8-fused", "MatMulFp8", 0.06)])

@@ -45,11 +45,11 @@ import onnx_ir as ir
 
 from qcompiler import io
 from qcompiler.errors import CalibrationError, ConfigError
+from qcompiler.formats.channelwise import SQNR_CAP_DB, sqnr_from_energies
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import clone_with_meta
 from qcompiler.passes._finite import require_finite
 from qcompiler.passes.annotate import SCHEME_KEY, is_activation_op
-from qcompiler.passes.lower._weights import SQNR_CAP_DB, sqnr_from_energies
 from qcompiler.passes.lower.int8_qdq import mask_bias_reason
 
 if TYPE_CHECKING:

@@ -1,9 +1,10 @@
 """Mixed-precision weight-only quantization: bits per layer chosen by measured sensitivity under an average budget.
 
-With ``[weight-only] target_bits = T`` (``--target-bits 3.5``) every MatMul/Gemm that ``lower-weight-only`` will
-lower (the lm_head too unless ``lm_head`` fixes its format) gets one of ``candidate_bits`` (default 2, 4, 8; with
-the ternary format 2 means ternary) so that the weight-count-weighted average of the code bits is at most ``T``
-and the predicted damage to the model's output is smallest.
+With ``[weight-only] target_bits = T`` (``--target-bits 3.5``) every annotated weight-only layer (the lm_head too
+unless ``lm_head`` pinned its format) gets one of ``candidate_bits`` (default 2, 4, 8) within its format's family
+(:func:`~qcompiler.formats.registry.spec_at_bits`: ``int4`` -> ``int2``/``int8``; with the ternary format 2 means
+ternary) so that the weight-count-weighted average of the code bits is at most ``T`` and the predicted damage to
+the model's output is smallest. The pass is in the pipeline only when ``target_bits`` is set.
 
 Sensitivity, measured on the first ``samples`` calibration samples:
 
@@ -28,9 +29,9 @@ logits; the default) or its relative noise energy (``"mse"``). A candidate whose
 damage of ``1e30`` (never preferred, and sums still compare); a float model whose own output is not finite on the
 sample cannot be measured against and is refused (:class:`~qcompiler.errors.CalibrationError`).
 
-The chosen bits go into each node's metadata (``WEIGHT_BITS_KEY``, read by
-:func:`~qcompiler.passes.lower.weight_only.layer_bits`, so GPTQ/AWQ/HQQ and the lowering follow them) and into the
-output model's ``metadata_props["qcompiler.weight_bits"]`` (JSON: target, achieved average, bits per node).
+The chosen bits become each layer's spec (``WEIGHT_SPEC_KEY``: the algorithm passes and the lowering follow it) and
+go into the output model's ``metadata_props["qcompiler.weight_bits"]`` (JSON: target, achieved average, bits per
+node).
 
 Cost: one reference run plus ``len(candidate_bits) - 1`` forward runs per layer (SmolLM2-135M, 210 layers, 2/4/8,
 one window of 256 tokens: about three minutes on two cores), and one run per assignment checked.
@@ -49,16 +50,12 @@ import onnx_ir as ir
 
 from qcompiler import io
 from qcompiler.errors import CalibrationError, ConfigError
+from qcompiler.formats import WeightSpec, get_format
+from qcompiler.formats.registry import spec_at_bits
+from qcompiler.metadata import WEIGHT_BITS, WEIGHT_SPEC_KEY
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, drop_unused_initializers
-from qcompiler.passes.lower._blockwise import quantize_rtn, resolve_block_size
-from qcompiler.passes.lower.weight_only import (
-    WEIGHT_BITS_KEY,
-    is_lm_head,
-    layer_bits,
-    layer_weight,
-    quantized_weight,
-)
+from qcompiler.passes._weight_layers import annotated_layers, layer_weight, quantized_weight
 from qcompiler.progress import track
 
 if TYPE_CHECKING:
@@ -67,9 +64,6 @@ if TYPE_CHECKING:
 __all__ = ["SelectWeightBitsPass", "allocate_bits"]
 
 logger = logging.getLogger(__name__)
-
-METADATA_KEY = "qcompiler.weight_bits"
-
 
 #: budget resolution of the allocation: the bit budget is counted in at most this many units
 _BUDGET_UNITS = 20_000
@@ -120,11 +114,12 @@ def allocate_bits(noise: list[dict[int, float]], sizes: list[int], target: float
 
 @dataclasses.dataclass
 class _Layer:
-    """One weight and the MatMul/Gemm nodes that read it."""
+    """One weight, the MatMul/Gemm nodes that read it and its spec at each candidate width."""
 
     nodes: list[ir.Node]
     weight: np.ndarray  # W[K, N]
     stored_transposed: bool  # the node reads W^T (Gemm with transB = 1)
+    specs: dict[int, WeightSpec]
 
     @property
     def activation(self) -> ir.Value:
@@ -139,10 +134,10 @@ class SelectWeightBitsPass(QPass):
 
     Args:
         calibration_data: the :class:`~qcompiler.calibration.data.CalibrationData` (token ids for an LLM).
-        target_bits: the average code bits per weight (None: the pass does nothing).
+        target_bits: the average code bits per weight.
         candidate_bits: the bit widths a layer may get.
-        bits, block_size, symmetric, float_zero_point, ternary, exclude_nodes, lm_head: the lowering's options.
         samples: calibration samples the sensitivities are measured on.
+        metric: the output damage: "kl" (of the softmax of the first output) or "mse".
         progress: show a progress bar over the layers.
     """
 
@@ -150,57 +145,62 @@ class SelectWeightBitsPass(QPass):
     stage = "calibrate"
     preserves_float = True
 
-    def __init__(self, *, calibration_data: Any = None, target_bits: float | None = None,
-                 candidate_bits: tuple[int, ...] = (2, 4, 8), bits: int = 4, block_size: int = 32,
-                 symmetric: bool = True, float_zero_point: bool = False, ternary: bool = False,
-                 exclude_nodes: tuple[str, ...] = (), lm_head: str = "same", samples: int = 1,
-                 metric: str = "kl", progress: bool = False) -> None:
+    def __init__(self, *, calibration_data: Any = None, target_bits: float = 4.0,
+                 candidate_bits: tuple[int, ...] = (2, 4, 8), samples: int = 1, metric: str = "kl",
+                 progress: bool = False) -> None:
         super().__init__()
         self.calibration_data, self.target_bits = calibration_data, target_bits
         self.candidate_bits = tuple(sorted(set(candidate_bits)))
-        if target_bits is not None and not self.candidate_bits[0] <= target_bits <= self.candidate_bits[-1]:
+        if not self.candidate_bits[0] <= target_bits <= self.candidate_bits[-1]:
             raise ConfigError(f"{self.name}: target_bits {target_bits} is outside the candidates "
                               f"{list(self.candidate_bits)}")
-        self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
-        self.float_zero_point = bool(float_zero_point) and not self.symmetric
-        self.ternary, self.exclude_nodes, self.lm_head = bool(ternary), frozenset(exclude_nodes), lm_head
         self.samples, self.progress = int(samples), bool(progress)
         if metric not in ("kl", "mse"):
             raise ConfigError(f"{self.name}: metric must be 'kl' or 'mse', got {metric!r}")
         self.metric = metric
 
     @classmethod
+    def applies(cls, recipe: Recipe) -> bool:
+        """In the pipeline only when the recipe asks for mixed precision."""
+        return recipe.weight_only.target_bits is not None
+
+    @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> SelectWeightBitsPass:
-        """Data and progress from the build context; the budget and grid from ``[weight-only]``."""
+        """Data and progress from the build context; the budget from ``[weight-only]``."""
         w = recipe.weight_only
         kwargs: dict[str, Any] = {
             "calibration_data": getattr(context, "calibration_data", None), "target_bits": w.target_bits,
-            "candidate_bits": w.candidate_bits, "bits": w.bits, "block_size": w.block_size,
-            "symmetric": w.symmetric, "float_zero_point": w.zero_point == "float", "ternary": w.ternary,
-            "exclude_nodes": w.exclude_nodes, "lm_head": w.lm_head, "samples": w.sensitivity_samples,
+            "candidate_bits": w.candidate_bits, "samples": w.sensitivity_samples,
             "progress": bool(getattr(context, "progress", False)),
         }
         kwargs.update(options)
         return cls(**kwargs)
 
+    def requires(self, model: ir.Model) -> None:
+        if self.calibration_data is None:
+            raise CalibrationError("--target-bits measures each layer's sensitivity: pass --calib DATA")
+
     def _layers(self, model: ir.Model) -> list[_Layer]:
         by_weight: dict[int, _Layer] = {}
-        for node in model.graph:
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-                continue
-            found = layer_weight(model, node, self.exclude_nodes)
-            if isinstance(found, str) or layer_bits(node, self.bits, self.lm_head) is None:
+        for node, spec in annotated_layers(model):
+            found = layer_weight(model, node)
+            if isinstance(found, str):
                 continue
             quantized_weight(node, found[0])  # an int8 lm_head is quantized too, though not chosen here
-            if self.lm_head != "same" and is_lm_head(node):
-                self.skip(node, f"lm_head format fixed by lm_head = {self.lm_head!r}")
+            if spec.pinned:
+                self.skip(node, f"lm_head format fixed by lm_head = {spec.format!r}")
                 continue
+            specs = {b: s for b in self.candidate_bits if (s := spec_at_bits(spec, b)) is not None}
+            if len(specs) != len(self.candidate_bits):
+                missing = sorted(set(self.candidate_bits) - set(specs))
+                raise ConfigError(f"{self.name}: format {spec.format!r} has no {missing[0]}-bit member for "
+                                  f"candidate_bits {list(self.candidate_bits)}")
             key = id(node.inputs[1])
             if key in by_weight:
                 by_weight[key].nodes.append(node)
                 continue
             transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))  # reads W^T
-            by_weight[key] = _Layer([node], found[0], transposed)
+            by_weight[key] = _Layer([node], found[0], transposed, specs)
         return list(by_weight.values())
 
     def _damage(self, reference: np.ndarray, y: np.ndarray, energy: float) -> float:
@@ -225,7 +225,7 @@ class SelectWeightBitsPass(QPass):
         def damage(bits_per_layer: list[int]) -> float:
             feeds = dict(float_feeds)
             for name, layer, bits in zip(weight_inputs, layers, bits_per_layer, strict=True):
-                feeds[name] = layer.feed(self._dequantized(layer.weight, bits))
+                feeds[name] = layer.feed(self._dequantized(layer, bits))
             return self._damage(reference, session.run(first, feeds)[0], energy)
 
         options = [choice] + [[b] * len(layers) for b in self.candidate_bits if b <= self.target_bits
@@ -239,10 +239,10 @@ class SelectWeightBitsPass(QPass):
                         options[best][0], measured[best], measured[0])
         return options[best]
 
-    def _dequantized(self, weight: np.ndarray, bits: int) -> np.ndarray:
-        block = resolve_block_size(self.block_size, weight.shape[0])
-        return quantize_rtn(weight, bits, block, self.symmetric, self.float_zero_point and bits != 8,
-                            ternary=self.ternary and bits == 2).dequantize()
+    @staticmethod
+    def _dequantized(layer: _Layer, bits: int) -> np.ndarray:
+        spec = layer.specs[bits]
+        return get_format(spec.format).quantize(layer.weight, spec).dequantize()
 
     def _probe(self, model: ir.Model, layers: list[_Layer]) -> tuple[ir.Model, list[str]]:
         """A clone whose layer weights are graph inputs (one per layer), and those inputs' names."""
@@ -269,11 +269,6 @@ class SelectWeightBitsPass(QPass):
         return clone, inputs
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.target_bits is None:
-            self.count("not_requested")
-            return ir.passes.PassResult(model, False)
-        if self.calibration_data is None:
-            raise CalibrationError("--target-bits measures each layer's sensitivity: pass --calib DATA")
         layers = self._layers(model)
         if not layers:
             return ir.passes.PassResult(model, False)
@@ -300,7 +295,7 @@ class SelectWeightBitsPass(QPass):
             local = {}
             dequantized = {}
             for b in self.candidate_bits:
-                dequantized[b] = self._dequantized(layer.weight, b)
+                dequantized[b] = self._dequantized(layer, b)
                 diff = x @ (layer.weight.astype(np.float64) - dequantized[b])
                 local[b] = float(np.vdot(diff, diff))
             found = {}
@@ -321,15 +316,16 @@ class SelectWeightBitsPass(QPass):
         per_node: dict[str, int] = {}
         for layer, bits, n in zip(layers, choice, noise, strict=True):
             for node in layer.nodes:
-                node.meta[WEIGHT_BITS_KEY] = bits
+                node.meta[WEIGHT_SPEC_KEY] = layer.specs[bits]
                 per_node[node.name] = bits
                 self.record_layer(node, chosen_bits=bits, **{f"noise_db_at_{b}": _db(n[b]) for b in n})
             self.count(f"layers_at_{bits}_bits")
         average = sum(s * b for s, b in zip(sizes, choice, strict=True)) / sum(sizes)
         self.count("average_bits_x1000", round(average * 1000))
-        model.metadata_props[METADATA_KEY] = json.dumps(
+        ternary = any(spec.format == "ternary" for layer in layers for spec in layer.specs.values())
+        model.metadata_props[WEIGHT_BITS] = json.dumps(
             {"target_bits": self.target_bits, "average_bits": round(average, 4), "candidates":
-             list(self.candidate_bits), "ternary": self.ternary, "bits": per_node}, sort_keys=True)
+             list(self.candidate_bits), "ternary": ternary, "bits": per_node}, sort_keys=True)
         logger.info("%s: average %.3f bits over %d layers (target %s)", self.name, average, len(layers),
                     self.target_bits)
         return ir.passes.PassResult(model, True)

@@ -15,12 +15,14 @@ up to float rounding ("scales kept exact"; folding ``1 / s`` into a preceding RM
 Then the clipping search (AWQ's second step, ``clip = True``): for every layer, each block's grid range is shrunk
 by the ratio in ``1.0, 0.95, ..., 0.55`` that gives the block's part of the output error on the sampled rows,
 ``||x_b (W_b - Q(W_b))||^2``, its least value; those codes go to the lowering in node metadata
-(``BLOCKWISE_KEY``), like GPTQ's. Measured on SmolLM2-135M int4 block 128: AWQ with clipping 7.8% above plain
+(``WEIGHT_CODES_KEY``), like GPTQ's. The error is always measured with the layer's own format (its
+:meth:`~qcompiler.formats.WeightFormat.quantize`), so AWQ serves any format; the clipping step needs a format with a
+grid (not NF4 or FP8: their layers get round to nearest on the scaled weights). Measured on SmolLM2-135M int4 block 128: AWQ with clipping 7.8% above plain
 rounding's perplexity (27.6 vs 25.6, 8 windows), without clipping 11.8% above (30.9 vs 27.7, 16 windows): this
 model's weights sit on GGUF Q4_1 grids that both steps break up.
 
-Runs only with ``[weight-only] algorithm = "awq"`` and calibration data; layers whose bits are 8 (an int8 lm_head)
-are left alone (nothing to gain). Skipped with a reason: a weight read by several groups, an activation that is a
+The algorithm pass of ``algorithm = "awq"``; needs calibration data; layers whose bits are 8 (an int8 lm_head)
+are left alone (nothing to gain: round to nearest). Skipped with a reason: a weight read by several groups, an activation that is a
 graph input of another type, an activation that is zero on every sampled row (nothing to weigh the channels by).
 Per layer it records the chosen ``awq_alpha`` and the group's output error before and after (dB, relative).
 
@@ -41,17 +43,12 @@ import onnx_ir as ir
 from qcompiler import io
 from qcompiler.calibration.observers import fold_batches
 from qcompiler.errors import CalibrationError
+from qcompiler.formats import GridFormat, RoundToNearest, WeightFormat, WeightSpec, get_format
+from qcompiler.metadata import WEIGHT_CODES_KEY
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, copy_type
+from qcompiler.passes._weight_layers import annotated_layers, layer_weight, quantized_weight, transposed_constant
 from qcompiler.passes.algorithms._gptq_core import activation_absmax
-from qcompiler.passes.lower._blockwise import BlockwiseWeight, codes_on_grid, grid, quantize_rtn, resolve_block_size
-from qcompiler.passes.lower.weight_only import (
-    BLOCKWISE_KEY,
-    layer_bits,
-    layer_weight,
-    quantized_weight,
-    transposed_constant,
-)
 from qcompiler.runtime import packing
 
 if TYPE_CHECKING:
@@ -94,22 +91,21 @@ SCALE_LIMIT = 1e4
 CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(10))  # 1.0 down to 0.55
 
 
-def clipped_codes(weight: np.ndarray, x: np.ndarray, bits: int, block_size: int, symmetric: bool,
-                  float_zero_point: bool, ternary: bool) -> tuple[BlockwiseWeight, float]:
+def clipped_codes(fmt: GridFormat, spec: WeightSpec, weight: np.ndarray, x: np.ndarray) -> tuple[Any, float]:
     """Codes for ``W[K, N]`` whose block ranges are shrunk by the ratio (of :data:`CLIP_RATIOS`, per block and
     column) that minimises the block's share of the output error on the rows ``x[R, K]``:
     ``||x_b (W_b - Q(W_b))||^2``, ``b`` the block's rows of ``W`` (AWQ's clipping search; cross-block terms
-    ignored, as there). Returns the codes and the summed error."""
+    ignored, as there). Returns the codes (the format's quantized weight) and the summed error."""
     k, n = weight.shape
+    block_size = spec.block_for(k)
     blocks = packing.block_count(k, block_size)
     x64 = x.astype(np.float64)
     best = np.full((n, blocks), np.inf)
     scale = np.zeros((n, blocks), np.float32)
-    zero = np.zeros((n, blocks), np.float32 if float_zero_point else np.uint8)
+    zero = np.zeros((n, blocks), np.float32 if spec.float_zero_point else np.uint8)
     for ratio in CLIP_RATIOS:
-        s_r, z_r = grid_clipped(weight, bits, block_size, symmetric, float_zero_point, ternary, ratio)
-        deq = BlockwiseWeight(codes_on_grid(weight, s_r, z_r, bits, block_size, ternary), s_r,
-                              None if symmetric else z_r, bits, block_size).dequantize()
+        s_r, z_r = grid_clipped(fmt, spec, weight, ratio)
+        deq = fmt.from_codes(fmt.codes_on_grid(weight, s_r, z_r, spec), s_r, z_r, spec, k).dequantize()
         diff = weight.astype(np.float64) - deq
         for b in range(blocks):
             rows = slice(b * block_size, min((b + 1) * block_size, k))
@@ -118,20 +114,20 @@ def clipped_codes(weight: np.ndarray, x: np.ndarray, bits: int, block_size: int,
             better = error < best[:, b]
             best[better, b] = error[better]
             scale[better, b], zero[better, b] = s_r[better, b], z_r[better, b]
-    codes = codes_on_grid(weight, scale, zero, bits, block_size, ternary)
-    return BlockwiseWeight(codes, scale, None if symmetric else zero, bits, block_size), float(best.sum())
+    codes = fmt.codes_on_grid(weight, scale, zero, spec)
+    return fmt.from_codes(codes, scale, zero, spec, k), float(best.sum())
 
 
-def grid_clipped(weight: np.ndarray, bits: int, block_size: int, symmetric: bool, float_zero_point: bool,
-                 ternary: bool, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+def grid_clipped(fmt: GridFormat, spec: WeightSpec, weight: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
     """The block grids of ``W`` with every block's range shrunk to ``ratio`` of its extremes."""
     if ratio == 1.0:
-        return grid(weight, bits, block_size, symmetric, float_zero_point, ternary)
+        return fmt.grid(weight, spec)
+    block_size = spec.block_for(weight.shape[0])
     clipped = np.array(weight, dtype=np.float32, copy=True)
     for start in range(0, weight.shape[0], block_size):
         part = weight[start:start + block_size]
         clipped[start:start + block_size] = np.clip(part, part.min(axis=0) * ratio, part.max(axis=0) * ratio)
-    return grid(clipped, bits, block_size, symmetric, float_zero_point, ternary)
+    return fmt.grid(clipped, spec)
 
 
 def awq_scales(mean: np.ndarray, alpha: float) -> np.ndarray:
@@ -141,7 +137,7 @@ def awq_scales(mean: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, 1.0 / SCALE_LIMIT, SCALE_LIMIT)
 
 
-def _fits_float32(s: np.ndarray, layers: list[tuple[ir.Node, np.ndarray, int]]) -> bool:
+def _fits_float32(s: np.ndarray, layers: list[tuple[ir.Node, np.ndarray, WeightSpec]]) -> bool:
     """Whether ``1 / s`` and every ``s W`` of the group are finite in float32."""
     with np.errstate(over="ignore", divide="ignore"):
         return bool(np.all(np.isfinite((1.0 / s).astype(np.float32)))) and all(
@@ -149,47 +145,50 @@ def _fits_float32(s: np.ndarray, layers: list[tuple[ir.Node, np.ndarray, int]]) 
 
 
 class WeightOnlyAWQPass(QPass):
-    """Activation-aware per-channel scaling before weight-only rounding (see the module docstring)."""
+    """Activation-aware per-channel scaling before weight-only rounding (see the module docstring).
+
+    Args:
+        calibration_data: the :class:`~qcompiler.calibration.data.CalibrationData` (token ids for an LLM).
+        max_samples, batch_size: calibration samples to use (None: all) and per ONNX Runtime call.
+        sample_rows: input rows kept per activation (a uniform sample) to measure errors on.
+        seed: the sample's random seed.
+        clip: also search each block's clipping ratio (formats with a grid).
+    """
 
     name = "weight-only-awq"
     stage = "calibrate"
     preserves_float = True
+    needs = frozenset({"quantize"})
 
-    def __init__(self, *, calibration_data: Any = None, enabled: bool = True, bits: int = 4, block_size: int = 32,
-                 symmetric: bool = True, float_zero_point: bool = False, exclude_nodes: tuple[str, ...] = (),
-                 lm_head: str = "same", ternary: bool = False, max_samples: int | None = None,
-                 batch_size: int = 4, sample_rows: int = 512, seed: int = 0, clip: bool = True) -> None:
+    def __init__(self, *, calibration_data: Any = None, max_samples: int | None = None, batch_size: int = 4,
+                 sample_rows: int = 512, seed: int = 0, clip: bool = True) -> None:
         super().__init__()
-        self.calibration_data, self.enabled = calibration_data, bool(enabled)
-        self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
-        self.float_zero_point = bool(float_zero_point) and not self.symmetric
-        self.exclude_nodes, self.lm_head, self.ternary = frozenset(exclude_nodes), lm_head, bool(ternary)
+        self.calibration_data = calibration_data
         self.max_samples, self.batch_size, self.sample_rows, self.seed = max_samples, batch_size, sample_rows, seed
         self.clip = bool(clip)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> WeightOnlyAWQPass:
-        """Data from the build context; the grid from ``[weight-only]``; sample limits from ``[calibration]``."""
-        w = recipe.weight_only
+        """Data from the build context; sample limits from ``[calibration]``."""
         kwargs: dict[str, Any] = {
-            "calibration_data": getattr(context, "calibration_data", None), "enabled": w.algorithm == "awq",
-            "bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric,
-            "float_zero_point": w.zero_point == "float", "exclude_nodes": w.exclude_nodes, "lm_head": w.lm_head,
-            "ternary": w.ternary, "max_samples": recipe.calibration.max_samples, "batch_size": recipe.calibration.batch_size,
+            "calibration_data": getattr(context, "calibration_data", None),
+            "max_samples": recipe.calibration.max_samples, "batch_size": recipe.calibration.batch_size,
         }
         kwargs.update(options)
         return cls(**kwargs)
 
-    def _groups(self, model: ir.Model) -> dict[ir.Value, list[tuple[ir.Node, np.ndarray, int]]]:
-        """Candidate layers (node, ``W``, bits) by the activation they read (plain constant weights read by one
-        node, lowered below 8 bits)."""
-        groups: dict[ir.Value, list[tuple[ir.Node, np.ndarray, int]]] = {}
-        for node in model.graph:
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-                continue
-            found = layer_weight(model, node, self.exclude_nodes)
-            bits = layer_bits(node, self.bits, self.lm_head)
-            if isinstance(found, str) or bits is None or bits == 8:
+    def requires(self, model: ir.Model) -> None:
+        if self.calibration_data is None:
+            raise CalibrationError("AWQ needs calibration data: pass --calib DATA (token ids for a language model)")
+
+    def _groups(self, model: ir.Model) -> dict[ir.Value, list[tuple[ir.Node, np.ndarray, WeightSpec]]]:
+        """Candidate layers (node, ``W``, spec) by the activation they read (plain constant weights read by one
+        node, lowered below 8 bits); every annotated layer's codes start as round to nearest."""
+        groups: dict[ir.Value, list[tuple[ir.Node, np.ndarray, WeightSpec]]] = {}
+        for node, spec in annotated_layers(model):
+            node.meta[WEIGHT_CODES_KEY] = RoundToNearest()
+            found = layer_weight(model, node)
+            if isinstance(found, str) or spec.bits == 8:
                 continue
             if transposed_constant(node.inputs[1]) is not None or node.op_type == "Gemm":
                 self.skip(node, "AWQ scales plain MatMul weights only (not a tied or transposed one)")
@@ -197,15 +196,10 @@ class WeightOnlyAWQPass(QPass):
             if len(node.inputs[1].uses()) != 1:
                 self.skip(node, "weight read by several nodes")
                 continue
-            groups.setdefault(node.inputs[0], []).append((node, quantized_weight(node, found[0]), bits))
+            groups.setdefault(node.inputs[0], []).append((node, quantized_weight(node, found[0]), spec))
         return groups
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if not self.enabled:
-            self.count("not_requested")
-            return ir.passes.PassResult(model, False)
-        if self.calibration_data is None:
-            raise CalibrationError("AWQ needs calibration data: pass --calib DATA (token ids for a language model)")
         groups = self._groups(model)
         if not groups:
             return ir.passes.PassResult(model, False)
@@ -223,18 +217,17 @@ class WeightOnlyAWQPass(QPass):
         self.count("groups_scaled", applied)
         return ir.passes.PassResult(model, applied > 0)
 
-    def _error(self, x: np.ndarray, layers: list[tuple[ir.Node, np.ndarray, int]], scale: np.ndarray) -> float:
+    def _error(self, x: np.ndarray, layers: list[tuple[ir.Node, np.ndarray, WeightSpec]], scale: np.ndarray) -> float:
         total = 0.0
-        for _, weight, bits in layers:
-            block = resolve_block_size(self.block_size, weight.shape[0])
+        for _, weight, spec in layers:
             scaled = (weight * scale[:, None]).astype(np.float32)
-            deq = quantize_rtn(scaled, bits, block, self.symmetric, self.float_zero_point,
-                               ternary=self.ternary and bits == 2).dequantize()
+            deq = get_format(spec.format).quantize(scaled, spec).dequantize()
             diff = x @ (weight - deq / scale[:, None])
             total += float(np.vdot(diff, diff))
         return total
 
-    def _apply(self, model: ir.Model, value: ir.Value, layers: list[tuple[ir.Node, np.ndarray, int]], mean: np.ndarray,
+    def _apply(self, model: ir.Model, value: ir.Value, layers: list[tuple[ir.Node, np.ndarray, WeightSpec]],
+               mean: np.ndarray,
                x: np.ndarray, scope: NameScope) -> int:
         mean = np.maximum(mean, 1e-8)
         signal = sum(float(np.vdot(x @ w, x @ w)) for _, w, _ in layers)
@@ -258,12 +251,13 @@ class WeightOnlyAWQPass(QPass):
                               awq_output_error_db=round(10 * math.log10(max(best_error, 1e-300) / signal), 3))
         s = awq_scales(mean, best_alpha).astype(np.float32)
         if self.clip:
-            for node, weight, bits in layers:
-                block = resolve_block_size(self.block_size, weight.shape[0])
-                chosen, error = clipped_codes((weight * s[:, None]).astype(np.float32), x / s, bits, block,
-                                              self.symmetric, self.float_zero_point and bits != 8,
-                                              self.ternary and bits == 2)
-                node.meta[BLOCKWISE_KEY] = chosen
+            for node, weight, spec in layers:
+                fmt: WeightFormat = get_format(spec.format)
+                if not isinstance(fmt, GridFormat):
+                    self.count("clip_skipped_no_grid")
+                    continue
+                chosen, error = clipped_codes(fmt, spec, (weight * s[:, None]).astype(np.float32), x / s)
+                node.meta[WEIGHT_CODES_KEY] = chosen
                 w_signal = float(np.vdot(x @ weight, x @ weight))
                 self.record_layer(node, awq_clip_output_error_db=round(
                     10 * math.log10(max(error, 1e-300) / max(w_signal, 1e-300)), 3))

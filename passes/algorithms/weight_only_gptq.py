@@ -1,19 +1,20 @@
 """GPTQ for weight-only blockwise quantization: codes that minimise each layer's output error on calibration data.
 
-For every MatMul/Gemm that ``lower-weight-only`` will lower (same candidates, :func:`layer_weight`), the pass
+For every layer ``annotate-weight-only`` gave a spec (:func:`~qcompiler.passes._weight_layers.annotated_layers`), the pass
 streams the calibration data through ONNX Runtime (batch by batch, the layers' inputs exposed as extra outputs)
 and accumulates ``H = sum x x^T`` over the rows of each distinct input (Q/K/V projections, or gate/up, share one
 ``H``: one ``[K, K]`` float64 per distinct input, 2.6 MB for ``K = 576``). It then fixes the blockwise grid that
-round-to-nearest would use (:func:`~qcompiler.passes.lower._blockwise.grid`: same scales and zero points) and runs
+round-to-nearest would use (the spec's format's :meth:`~qcompiler.formats.GridFormat.grid`: same scales and zero points) and runs
 GPTQ (:mod:`._gptq_core`; columns in order of decreasing ``diag(H)`` with ``act_order``, each column on the grid of
 its own block, "static groups"; damping ``damp * mean(diag H)``) to choose the codes. The codes go into the node's
-metadata (``BLOCKWISE_KEY``), where the lowering takes them; float weights are not touched, so a weight that a
-Gather also reads (a tied embedding) stays exact for the Gather.
+metadata (``WEIGHT_CODES_KEY``), where the lowering takes them; float weights are not touched, so a weight that a
+Gather also reads (a tied embedding) stays exact for the Gather. Formats without a grid (a plugin's codebook) get
+round to nearest (counted); the recipe check refuses GPTQ on a built-in format without one.
 
 Per layer it records the output error ``tr((W - W_q)^T H (W - W_q)) / tr(W^T H W)`` of GPTQ and of round-to-nearest
-(``gptq_output_error_db`` / ``rtn_output_error_db``, in dB: lower is better). Without calibration data, or with the
-recipe's ``algorithm`` other than "gptq", the pass does nothing (counted). Skipped with a reason: weights read by
-several MatMul/Gemm (one set of codes could not fit two Hessians; they get round-to-nearest), and layers whose
+(``gptq_output_error_db`` / ``rtn_output_error_db``, in dB: lower is better). It is the algorithm pass of
+``algorithm = "gptq"`` and needs calibration data. Skipped with a reason (their codes: round to nearest): weights
+read by several MatMul/Gemm (one set of codes could not fit two Hessians), and layers whose
 Hessian cannot be factorised even with more damping (round-to-nearest, counted ``rtn_fallback``). ``H`` is summed in
 float64 (:func:`~._gptq_core.second_moment`), so calibration values whose squares overflow float32 still give
 finite statistics; an activation holding NaN or Inf is refused with a :class:`~qcompiler.errors.CalibrationError`.
@@ -30,17 +31,12 @@ import onnx_ir as ir
 
 from qcompiler import io
 from qcompiler.calibration.observers import fold_batches
-from qcompiler.errors import ConfigError
+from qcompiler.errors import CalibrationError, ConfigError
+from qcompiler.formats import GridFormat, RoundToNearest, WeightSpec, get_format
+from qcompiler.metadata import WEIGHT_CODES_KEY
 from qcompiler.pass_manager import QPass
+from qcompiler.passes._weight_layers import annotated_layers, layer_weight, quantized_weight, transposed_constant
 from qcompiler.passes.algorithms._gptq_core import CholeskyError, gptq_round, second_moment
-from qcompiler.passes.lower._blockwise import BlockwiseWeight, code_limits, codes_on_grid, grid, resolve_block_size
-from qcompiler.passes.lower.weight_only import (
-    BLOCKWISE_KEY,
-    layer_bits,
-    layer_weight,
-    quantized_weight,
-    transposed_constant,
-)
 from qcompiler.progress import track
 
 if TYPE_CHECKING:
@@ -79,83 +75,71 @@ class _Hessian:
 
 
 class WeightOnlyGPTQPass(QPass):
-    """Choose blockwise low-bit codes with GPTQ (see the module docstring).
+    """Choose weight-only codes with GPTQ (see the module docstring).
 
     Args:
         calibration_data: the :class:`~qcompiler.calibration.data.CalibrationData` (token ids for an LLM).
-        enabled: run at all (the recipe's ``[weight-only] algorithm = "gptq"``).
-        bits, block_size, symmetric, exclude_nodes: the lowering's options (the codes must fit them).
         damp: Hessian damping, a fraction of its mean diagonal.
         act_order: round the inputs with the largest ``diag(H)`` first.
         max_samples, batch_size: calibration samples to use (None: all) and per ONNX Runtime call.
+        progress: show progress bars.
     """
 
     name = "weight-only-gptq"
     stage = "calibrate"
     preserves_float = True  # it only writes metadata: the float function is unchanged until the lowering
+    needs = frozenset({"grid"})
 
-    def __init__(self, *, calibration_data: Any = None, enabled: bool = True, bits: int = 4, block_size: int = 32,
-                 symmetric: bool = True, exclude_nodes: tuple[str, ...] = (), float_zero_point: bool = False,
-                 lm_head: str = "same", ternary: bool = False, damp: float = 0.01,
-                 act_order: bool = True, max_samples: int | None = None, batch_size: int = 4,
-                 progress: bool = False) -> None:
+    def __init__(self, *, calibration_data: Any = None, damp: float = 0.01, act_order: bool = True,
+                 max_samples: int | None = None, batch_size: int = 4, progress: bool = False) -> None:
         super().__init__()
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0.0 < damp < 1.0:
             raise ConfigError(f"{self.name}: damp must be a fraction in (0, 1), got {damp!r}")
-        self.calibration_data, self.enabled = calibration_data, bool(enabled)
-        self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
-        self.exclude_nodes = frozenset(exclude_nodes)
-        self.float_zero_point = bool(float_zero_point) and not self.symmetric
-        self.lm_head, self.ternary = lm_head, bool(ternary)
+        self.calibration_data = calibration_data
         self.damp, self.act_order = float(damp), bool(act_order)
         self.max_samples, self.batch_size, self.progress = max_samples, batch_size, bool(progress)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> WeightOnlyGPTQPass:
-        """Data from the build context; the grid from ``[weight-only]``; sample limits from ``[calibration]``."""
-        w = recipe.weight_only
+        """Data and progress from the build context; sample limits from ``[calibration]``."""
         kwargs: dict[str, Any] = {
-            "calibration_data": getattr(context, "calibration_data", None), "enabled": w.algorithm == "gptq",
-            "bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric, "exclude_nodes": w.exclude_nodes,
-            "float_zero_point": w.zero_point == "float", "lm_head": w.lm_head, "ternary": w.ternary,
+            "calibration_data": getattr(context, "calibration_data", None),
             "max_samples": recipe.calibration.max_samples, "batch_size": recipe.calibration.batch_size,
             "progress": bool(getattr(context, "progress", False)),
         }
         kwargs.update(options)
         return cls(**kwargs)
 
-    def _layers(self, model: ir.Model) -> list[tuple[ir.Node, np.ndarray]]:
+    def requires(self, model: ir.Model) -> None:
+        if self.calibration_data is None:
+            raise CalibrationError("GPTQ needs calibration data: pass --calib DATA (token ids for a language model)")
+
+    def _layers(self, model: ir.Model) -> list[tuple[ir.Node, np.ndarray, WeightSpec]]:
         readers: dict[int, int] = {}
-        found: list[tuple[ir.Node, np.ndarray, ir.Value]] = []
-        for node in model.graph:
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-                continue
-            weight = layer_weight(model, node, self.exclude_nodes)
-            if isinstance(weight, str) or layer_bits(node, self.bits, self.lm_head) is None:
+        found: list[tuple[ir.Node, np.ndarray, WeightSpec, ir.Value]] = []
+        for node, spec in annotated_layers(model):
+            weight = layer_weight(model, node)
+            if isinstance(weight, str):
                 continue
             source = transposed_constant(node.inputs[1]) or node.inputs[1]
             readers[id(source)] = readers.get(id(source), 0) + 1
-            found.append((node, quantized_weight(node, weight[0]), source))
+            found.append((node, quantized_weight(node, weight[0]), spec, source))
         layers = []
-        for node, weight, source in found:
+        for node, weight, spec, source in found:
+            node.meta[WEIGHT_CODES_KEY] = RoundToNearest()  # until GPTQ chooses better ones
             if readers[id(source)] > 1:
                 self.skip(node, "weight read by several MatMul/Gemm (rounded to nearest)")
+            elif not isinstance(get_format(spec.format), GridFormat):
+                self.skip(node, f"format {spec.format!r} has no grid (rounded to nearest)")
             else:
-                layers.append((node, weight))
+                layers.append((node, weight, spec))
         return layers
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if not self.enabled:
-            self.count("not_requested")
-            return ir.passes.PassResult(model, False)
-        if self.calibration_data is None:
-            from qcompiler.errors import CalibrationError
-
-            raise CalibrationError("GPTQ needs calibration data: pass --calib DATA (token ids for a language model)")
         layers = self._layers(model)
         if not layers:
             return ir.passes.PassResult(model, False)
-        inputs = list(dict.fromkeys(node.inputs[0] for node, _ in layers))
+        inputs = list(dict.fromkeys(node.inputs[0] for node, _, _ in layers))
         hessians = {v.name: _Hessian(v.name) for v in inputs}
         batches = self.calibration_data.iter_batches(self.batch_size, self.max_samples)
         total = -(-min(self.calibration_data.num_samples, self.max_samples or self.calibration_data.num_samples)
@@ -163,32 +147,30 @@ class WeightOnlyGPTQPass(QPass):
         fold_batches(io.ort_session(model, extra_outputs=inputs), hessians,
                      track(batches, enabled=self.progress, desc="GPTQ statistics", total=total, unit="batch"))
         chosen = 0
-        for node, weight in track(layers, enabled=self.progress, desc="GPTQ", unit="layer"):
+        for node, weight, spec in track(layers, enabled=self.progress, desc="GPTQ", unit="layer"):
             h = hessians[node.inputs[0].name]
             try:
-                self._choose(node, weight, h.sum, h.rows)
+                self._choose(node, weight, spec, h.sum, h.rows)
                 chosen += 1
-            except CholeskyError as exc:  # no codes in the metadata: the lowering rounds this layer to nearest
+            except CholeskyError as exc:  # the codes stay round to nearest
                 self.skip(node, f"GPTQ failed ({exc}): rounded to nearest")
                 self.count("rtn_fallback")
         self.count("layers", chosen)
         return ir.passes.PassResult(model, False)
 
-    def _choose(self, node: ir.Node, weight: np.ndarray, hessian: np.ndarray, rows: int) -> None:
-        block = resolve_block_size(self.block_size, weight.shape[0])
-        bits = layer_bits(node, self.bits, self.lm_head)
-        float_zero = self.float_zero_point and bits != 8
-        ternary = self.ternary and bits == 2
-        scale, zero = grid(weight, bits, block, self.symmetric, float_zero, ternary)
+    def _choose(self, node: ir.Node, weight: np.ndarray, spec: WeightSpec, hessian: np.ndarray, rows: int) -> None:
+        fmt = get_format(spec.format)
+        assert isinstance(fmt, GridFormat)
+        block = spec.block_for(weight.shape[0])
+        scale, zero = fmt.grid(weight, spec)
         k = weight.shape[0]
         per_column_scale = np.repeat(scale, block, axis=1)[:, :k]  # [N, K]: each column's block grid
         per_column_zero = np.repeat(zero, block, axis=1)[:, :k].astype(np.float64)
-        q = gptq_round(weight.T, hessian, per_column_scale, *code_limits(bits, ternary), per_column_zero,
+        q = gptq_round(weight.T, hessian, per_column_scale, *fmt.code_limits(spec), per_column_zero,
                        damp=self.damp, act_order=self.act_order)
-        chosen = BlockwiseWeight(q.astype(np.uint8), scale, None if self.symmetric else zero, bits, block)
-        rtn = BlockwiseWeight(codes_on_grid(weight, scale, zero, bits, block, ternary), scale,
-                              None if self.symmetric else zero, bits, block)
-        node.meta[BLOCKWISE_KEY] = chosen
+        chosen = fmt.from_codes(q.astype(np.uint8), scale, zero, spec, k)
+        rtn = fmt.from_codes(fmt.codes_on_grid(weight, scale, zero, spec), scale, zero, spec, k)
+        node.meta[WEIGHT_CODES_KEY] = chosen
         self.record_layer(node, gptq_output_error_db=round(output_error_db(weight, chosen.dequantize(), hessian), 3),
                           rtn_output_error_db=round(output_error_db(weight, rtn.dequantize(), hessian), 3),
                           gptq_rows=rows)

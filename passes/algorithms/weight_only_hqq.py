@@ -19,9 +19,10 @@ Measured on SmolLM2-135M (int4 block 128, bench/RESULTS.md): HQQ lowers the weig
 ``l1`` -7 to -10%) and, with float zero points, the perplexity against round-to-nearest with float zero points;
 but uint8 zero points with plain rounding beat both there, as ONNX Runtime's own HQQ is beaten by its RTN.
 
-The pass runs with ``[weight-only] algorithm = "hqq"`` and needs no calibration data; it writes each layer's codes
-into node metadata (``BLOCKWISE_KEY``) for ``lower-weight-only`` and records the weight SQNR of HQQ and of
-round-to-nearest per layer. Weights that several MatMul/Gemm read get one set of codes (the first reader's).
+The algorithm pass of ``algorithm = "hqq"``; it needs no calibration data and a format with a grid (the integer
+formats and ternary). It writes each annotated layer's codes into node metadata (``WEIGHT_CODES_KEY``) for
+``lower-weight-only`` and records the weight SQNR of HQQ and of round-to-nearest per layer. Weights that several
+MatMul/Gemm read get one set of codes (the first reader's).
 """
 
 from __future__ import annotations
@@ -32,17 +33,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.formats import GridFormat, RoundToNearest, WeightSpec, get_format
+from qcompiler.formats.blockwise import BlockwiseWeight, column_chunks
+from qcompiler.formats.channelwise import sqnr_from_energies
+from qcompiler.metadata import WEIGHT_CODES_KEY
 from qcompiler.pass_manager import QPass
-from qcompiler.passes.lower._blockwise import (
-    BlockwiseWeight,
-    code_limits,
-    column_chunks,
-    grid,
-    quantize_rtn,
-    resolve_block_size,
-)
-from qcompiler.passes.lower._weights import sqnr_from_energies
-from qcompiler.passes.lower.weight_only import BLOCKWISE_KEY, layer_bits, layer_weight, quantized_weight
+from qcompiler.passes._weight_layers import annotated_layers, layer_weight, quantized_weight
 from qcompiler.runtime import packing
 
 if TYPE_CHECKING:
@@ -108,23 +104,22 @@ def _l1(w: np.ndarray, valid: np.ndarray, s: np.ndarray, z: np.ndarray, lo: int,
     return (np.abs(w - s[..., None] * (q - z[..., None])) * valid).sum(axis=2)
 
 
-def quantize_hqq(weight: np.ndarray, bits: int, block_size: int, symmetric: bool, float_zero_point: bool = False,
-                 ternary: bool = False, *, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01,
-                 iterations: int = 20) -> BlockwiseWeight:
-    """HQQ codes for ``W[K, N]`` on blocks of ``block_size`` along K (see the module docstring)."""
+def quantize_hqq(fmt: GridFormat, spec: WeightSpec, weight: np.ndarray, *, p: float = 0.7, beta: float = 10.0,
+                 kappa: float = 1.01, iterations: int = 20) -> BlockwiseWeight:
+    """HQQ codes for ``W[K, N]`` on the blocks of ``spec`` (see the module docstring), on ``fmt``'s grid."""
     k, n = weight.shape
-    lo, hi = code_limits(bits, ternary)
+    block_size = spec.block_for(k)
+    lo, hi = fmt.code_limits(spec)
     shape = (n, packing.block_count(k, block_size))
     scales = np.empty(shape, np.float32)
-    zeros = np.empty(shape, np.float32 if float_zero_point else np.uint8)
+    zeros = np.empty(shape, np.float32 if spec.float_zero_point else np.uint8)
     codes = np.empty((n, k), np.uint8)
     for cols in column_chunks(weight.shape):  # bounded temporaries, the starting grids too
         w, valid = _column_blocks(weight, cols, block_size)
-        s0, z0 = (g.astype(np.float32) for g in grid(weight[:, cols], bits, block_size, symmetric,
-                                                    float_zero_point, ternary))
-        mode = "scale" if symmetric else "zero"
+        s0, z0 = (g.astype(np.float32) for g in fmt.grid(weight[:, cols], spec))
+        mode = "scale" if spec.symmetric else "zero"
         s, z = _optimise(w, valid, s0, z0, lo, hi, mode, p, beta, kappa, iterations)
-        if not symmetric and not float_zero_point:  # a uint8 zero point: round it, refit the scale to it
+        if not spec.symmetric and not spec.float_zero_point:  # a uint8 zero point: round it, refit the scale to it
             z = np.clip(np.rint(z), lo, hi)
             s, z = _optimise(w, valid, s, z, lo, hi, "scale", p, beta, kappa, iterations)
             worse = _l1(w, valid, s, z, lo, hi) > _l1(w, valid, s0, z0, lo, hi)
@@ -132,67 +127,46 @@ def quantize_hqq(weight: np.ndarray, bits: int, block_size: int, symmetric: bool
         scales[cols], zeros[cols] = s, z
         q = np.clip(np.rint(w / scales[cols, :, None] + zeros[cols, :, None].astype(np.float32)), lo, hi)
         codes[cols] = q.reshape(q.shape[0], -1)[:, :k]
-    return BlockwiseWeight(codes, scales, None if symmetric else zeros, bits, block_size)
+    return fmt.from_codes(codes, scales, zeros, spec, k)
 
 
 class WeightOnlyHQQPass(QPass):
     """Choose blockwise codes with HQQ (see the module docstring); data-free, metadata only.
 
     Args:
-        enabled: run at all (the recipe's ``[weight-only] algorithm = "hqq"``).
-        bits, block_size, symmetric, float_zero_point, ternary, exclude_nodes, lm_head: the lowering's options.
         p, beta, kappa, iterations: HQQ's norm, initial and growth of the splitting weight, and steps.
     """
 
     name = "weight-only-hqq"
     stage = "calibrate"
     preserves_float = True
+    needs = frozenset({"grid"})
 
-    def __init__(self, *, enabled: bool = True, bits: int = 4, block_size: int = 32, symmetric: bool = True,
-                 float_zero_point: bool = False, ternary: bool = False, exclude_nodes: tuple[str, ...] = (),
-                 lm_head: str = "same", p: float = 0.7, beta: float = 10.0, kappa: float = 1.01,
-                 iterations: int = 20) -> None:
+    def __init__(self, *, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01, iterations: int = 20) -> None:
         super().__init__()
-        self.enabled = bool(enabled)
-        self.bits, self.block_size, self.symmetric = bits, block_size, bool(symmetric)
-        self.float_zero_point = bool(float_zero_point) and not self.symmetric
-        self.ternary, self.exclude_nodes, self.lm_head = bool(ternary), frozenset(exclude_nodes), lm_head
         self.p, self.beta, self.kappa, self.iterations = float(p), float(beta), float(kappa), int(iterations)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> WeightOnlyHQQPass:
-        """The grid from ``[weight-only]``."""
-        w = recipe.weight_only
-        kwargs: dict[str, Any] = {
-            "enabled": w.algorithm == "hqq", "bits": w.bits, "block_size": w.block_size, "symmetric": w.symmetric,
-            "float_zero_point": w.zero_point == "float", "ternary": w.ternary, "exclude_nodes": w.exclude_nodes,
-            "lm_head": w.lm_head,
-        }
-        kwargs.update(options)
-        return cls(**kwargs)
+        return cls(**options)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if not self.enabled:
-            self.count("not_requested")
-            return ir.passes.PassResult(model, False)
-        done: set[int] = set()
-        for node in model.graph:
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+        done: dict[int, BlockwiseWeight] = {}
+        for node, spec in annotated_layers(model):
+            node.meta[WEIGHT_CODES_KEY] = RoundToNearest()
+            found = layer_weight(model, node)
+            fmt = get_format(spec.format)
+            if isinstance(found, str) or not isinstance(fmt, GridFormat):
                 continue
-            found = layer_weight(model, node, self.exclude_nodes)
-            bits = layer_bits(node, self.bits, self.lm_head)
-            if isinstance(found, str) or bits is None:
+            if id(node.inputs[1]) in done:  # a shared weight: the lowering packs it once, from the first reader
+                node.meta[WEIGHT_CODES_KEY] = done[id(node.inputs[1])]
                 continue
-            if id(node.inputs[1]) in done:
-                continue  # a shared weight: the lowering packs it once, from the first reader's codes
-            done.add(id(node.inputs[1]))
             weight = quantized_weight(node, found[0])
-            block = resolve_block_size(self.block_size, weight.shape[0])
-            float_zero, ternary = self.float_zero_point and bits != 8, self.ternary and bits == 2
-            chosen = quantize_hqq(weight, bits, block, self.symmetric, float_zero, ternary, p=self.p,
-                                  beta=self.beta, kappa=self.kappa, iterations=self.iterations)
-            rtn = quantize_rtn(weight, bits, block, self.symmetric, float_zero, ternary)
-            node.meta[BLOCKWISE_KEY] = chosen
+            chosen = quantize_hqq(fmt, spec, weight, p=self.p, beta=self.beta, kappa=self.kappa,
+                                  iterations=self.iterations)
+            rtn = fmt.quantize(weight, spec)
+            done[id(node.inputs[1])] = chosen
+            node.meta[WEIGHT_CODES_KEY] = chosen
             self.record_layer(node, hqq_weight_sqnr_db=round(sqnr_from_energies(*chosen.error_energies(weight)), 3),
                               rtn_weight_sqnr_db=round(sqnr_from_energies(*rtn.error_energies(weight)), 3))
             self.count("layers")

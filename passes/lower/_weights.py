@@ -1,177 +1,21 @@
-"""Shared weight-quantization math of the int8 lowerings: symmetric int8, per channel or per tensor, and SQNR.
+"""Small graph-editing helpers the int8 lowerings share.
 
-For a weight ``w`` and a channel axis ``a`` (or the whole tensor):
-
-- ``s[c] = max(max|w[..c..]| / qmax, MIN_SCALE)`` (float32), zero point 0, ``qmax = 127`` (or 63 with
-  ``reduce_range``);
-- ``q = clip(rint(w / s[c]), -qmax, qmax)`` (int8, round half to even like ONNX ``QuantizeLinear``), so
-  ``|w - s[c] q| <= s[c] / 2`` elementwise;
-- ``SQNR = 10 log10(sum w^2 / sum (w - s q)^2)`` in dB, accumulated in float64. An exact round trip (zero noise)
-  reports :data:`SQNR_CAP_DB` so reports stay finite JSON.
-
-FP8 E4M3FN weights (:func:`quantize_weight_fp8`): ``s[c] = max(max|w[..c..]| / 448, MIN_SCALE)`` and
-``q = fp8(clip(w / s[c], -448, 448))`` (round to nearest even, saturating, like ``QuantizeLinear`` with
-``saturate=1``), so ``|w - s[c] q| <= 2^-4 |w|`` for values in the normal FP8 range (E4M3 has 3 mantissa bits).
-
-Weights are handled one tensor at a time, in slices along the first axis of at most :data:`_CHUNK` elements, so
-peak extra memory is a few slices, not a float64 copy of the tensor. Only symmetric weights (int8, FP8) live here.
-
-The module also holds the small graph-editing helpers both int8 lowerings share (:class:`Namer` for fresh value
-names, :func:`add_constant` for a new initializer, :func:`take_over_output` to make a new value stand in for an old
-one, graph-output name included, :func:`drop_if_unused` to remove a float weight nobody reads any more).
+:func:`pinned_scale` reads weight scales an earlier pass fixed (GPTQ rounds onto a grid the lowering must keep),
+:class:`Namer` gives fresh value names, :func:`add_constant` adds an initializer, :func:`take_over_output` makes a new
+value stand in for an old one (graph-output name included), and :func:`drop_if_unused` removes a float weight
+nobody reads any more. The weight numerics themselves live in :mod:`qcompiler.formats.channelwise`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from collections.abc import Callable
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.qspec import MIN_SCALE
+from qcompiler.metadata import PINNED_SCALE_KEY
 
-__all__ = ["SQNR_CAP_DB", "PINNED_SCALE_KEY", "QuantizedWeight", "symmetric_scales", "quantize_symmetric",
-           "quantize_weight", "quantize_weight_fp8", "FP8_MAX", "pinned_scale", "broadcast_scale", "sqnr_from_energies", "sqnr_db", "Namer", "add_constant", "take_over_output", "drop_if_unused"]
-
-logger = logging.getLogger(__name__)
-
-#: SQNR reported for an exact round trip
-SQNR_CAP_DB = 300.0
-#: value metadata key of weight scales fixed by an earlier pass (GPTQ rounds onto a grid the lowering must keep)
-PINNED_SCALE_KEY = "qcompiler.pinned_weight_scale"
-_QMAX = 127
-#: the largest finite float8e4m3fn value
-FP8_MAX = 448.0
-_CHUNK = 1 << 22
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantizedWeight:
-    """A symmetric int8 weight: ``w ~ q * scale`` (scale 1-D along ``axis``, or a scalar when ``axis`` is None)."""
-
-    q: np.ndarray
-    scale: np.ndarray
-    axis: int | None
-    sqnr_db: float
-
-
-def _slices(n: int, row_elems: int) -> list[slice]:
-    step = max(1, _CHUNK // max(row_elems, 1))
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
-
-
-def broadcast_scale(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
-    """``scale`` shaped to broadcast against a tensor of rank ``ndim`` along ``axis`` (as is when per tensor)."""
-    if axis is None or scale.ndim == 0:
-        return scale
-    shape = [1] * ndim
-    shape[axis] = -1
-    return scale.reshape(shape)
-
-
-def symmetric_scales(w: np.ndarray, axis: int | None, qmax: float = _QMAX) -> np.ndarray:
-    """Float32 scales ``max|w| / qmax`` per index of ``axis`` (a 0-d array for per-tensor), at least MIN_SCALE."""
-    if w.size == 0:
-        raise ValueError("cannot quantize an empty weight")
-    if axis is None:
-        absmax = np.asarray(np.max(np.abs(w)), dtype=np.float64)
-    else:
-        reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
-        absmax = np.max(np.abs(w), axis=reduce_axes).astype(np.float64) if reduce_axes else np.abs(w).astype(
-            np.float64)
-    if not np.all(np.isfinite(absmax)):
-        raise ValueError("weight holds NaN or Inf")
-    return np.maximum(absmax / qmax, MIN_SCALE).astype(np.float32)
-
-
-def quantize_symmetric(w: np.ndarray, scale: np.ndarray, axis: int | None, qmax: int = _QMAX) -> np.ndarray:
-    """``clip(rint(w / scale), -qmax, qmax)`` as int8, slice by slice along the first axis."""
-    w = np.asarray(w)
-    s = broadcast_scale(np.asarray(scale, dtype=np.float64), w.ndim, axis)
-    out = np.empty(w.shape, dtype=np.int8)
-    if w.ndim == 0:
-        return np.clip(np.rint(w / s), -qmax, qmax).astype(np.int8)
-    row = w[0].size if w.shape[0] else 1
-    for sl in _slices(w.shape[0], row):
-        s_part = s[sl] if (axis == 0 and s.ndim) else s
-        out[sl] = np.clip(np.rint(w[sl].astype(np.float64) / s_part), -qmax, qmax)
-    return out
-
-
-def sqnr_db(w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int | None) -> float:
-    """Signal-to-quantization-noise ratio of ``w`` against ``q * scale`` in dB (float64 sums, sliced)."""
-    w = np.asarray(w)
-    s = broadcast_scale(np.asarray(scale, dtype=np.float64), w.ndim, axis)
-    signal = noise = 0.0
-    if w.ndim == 0:
-        err = float(w) - float(q) * float(s)
-        signal, noise = float(w) ** 2, err * err
-    else:
-        row = w[0].size if w.shape[0] else 1
-        for sl in _slices(w.shape[0], row):
-            s_part = s[sl] if (axis == 0 and s.ndim) else s
-            part = w[sl].astype(np.float64)
-            err = part - q[sl].astype(np.float64) * s_part
-            signal += float(np.vdot(part, part))
-            noise += float(np.vdot(err, err))
-    return sqnr_from_energies(signal, noise)
-
-
-def sqnr_from_energies(signal: float, noise: float) -> float:
-    """``10 log10(signal / noise)`` in dB, capped at :data:`SQNR_CAP_DB` (exact: +cap; no signal, or a noise that is
-    not finite: -cap), so it is never NaN."""
-    if not np.isfinite(noise) or np.isnan(signal):
-        return -SQNR_CAP_DB
-    if noise <= 0.0:
-        return SQNR_CAP_DB
-    if signal <= 0.0:
-        return -SQNR_CAP_DB
-    return float(min(10.0 * np.log10(signal / noise), SQNR_CAP_DB))
-
-
-def quantize_weight(w: np.ndarray, axis: int | None, *, scale: np.ndarray | None = None,
-                    qmax: int = _QMAX) -> QuantizedWeight:
-    """Quantize one weight tensor to symmetric int8 (per channel along ``axis``, or per tensor when None).
-
-    Args:
-        w: the float weight (any float dtype; a memory map is fine).
-        axis: the channel axis (non-negative), or None for one scale.
-        scale: use these scales instead of ``max|w| / qmax`` (e.g. widened so an int32 bias fits).
-        qmax: 127, or 63 for ORT's "reduce_range" (7-bit weights, see the lowering passes).
-    """
-    w = np.asarray(w)
-    if axis is not None and not 0 <= axis < w.ndim:
-        raise ValueError(f"axis {axis} is out of range for a weight of rank {w.ndim}")
-    s = symmetric_scales(w, axis, qmax) if scale is None else np.asarray(scale, dtype=np.float32)
-    q = quantize_symmetric(w, s, axis, qmax)
-    return QuantizedWeight(q, s, axis, sqnr_db(w, q, s, axis))
-
-
-def quantize_weight_fp8(w: np.ndarray, axis: int | None, *, scale: np.ndarray | None = None) -> QuantizedWeight:
-    """Quantize one weight tensor to FP8 E4M3FN (``q`` of ``ml_dtypes.float8_e4m3fn``), scale ``max|w| / 448``.
-
-    Args:
-        w: the float weight (any float dtype; a memory map is fine).
-        axis: the channel axis (non-negative), or None for one scale.
-        scale: use these scales instead of ``max|w| / 448``.
-    """
-    w = np.asarray(w)
-    if axis is not None and not 0 <= axis < w.ndim:
-        raise ValueError(f"axis {axis} is out of range for a weight of rank {w.ndim}")
-    s = symmetric_scales(w, axis, FP8_MAX) if scale is None else np.asarray(scale, dtype=np.float32)
-    sb = broadcast_scale(s.astype(np.float64), w.ndim, axis)
-    out = np.empty(w.shape, dtype=ml_dtypes.float8_e4m3fn)
-    if w.ndim == 0:
-        out = np.asarray(np.clip(w / sb, -FP8_MAX, FP8_MAX)).astype(ml_dtypes.float8_e4m3fn)
-    else:
-        row = w[0].size if w.shape[0] else 1
-        for sl in _slices(w.shape[0], row):
-            s_part = sb[sl] if (axis == 0 and sb.ndim) else sb
-            out[sl] = np.clip(w[sl].astype(np.float64) / s_part, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
-    return QuantizedWeight(out, s, axis, sqnr_db(w, out, s, axis))
+__all__ = ["pinned_scale", "Namer", "add_constant", "take_over_output", "drop_if_unused"]
 
 
 def pinned_scale(value: ir.Value, weight: np.ndarray, axis: int | None) -> np.ndarray | None:

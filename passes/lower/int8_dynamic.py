@@ -36,19 +36,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.formats.channelwise import QuantizedWeight, quantize_weight
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes._finite import require_finite
 from qcompiler.passes.annotate import is_weight_layer
 from qcompiler.passes.lower._target import resolve_reduce_range
-from qcompiler.passes.lower._weights import (
-    Namer,
-    QuantizedWeight,
-    add_constant,
-    drop_if_unused,
-    pinned_scale,
-    quantize_weight,
-    take_over_output,
-)
+from qcompiler.passes.lower._weights import Namer, add_constant, drop_if_unused, pinned_scale, take_over_output
 from qcompiler.progress import track
 from qcompiler.qspec import get_qspec
 

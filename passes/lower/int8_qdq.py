@@ -79,23 +79,19 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import ConfigError
+from qcompiler.formats.channelwise import (
+    QuantizedWeight,
+    broadcast_scale,
+    quantize_weight,
+    quantize_weight_fp8,
+    symmetric_scales,
+)
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes._finite import require_finite
 from qcompiler.passes.algorithms.bias_correction import BIAS_SHIFT_KEY, get_channel_mean, mean_shift
 from qcompiler.passes.annotate import SCHEME_KEY, activation_inputs, is_activation_op, is_weight_layer, quantized_output
 from qcompiler.passes.lower._target import resolve_reduce_range
-from qcompiler.passes.lower._weights import (
-    Namer,
-    QuantizedWeight,
-    add_constant,
-    broadcast_scale,
-    drop_if_unused,
-    pinned_scale,
-    quantize_weight,
-    quantize_weight_fp8,
-    symmetric_scales,
-    take_over_output,
-)
+from qcompiler.passes.lower._weights import Namer, add_constant, drop_if_unused, pinned_scale, take_over_output
 from qcompiler.qspec import QuantSpec, get_qspec, get_range, is_float_dtype, onnx_dtype, scale_zero_point
 
 if TYPE_CHECKING:

@@ -7,7 +7,11 @@ Accepted forms of ``path``:
   shape ``[N, 3, 224, 224]``);
 - a folder of such ``.npz`` files (or ``.npy`` files for a one-input model), read in sorted name order and
   concatenated lazily;
-- a single ``.npy`` when the model has exactly one input.
+- a single ``.npy`` when the model has exactly one input;
+- from Python (``compile_model(calib=...)``), a mapping ``{input name: numpy array}`` laid out like an ``.npz``: the
+  arrays are checked exactly like a file's (names, dtypes, shapes, NaN/Inf, sample counts) and then only read,
+  through read-only views (the caller's arrays are never written to or copied whole). A mapping that holds only
+  ``input_ids`` for a decoder is completed like a token-id file (:mod:`qcompiler.calibration.text`).
 
 Files are opened and read by :mod:`qcompiler.calibration._numpy_files`: a non-blocking open checked with ``fstat``
 (a FIFO, device or socket is refused, never waited on), headers before data (an array declaring more than its file
@@ -30,8 +34,9 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -57,10 +62,11 @@ class _InputInfo:
 @dataclasses.dataclass(frozen=True)
 class _Source:
     path: Path
-    kind: str  # "npz" or "npy"
+    kind: str  # "npz", "npy" or "memory" (a mapping given from Python)
     num_samples: int
     in_folder: bool = False  # opened beneath its folder (an entry of a calibration folder)
     identity: FileIdentity | None = None  # what was checked; a reopened file must be the same
+    arrays: Mapping[str, np.ndarray] | None = None  # kind "memory": read-only views of the caller's arrays
 
 
 def _model_inputs(model: ir.Model) -> list[_InputInfo]:
@@ -90,9 +96,9 @@ def _open(path: Path, in_folder: bool, expect: FileIdentity | None = None) -> co
     return open_numpy(path, label=f"calibration file {path}", expect=expect)
 
 
-def _check_array(arr: np.ndarray, info: _InputInfo, path: Path, first_index: int) -> int:
-    """Check one input's array from one file; return its number of samples."""
-    where = f"calibration data for input '{info.name}' ({path.name})"
+def _check_array(arr: np.ndarray, info: _InputInfo, source: str, first_index: int) -> int:
+    """Check one input's array from one file (``source``: its name, for messages); return its number of samples."""
+    where = f"calibration data for input '{info.name}' ({source})"
     if arr.dtype.hasobject:
         raise CalibrationError(f"{where} holds Python objects; only numeric arrays are accepted")
     if arr.dtype != info.dtype:
@@ -161,6 +167,8 @@ class CalibrationData:
         return f"CalibrationData(inputs={list(self.input_names)}, num_samples={self.num_samples})"
 
     def _read_source(self, source: _Source) -> dict[str, np.ndarray]:
+        if source.arrays is not None:
+            return {name: source.arrays[name] for name in self.input_names}
         with _open(source.path, source.in_folder, source.identity) as file:
             if source.kind == "npy":
                 return {self.input_names[0]: file.read(None, mmap=True)}
@@ -233,14 +241,20 @@ def _list_files(path: Path) -> list[tuple[Path, bool]]:
     return [(path, False)]
 
 
-def load_calibration_data(path: str | os.PathLike[str], model: ir.Model) -> CalibrationData:
-    """Open and check calibration data for ``model`` (see the module docstring for the accepted forms).
+def load_calibration_data(path: str | os.PathLike[str] | Mapping[str, np.ndarray],
+                          model: ir.Model) -> CalibrationData:
+    """Open and check calibration data for ``model``: a path, or a mapping ``{input name: array}`` (see the module
+    docstring for the accepted forms).
 
     Raises:
         CalibrationError: anything wrong with the data, in one line.
     """
+    if isinstance(path, Mapping):
+        return _from_mapping(path, model)
+    if not isinstance(path, (str, os.PathLike)):
+        raise CalibrationError(f"calibration data must be a path (an .npz, an .npy or a folder of them) or a mapping "
+                               f"{{input name: numpy array}}, got {type(path).__name__}")
     inputs = _model_inputs(model)
-    names = [i.name for i in inputs]
     sources: list[_Source] = []
     offset = 0
     for file_path, in_folder in _list_files(Path(path)):
@@ -254,14 +268,68 @@ def load_calibration_data(path: str | os.PathLike[str], model: ir.Model) -> Cali
         n = next(iter(counts.values()))
         sources.append(_Source(file_path, kind, n, in_folder, identity))
         offset += n
-    data = CalibrationData(sources, inputs)
+    return _checked(CalibrationData(sources, inputs), str(path))
+
+
+def _checked(data: CalibrationData, label: str) -> CalibrationData:
+    """``data`` once it holds at least one sample and at least one fixed batch (``label`` names it in messages)."""
     if data.num_samples == 0:
-        raise CalibrationError(f"calibration data {path} holds zero samples")
+        raise CalibrationError(f"calibration data {label} holds zero samples")
     if data.fixed_batch is not None and data.fixed_batch > data.num_samples:
-        raise CalibrationError(f"calibration data {path} holds {data.num_samples} samples, fewer than the model's "
+        raise CalibrationError(f"calibration data {label} holds {data.num_samples} samples, fewer than the model's "
                                f"fixed batch size {data.fixed_batch}")
-    logger.info("calibration data %s: %d samples for %s", path, data.num_samples, ", ".join(names))
+    logger.info("calibration data %s: %d samples for %s", label, data.num_samples, ", ".join(data.input_names))
     return data
+
+
+_MAPPING = "calib mapping"
+
+
+def _from_mapping(arrays: Mapping[Any, Any], model: ir.Model) -> CalibrationData:
+    """Check a mapping ``{input name: array}`` like an ``.npz`` (see the module docstring)."""
+    inputs = _model_inputs(model)
+    names = [i.name for i in inputs]
+    bad_keys = [k for k in arrays if not isinstance(k, str)]
+    if bad_keys:
+        raise CalibrationError(f"{_MAPPING}: key {bad_keys[0]!r} is not an input name (a string); the model's "
+                               f"inputs: {', '.join(names)}")
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):
+            raise CalibrationError(f"calibration data for input '{key}' ({_MAPPING}) is a {type(value).__name__}, "
+                                   "not a numpy array (convert it with numpy.asarray and the input's dtype)")
+    views: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        view = value.view()
+        view.flags.writeable = False  # passes read batches of it: none may write into the caller's array
+        views[key] = view
+    views = _complete_token_ids(views, model, names)
+    missing = [n for n in names if n not in views]
+    unknown = sorted(k for k in views if k not in names)
+    if missing or unknown:
+        parts = ([f"missing input(s) {', '.join(missing)}"] if missing else []) + (
+            [f"unknown name(s) {', '.join(unknown)}"] if unknown else [])
+        raise CalibrationError(f"{_MAPPING}: {'; '.join(parts)} (the model's inputs: {', '.join(names)})")
+    counts = {info.name: _check_array(views[info.name], info, _MAPPING, 0) for info in inputs}
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        raise CalibrationError(f"{_MAPPING}: the inputs have different numbers of samples ({detail})")
+    n = next(iter(counts.values()))
+    source = _Source(Path(_MAPPING), "memory", n, arrays={name: views[name] for name in names})
+    return _checked(CalibrationData([source], inputs), _MAPPING)
+
+
+def _complete_token_ids(arrays: dict[str, np.ndarray], model: ir.Model, names: list[str]) -> dict[str, np.ndarray]:
+    """Token ids alone (``input_ids`` ``[N, S]`` of integers) for a decoder with more inputs: cast to the input's
+    type and completed with a prefill's mask, positions and empty KV cache, as a token-id file is; else as given."""
+    ids = arrays.get("input_ids")
+    if list(arrays) != ["input_ids"] or "input_ids" not in names or len(names) == 1 or ids is None or \
+            ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        return arrays
+    from qcompiler.calibration.text import complete_decoder_inputs
+
+    value = next(v for v in model.graph.inputs if v.name == "input_ids")
+    dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.int64)
+    return complete_decoder_inputs(model, {"input_ids": ids.astype(dtype)})
 
 
 def _check_file(file: NumpyFile, path: Path, inputs: list[_InputInfo], offset: int) -> dict[str, int]:
@@ -271,7 +339,7 @@ def _check_file(file: NumpyFile, path: Path, inputs: list[_InputInfo], offset: i
         if len(inputs) != 1:
             raise CalibrationError(f"calibration file {path} is an .npy, but the model has {len(inputs)} inputs "
                                    f"({', '.join(names)}): use an .npz keyed by input name")
-        return {names[0]: _check_array(file.read(None, mmap=True), inputs[0], path, offset)}
+        return {names[0]: _check_array(file.read(None, mmap=True), inputs[0], path.name, offset)}
     keys = file.keys()
     missing = [n for n in names if n not in keys]
     unknown = sorted(k for k in keys if k not in names)
@@ -286,6 +354,6 @@ def _check_file(file: NumpyFile, path: Path, inputs: list[_InputInfo], offset: i
     counts = {}
     for info in inputs:
         arr = file.read(info.name)
-        counts[info.name] = _check_array(arr, info, path, offset)
+        counts[info.name] = _check_array(arr, info, path.name, offset)
         del arr
     return counts

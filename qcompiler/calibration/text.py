@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler import _wording
 from qcompiler.calibration._numpy_files import open_numpy
 from qcompiler.errors import CalibrationError
 from qcompiler.runtime._safe_files import SafeOpenError, open_regular
@@ -79,13 +80,13 @@ def _load_tokenizer(path: Path):  # noqa: ANN202 -- tokenizers.Tokenizer, import
 def tokenize_text(text_path: Path, tokenizer_path: Path, seq_len: int) -> np.ndarray:
     """``input_ids`` int64 ``[windows, seq_len]``: the text's tokens in consecutive windows."""
     if seq_len < 2:
-        raise CalibrationError(f"--seq-len must be at least 2, got {seq_len}")
+        raise CalibrationError(f"{_wording.argument('--seq-len')} must be at least 2, got {seq_len}")
     text = _read_text(text_path, "calibration text")
     ids = _load_tokenizer(tokenizer_path).encode(text, add_special_tokens=False).ids
     count = len(ids) // seq_len
     if count == 0:
         raise CalibrationError(f"calibration text {text_path} has {len(ids)} tokens, fewer than one window of "
-                               f"{seq_len} (--seq-len)")
+                               f"{seq_len} ({_wording.argument('--seq-len')})")
     logger.info("calibration text %s: %d tokens -> %d windows of %d", text_path, len(ids), count, seq_len)
     return np.asarray(ids[:count * seq_len], dtype=np.int64).reshape(count, seq_len)
 
@@ -125,13 +126,15 @@ def prepare_calibration(calib: Path, model: ir.Model, workdir: Path, tokenizer: 
     input_names = {v.name for v in model.graph.inputs if v.name not in model.graph.initializers}
     if calib.suffix in TEXT_SUFFIXES:
         if tokenizer is None:
-            raise CalibrationError(f"calibration text {calib} needs --tokenizer (a tokenizer.json)")
+            raise CalibrationError(f"calibration text {calib} needs {_wording.argument('--tokenizer')} (a "
+                                   "tokenizer.json)")
         if "input_ids" not in input_names:
             raise CalibrationError("text calibration feeds 'input_ids', which the model does not take")
         arrays = {"input_ids": tokenize_text(calib, tokenizer, seq_len)}
     else:
         if tokenizer is not None:
-            raise CalibrationError(f"--tokenizer is for text calibration data (.txt), not {calib.name}")
+            raise CalibrationError(f"{_wording.argument('--tokenizer')} is for text calibration data (.txt), not "
+                                   f"{calib.name}")
         if not calib.is_file() or calib.suffix not in (".npz", ".npy") or "input_ids" not in input_names or \
                 len(input_names) == 1:
             return calib

@@ -1,8 +1,10 @@
-"""The GPU side of :class:`qcompiler.runtime.Session`: numpy in, numpy out, over :class:`GraphExecutor`.
+"""The GPU executor's backend of :class:`qcompiler.runtime.Session`: numpy in, numpy out, over :class:`GraphExecutor`.
 
 ``Session(path, device="cuda")`` builds one of these (imported only then), so an application switches device with
-one argument and keeps its code: the same input/output descriptions, the same feed checks, numpy arrays back.
-:meth:`GpuSession.run_torch` skips the host round trip for callers that keep tensors on the GPU (a decode loop).
+one argument and keeps its code: it implements :class:`qcompiler.runtime.backend.Backend` like the ONNX Runtime
+backend, with the same input/output descriptions (ORT's type strings), the same feed checks (done by ``Session``)
+and numpy arrays back. :meth:`GpuSession.run_torch` skips the host round trip for callers that keep tensors on the
+GPU (a decode loop).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from qcompiler.runtime.cuda.executor import GraphExecutor
+from qcompiler.runtime._model_file import ModelFileError
+from qcompiler.runtime.backend import SessionError, TensorInfo, tensor_info
+from qcompiler.runtime.cuda.executor import GraphExecutor, UnsupportedOpError
 from qcompiler.runtime.cuda.graph import TensorSpec
 
 __all__ = ["GpuSession", "ORT_TYPE_NAMES"]
@@ -29,17 +33,28 @@ ORT_TYPE_NAMES: dict[torch.dtype, str] = {
 
 
 class GpuSession:
-    """A model on a torch device (CUDA: qcompiler's kernels and CUDA graphs).
+    """A model on a torch device (CUDA: qcompiler's kernels and CUDA graphs); a :class:`Backend`.
 
     Args:
         path: the ``.onnx`` file, or a ``ModelFile`` already read and checked (what Session hands over).
         device: a torch device string (``"cuda"``, ``"cuda:1"``; ``"cpu"`` runs the same executor with torch's
             CPU ops, which is how it is tested without a GPU).
         cuda_graphs: replay each input signature from a CUDA graph after its first run.
+
+    Raises:
+        SessionError: the file is refused, or the executor cannot run the model (an operator it lacks...).
     """
 
     def __init__(self, path: str | os.PathLike[str], device: str = "cuda", *, cuda_graphs: bool = True) -> None:
-        self.executor = GraphExecutor(path, device, cuda_graphs=cuda_graphs)
+        self.path = getattr(path, "path", path)
+        try:
+            self.executor = GraphExecutor(path, device, cuda_graphs=cuda_graphs)
+        except ModelFileError as exc:
+            raise SessionError(str(exc)) from None
+        except (UnsupportedOpError, ValueError) as exc:
+            raise SessionError(f"{self.path}: the GPU executor cannot run this model: {exc}") from exc
+        self._inputs = [tensor_info(*self.describe(spec)) for spec in self.executor.inputs]
+        self._outputs = [tensor_info(*self.describe(spec)) for spec in self.executor.outputs]
 
     @staticmethod
     def describe(spec: TensorSpec) -> tuple[str, tuple[Any, ...], str]:
@@ -48,26 +63,34 @@ class GpuSession:
         return spec.name, shape, ORT_TYPE_NAMES.get(spec.dtype, str(spec.dtype))
 
     @property
-    def inputs(self) -> list[TensorSpec]:
-        return self.executor.inputs
+    def inputs(self) -> list[TensorInfo]:
+        return list(self._inputs)
 
     @property
-    def outputs(self) -> list[TensorSpec]:
-        return self.executor.outputs
+    def outputs(self) -> list[TensorInfo]:
+        return list(self._outputs)
+
+    @property
+    def providers(self) -> list[str]:
+        return [f"qcompiler.GraphExecutor({self.executor.device})"]
 
     @property
     def metadata(self) -> dict[str, str]:
-        return self.executor.metadata
+        return dict(self.executor.metadata)
 
     @property
     def opsets(self) -> dict[str, int]:
         return self.executor.opsets
 
-    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Run on numpy feeds (already checked by Session) and return numpy copies of ``output_names``."""
+    def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run on numpy feeds (already checked by Session) and return numpy copies of ``names``."""
         tensors = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in feeds.items()}
-        results = self.executor.run(tensors)
-        return {name: results[name].detach().cpu().numpy() for name in output_names}
+        try:
+            results = self.executor.run(tensors)
+            return {name: results[name].detach().cpu().numpy() for name in names}
+        except (RuntimeError, ValueError) as exc:
+            message = " ".join(str(exc).split())
+            raise SessionError(f"{self.path}: the GPU executor failed: {message[:500]}") from exc
 
     def run_torch(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run on torch tensors and return the device tensors (with CUDA graphs: valid until the next run)."""

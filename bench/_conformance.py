@@ -1,4 +1,5 @@
-"""The ONNX backend conformance suite, run through the compiler.
+"""The ONNX backend conformance suite, run through the compiler (the harness of ``bench/conformance.py`` and
+``tests/test_conformance.py``; a test tool, so it lives beside the benchmarks, not in the product package).
 
 Each test model (a folder with ``model.onnx`` and ``test_data_set_*/{input,output}_*.pb``) is run in ONNX Runtime
 as it is, compiled with :func:`qcompiler.api.compile_model` (the ``float`` recipe by default), and the compiled

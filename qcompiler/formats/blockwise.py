@@ -30,7 +30,7 @@ import numpy as np
 
 from qcompiler.runtime import packing
 
-__all__ = ["CHUNK_ELEMENTS", "BlockwiseWeight", "code_limits", "column_chunks", "codes_on_grid", "grid", "quantize_nf4", "quantize_rtn",
+__all__ = ["CHUNK_ELEMENTS", "BlockwiseWeight", "code_limits", "column_chunks", "codes_on_grid", "grid", "quantize_rtn",
            "resolve_block_size"]
 
 
@@ -187,23 +187,3 @@ def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, symmetric: bool
     joined = (np.concatenate(x, axis=0) if len(x) > 1 else x[0] for x in (codes, scales, zeros))
     codes_all, scale_all, zero_all = joined
     return BlockwiseWeight(codes_all, scale_all, None if symmetric else zero_all, bits, block_size)
-
-
-def quantize_nf4(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """NF4 codes ``[N, K]`` and ``absmax`` per block of ``W^T`` flattened (MatMulBnb4's layout, see packing).
-
-    Each value is divided by its block's largest magnitude and rounded to the nearest of the 16 NF4 values; an
-    all-zero block gets ``absmax = 1`` (its values are the codebook's exact 0)."""
-    k, n = weight.shape
-    flat = np.ascontiguousarray(weight.T, dtype=np.float64).reshape(-1)
-    blocks = -(-flat.size // block_size)
-    padded = np.zeros(blocks * block_size)
-    padded[:flat.size] = flat
-    padded = padded.reshape(blocks, block_size)
-    absmax = np.abs(padded).max(axis=1)
-    absmax = np.where(absmax > 0, absmax, 1.0)
-    normed = (padded / absmax[:, None]).reshape(-1)[:flat.size]
-    book = packing.NF4_CODEBOOK.astype(np.float64)
-    edges = (book[1:] + book[:-1]) / 2  # nearest codebook value by its midpoints
-    codes = np.searchsorted(edges, normed).astype(np.uint8)
-    return codes.reshape(n, k), absmax.astype(np.float32)

@@ -1,0 +1,56 @@
+"""Every metadata key qcompiler reads or writes, in one place.
+
+Two kinds:
+
+- **IR metadata** (``value.meta`` / ``node.meta``: in memory only, never saved): what one pass tells a later one.
+  Quantization intent (a :class:`~qcompiler.qspec.QuantSpec` per value, a
+  :class:`~qcompiler.formats.WeightSpec` per weight-only layer), what calibration found (ranges), what an algorithm
+  chose (codes, pinned scales), and the int8 node annotations.
+- **Model metadata** (``model.metadata_props``: saved in the output file): provenance a user or the runtime reads.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BIAS_SHIFT_KEY", "CALIBRATION_SHA256", "CHANNEL_MEAN_KEY", "FUSED_ACTIVATION_KEY", "FUSED_INTO_KEY",
+    "PINNED_SCALE_KEY", "QSPEC_KEY", "RANGE_KEY", "RECIPE", "ROLE_KEY", "SCHEME_KEY", "VERSION", "WEIGHT_BITS",
+    "WEIGHT_CODES_KEY", "WEIGHT_ONLY", "WEIGHT_SPEC_KEY",
+]
+
+# -- IR metadata: values ------------------------------------------------------------------------------------------
+#: a value's :class:`~qcompiler.qspec.QuantSpec` (int8 path: activations and weights)
+QSPEC_KEY = "qcompiler.qspec"
+#: a value's calibrated (min, max) range
+RANGE_KEY = "qcompiler.range"
+#: weight scales an earlier pass fixed (GPTQ rounds onto a grid the int8 lowering must keep)
+PINNED_SCALE_KEY = "qcompiler.pinned_weight_scale"
+#: the per-channel mean of a layer's input (bias correction)
+CHANNEL_MEAN_KEY = "qcompiler.channel_mean"
+
+# -- IR metadata: nodes -------------------------------------------------------------------------------------------
+#: the int8 scheme a layer is annotated with ("int8-static", "int8-dynamic", ...)
+SCHEME_KEY = "qcompiler.quant_scheme"
+#: the role of an annotated node ("layer" or "activation")
+ROLE_KEY = "qcompiler.quant_role"
+#: the activation (Relu/Clip) paired with a Conv/Gemm by fusion, quantized as one
+FUSED_ACTIVATION_KEY = "qcompiler.fused_activation"
+#: on a fused activation node: the layer it was paired with
+FUSED_INTO_KEY = "qcompiler.fused_into"
+#: a bias shift bias correction computed, applied by the lowering
+BIAS_SHIFT_KEY = "qcompiler.pending_bias_shift"
+#: a weight-only layer's :class:`~qcompiler.formats.WeightSpec` (annotate-weight-only; mixed precision edits it)
+WEIGHT_SPEC_KEY = "qcompiler.weight_spec"
+#: the codes an algorithm chose for a weight-only layer, for its spec (a format's quantized-weight object)
+WEIGHT_CODES_KEY = "qcompiler.weight_codes"
+
+# -- model metadata (saved) ---------------------------------------------------------------------------------------
+#: the qcompiler version that wrote the file
+VERSION = "qcompiler.version"
+#: the recipe's name
+RECIPE = "qcompiler.recipe"
+#: the weight-only options, JSON
+WEIGHT_ONLY = "qcompiler.weight_only"
+#: mixed precision's result, JSON (target, achieved average, bits per node)
+WEIGHT_BITS = "qcompiler.weight_bits"
+#: the SHA-256 of the calibration data that was used
+CALIBRATION_SHA256 = "qcompiler.calibration_sha256"
