@@ -14,8 +14,8 @@ writes them.
 Skipped with a counted reason (and no spec): what :func:`~qcompiler.passes._weight_layers.layer_weight` refuses
 (excluded names, subgraphs, non-constant or non-float32 weights, graph-input weights, weights not 2-D, empty
 weights, 1-D activations, Gemm with ``transA``, ``alpha``/``beta`` other than 1 or a bias not ``[N]``), an lm_head
-left in float, embedding indices of another type, an int4 embedding with an odd row length. The specs are
-in-memory metadata: ``modified`` is True only when the opset was converted.
+left in float, embedding indices of another type, an int4 embedding with an odd row length. ``modified`` is True
+when a spec was added, changed or removed, or the opset converted (a second run changes nothing).
 """
 
 from __future__ import annotations
@@ -87,15 +87,16 @@ class AnnotateWeightOnlyPass(QPass):
         return self.spec
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        converted = self._ensure_opset(model, get_format(self.spec.format).min_opset(self.spec))
+        modified = self._ensure_opset(model, get_format(self.spec.format).min_opset(self.spec))
         for node in model.graph:
             if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx"):
                 found = layer_weight(model, node, self.exclude_nodes)
                 spec = found if isinstance(found, str) else self._layer_spec(node)
                 if isinstance(spec, str):
                     self.skip(node, spec)
-                    node.meta.pop(WEIGHT_SPEC_KEY, None)
+                    modified |= node.meta.pop(WEIGHT_SPEC_KEY, None) is not None
                     continue
+                modified |= node.meta.get(WEIGHT_SPEC_KEY) != spec
                 node.meta[WEIGHT_SPEC_KEY] = spec
                 self.count(f"annotated_{spec.format}")
             elif self.embedding_spec is not None and embedding_table(node) is not None:
@@ -103,9 +104,10 @@ class AnnotateWeightOnlyPass(QPass):
                 if reason:
                     self.skip(node, reason)
                     continue
+                modified |= node.meta.get(WEIGHT_SPEC_KEY) != self.embedding_spec
                 node.meta[WEIGHT_SPEC_KEY] = self.embedding_spec
                 self.count("annotated_embedding")
-        return ir.passes.PassResult(model, converted)
+        return ir.passes.PassResult(model, modified)
 
     def _ensure_opset(self, model: ir.Model, version: int) -> bool:
         """Convert the model's default-domain opset up to ``version`` when the format's ONNX form needs it

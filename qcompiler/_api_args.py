@@ -6,7 +6,7 @@ would be three names), a dict of lists for calibration data. Each such mistake i
 :class:`~qcompiler.errors.QCompileError` naming the argument, raised before the model is read, instead of a
 ``TypeError`` from deep inside. Extra passes (``passes=[MyPass()]``) are :class:`~qcompiler.pass_manager.QPass`
 instances, checked as a plugin class is (:func:`qcompiler.plugins.load_pass_class`: a known stage, a name, no
-clash) and placed by the plugin placement rule (:func:`qcompiler.pipelines._place`: after ``after``, before
+clash) and placed by the plugin placement rule (:func:`qcompiler.pipelines.place_pass`: after ``after``, before
 ``before``, else at the end of ``stage``).
 
 An ``onnx_ir.Model`` is serialized with onnx-ir's serializer, which names each initializer's tensor after its
@@ -163,14 +163,14 @@ def place_extra_passes(order: Sequence[Any], extra: Sequence[QPass]) -> list[Any
         UsageError: an extra pass named like a pass of the pipeline.
         PluginError: its ``after``/``before`` names a pass that is not in the pipeline.
     """
-    from qcompiler.pipelines import _place  # the plugin placement rule (one rule for plugins and pass objects)
+    from qcompiler.pipelines import place_pass  # the plugin placement rule (one rule for plugins and pass objects)
 
     placed = list(order)
     for qpass in extra:
         if qpass.name in {p.name for p in placed}:
             raise UsageError(f"passes= holds a pass named {qpass.name!r}, which the pipeline already has; give it "
                              "another name (or disable the pipeline's with disable=[...])")
-        _place(placed, qpass, _PASSES_ORIGIN)  # type: ignore[arg-type]  # reads name/stage/before/after only
+        place_pass(placed, qpass, _PASSES_ORIGIN)  # type: ignore[arg-type]  # reads name/stage/before/after only
     return placed
 
 

@@ -96,11 +96,11 @@ def check_options(base: Recipe, active: Recipe, overrides: Mapping[str, Mapping[
         unused[key] = "no pass of its pipeline reads it"
     calibrator = active.calibration.calibrator
     if "calibration.percentile" in given and "calibration.percentile" in reads and calibrator != "percentile":
-        unused["calibration.percentile"] = (f"it applies to {_wording.option('calibration.calibrator', 'percentile')}"
-                                            f", and the calibrator is {calibrator}")
+        which = "--calibrator percentile" if _wording.is_cli() else "calibration={'calibrator': 'percentile'}"
+        unused["calibration.percentile"] = f"it applies to {which}, and the calibrator is {calibrator}"
     if "weight_only.zero_point" in given and "weight_only.zero_point" in reads and active.weight_only.symmetric:
-        unused["weight_only.zero_point"] = ("symmetric weights have no zero point "
-                                            f"({_wording.option('weight_only.symmetric', False)})")
+        asymmetric = "--asymmetric" if _wording.is_cli() else "weight_only={'symmetric': False}"
+        unused["weight_only.zero_point"] = f"symmetric weights have no zero point ({asymmetric})"
     errors, warnings = [], []
     for key, why in unused.items():
         section, field = key.split(".", 1)

@@ -27,7 +27,6 @@ COMPILER_MODULES: dict[str, str] = {
     "onnx": "onnx",
     "onnx_ir": "onnx-ir",
     "onnxscript": "onnxscript",
-    "networkx": "networkx",
     "tqdm": "tqdm",
     "ml_dtypes": "ml_dtypes",
 } | ({"tomli": "tomli"} if sys.version_info < (3, 11) else {})

@@ -32,7 +32,7 @@ FLAGS = {
     "quantization.max_accuracy_drop": "--max-accuracy-drop", "calibration.calibrator": "--calibrator",
     "calibration.max_samples": "--calib-samples", "calibration.batch_size": "--calib-batch-size",
     "calibration.percentile": "--percentile", "calibration.cache_dir": "--calib-cache",
-    "weight_only.algorithm": "--algorithm", "weight_only.block_size": "--block-size",
+    "weight_only.format": "--format", "weight_only.algorithm": "--algorithm", "weight_only.block_size": "--block-size",
     "weight_only.symmetric": "--symmetric/--asymmetric", "weight_only.zero_point": "--zero-point",
     "weight_only.accuracy_level": "--accuracy-level", "weight_only.lm_head": "--lm-head",
     "weight_only.embedding": "--embedding", "weight_only.target_bits": "--target-bits",
@@ -50,7 +50,7 @@ _NUMBER = re.compile(r"-?[0-9][0-9.]*")
 #: flags whose value is one word of a fixed set (quoted as a string in the API's spelling)
 #: flags whose value is a path (quoted as a string in the API's spelling)
 _PATH_FLAGS = frozenset({"--calib", "--tokenizer", "--dump-dir", "--recipe"})
-_CHOICE_FLAGS = frozenset({"--zero-point", "--algorithm", "--calibrator", "--lm-head", "--embedding",
+_CHOICE_FLAGS = frozenset({"--format", "--zero-point", "--algorithm", "--calibrator", "--lm-head", "--embedding",
                            "--activation-dtype", "--weight-dtype"})
 
 

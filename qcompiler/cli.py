@@ -105,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. 0.01); the most sensitive layers stay float until it holds")
     p.add_argument("--min-sqnr", type=float, metavar="DB",
                    help="accuracy budget: the model outputs' SQNR vs fp32 must reach DB decibels")
-    p.add_argument("--algorithm", choices=("rtn", "gptq", "awq", "hqq"),
-                   help="weight-only recipes: how codes are chosen (rtn, hqq: data-free; gptq and awq need --calib)")
+    p.add_argument("--format", metavar="NAME",
+                   help="weight-only recipes: the weight format (int2, int3, int4, int8, ternary, nf4, fp8, or an "
+                        "installed plugin's; default: the recipe's)")
+    p.add_argument("--algorithm", metavar="NAME",
+                   help="weight-only recipes: how codes are chosen: rtn, hqq (data-free), gptq, awq (need --calib), or "
+                        "an installed plugin's")
     p.add_argument("--block-size", type=int, metavar="N",
                    help="weight-only recipes: values per scale along K (16-256, a power of two; 0: per channel)")
     sym = p.add_mutually_exclusive_group()
@@ -240,7 +244,7 @@ def _compile(args: argparse.Namespace) -> int:
     if args.percentile is not None:
         calibration["percentile"] = args.percentile
     weight_only: dict[str, object] = {}
-    for key in ("algorithm", "block_size", "symmetric", "zero_point", "accuracy_level", "lm_head", "embedding",
+    for key in ("format", "algorithm", "block_size", "symmetric", "zero_point", "accuracy_level", "lm_head", "embedding",
                 "target_bits"):
         if getattr(args, key) is not None:
             weight_only[key] = getattr(args, key)

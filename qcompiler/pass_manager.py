@@ -1,13 +1,21 @@
 """Passes and the pass manager.
 
 A pass is a subclass of :class:`QPass` (an onnx-ir ``InPlacePass``) with a kebab-case registry ``name`` and a
-``stage``. Its ``call(model)`` returns ``PassResult(model, modified)`` where ``modified`` is computed from what
-really changed. While it runs, a pass counts what it did with :meth:`QPass.count` and what it skipped, with the
-reason, with :meth:`QPass.skip`; the pass manager collects those into the report.
+``stage``. Its ``call(model)`` returns ``PassResult(model, modified)``. While it runs, a pass counts what it did
+with :meth:`QPass.count` and what it skipped, with the reason, with :meth:`QPass.skip`; the pass manager collects
+those into the report.
+
+Contracts, declared rather than re-checked inside ``call``: ``requires(model)`` states a pass's preconditions
+(calibration data present, ranges calibrated, codes chosen, a minimum opset) and ``ensures(model)`` its
+postconditions (no annotated layer left with a float weight, no NaN/Inf quantization parameter). A precondition
+the user can fix raises a :class:`~qcompiler.errors.QCompileError` (exit 2, one line); a broken postcondition is a
+bug (exit 1). **One rule for ``modified``**: True when the pass changed anything a later pass or the output can
+see (the graph, initializers, ``metadata_props``, or the IR metadata passes hand on: specs, ranges, codes), False
+when nothing changed, so a second run of a deterministic pass reports False.
 
 :class:`PassPipeline` runs an explicit list of passes with instruments around each (timing is built in; IR dumps
-and numerical verification are instruments, see ``qcompiler.instruments``) and a small analysis cache that is
-dropped whenever a pass reports ``modified``. Each pass runs with Python's cyclic garbage collector paused (a full
+and numerical verification are instruments, see ``qcompiler.instruments``). Each pass runs with Python's cyclic
+garbage collector paused (a full
 collection walks every IR object: on a 1,000,000-node graph that was seconds per pass; the collector resumes, with
 its own thresholds, between passes). A pass that fails with anything other than a ``QCompileError``
 is reported as a :class:`~qcompiler.errors.PassFailedError` naming the pass and the passes that ran before it.
@@ -24,7 +32,6 @@ from typing import Any, ClassVar, Protocol
 
 import onnx_ir as ir
 
-from qcompiler.analysis import AnalysisCache
 from qcompiler.errors import PassFailedError, QCompileError
 from qcompiler.passes._common import paused_gc, release_free_memory
 
@@ -127,7 +134,6 @@ class QPass(ir.passes.InPlacePass):
     def __init__(self) -> None:
         super().__init__()
         self._stats: PassStats | None = None
-        self.analyses: AnalysisCache = AnalysisCache()
 
     # -- statistics, valid while the pass runs ----------------------------------------------------------------
     @property
@@ -228,10 +234,8 @@ class PassPipeline:
     def run(self, model: ir.Model) -> PipelineReport:
         """Run every pass in order, in place on ``model``, and return the report."""
         report = PipelineReport()
-        analyses = AnalysisCache()
         ran: list[str] = []
         for qpass in self.passes:
-            qpass.analyses = analyses
             for instrument in self.instruments:
                 instrument.before_pass(qpass, model)
             start = time.perf_counter()
@@ -249,8 +253,6 @@ class PassPipeline:
             seconds = time.perf_counter() - start
             if result.model is not model:
                 raise PassFailedError(f"pass '{qpass.name}' returned a different model object; passes run in place")
-            if result.modified:
-                analyses.invalidate()
             record = PassRecord(qpass.name, qpass.stage, seconds, result.modified, result.stats)
             report.passes.append(record)
             logger.info("pass %-24s %8.3f s  modified=%s %s", qpass.name, seconds, result.modified,

@@ -31,7 +31,7 @@ from qcompiler.pass_manager import STAGES, PassInstrument, PassPipeline, QPass
 from qcompiler.passes.algorithms import ALGORITHM_SLOT, algorithm_pass
 from qcompiler.plugins import discover_passes, load_pass_class
 
-__all__ = ["BuildContext", "resolve_pass_classes", "build_pipeline", "options_read"]
+__all__ = ["BuildContext", "build_pipeline", "options_read", "place_pass", "resolve_pass_classes"]
 
 
 @dataclasses.dataclass
@@ -43,7 +43,9 @@ class BuildContext:
     model_dir: str | None = None
 
 
-def _place(order: list[type[QPass]], plugin: type[QPass], origin: str = "") -> None:
+def place_pass(order: list[Any], plugin: Any, origin: str = "") -> None:
+    """Insert ``plugin`` (a pass class or instance) into ``order`` by its ``after``, ``before`` or ``stage``: the one
+    placement rule for plugin passes and for pass objects given to :func:`qcompiler.compile_model`."""
     names = [c.name for c in order]
     origin = origin or plugin.__module__
     if plugin.after is not None:
@@ -82,7 +84,7 @@ def resolve_pass_classes(recipe: Recipe) -> list[type[QPass]]:
         if plugin_name in recipe.passes:
             continue
         plugin = load_pass_class(plugin_name)  # raises a PluginError for an unknown or invalid name
-        _place(order, plugin, f"distribution {discover_passes()[plugin_name][0].distribution}")
+        place_pass(order, plugin, f"distribution {discover_passes()[plugin_name][0].distribution}")
     names = [c.name for c in order]
     for name in recipe.disable:
         if name not in names:

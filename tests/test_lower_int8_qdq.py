@@ -92,12 +92,17 @@ def test_one_shared_qdq_per_activation(tmp_path):
 
 
 def test_missing_range_leaves_the_node_float(tmp_path):
+    from qcompiler.errors import CalibrationError
+    from qcompiler.qspec import ValueRange, set_range
+
     model = mlp()
     AnnotateInt8Pass()(model)
+    with pytest.raises(CalibrationError, match="no activation has a calibrated range"):  # no calibration ran
+        LowerInt8QDQPass()(model)
+    x = next(v for v in model.graph.inputs if v.name == "x")
+    set_range(x, ValueRange(-1.0, 1.0))  # calibration saw x but not h2: that layer stays float, counted
     result = LowerInt8QDQPass()(model)
-    assert not result.modified
-    assert result.stats.skip_reasons() == {"no calibrated range for input 'x'": 1,
-                                           "no calibrated range for input 'h2'": 1}
+    assert result.stats.skip_reasons() == {"no calibrated range for input 'h2'": 1}
 
 
 def test_int32_bias_overflow_widens_the_weight_scale(tmp_path):

@@ -538,3 +538,49 @@ def test_invalid_plugin_in_a_subprocess(tmp_path: Path, scaled_net: Path) -> Non
     line = _one_error_line(proc.stderr)
     assert "distribution broken-sub" in line and "not a subclass" in line
     assert not out.exists()
+
+
+# -- a weight format from the example plugin --------------------------------------------------------------------------
+def _mlp_file(path: Path) -> Path:
+    rng = np.random.default_rng(11)
+    w1 = numpy_helper.from_array((rng.standard_normal((64, 32)) * 0.2).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((rng.standard_normal((32, 16)) * 0.2).astype(np.float32), "w2")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+                               helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                               helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")], "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 16])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_plugin_weight_format_is_chosen_by_name_and_runs_in_onnxruntime(plugin_site: Path, tmp_path: Path) -> None:
+    """The example plugin's int4-po2 format: picked with --format (and from a recipe), lowered to MatMulNBits
+    whose scales are powers of two, run by ONNX Runtime; its declared capabilities refuse HQQ."""
+    src = _mlp_file(tmp_path / "mlp.onnx")
+    out = tmp_path / "po2.onnx"
+    proc = _run_cli([str(src), "-o", str(out), "--recipe", "int4", "--format", "int4-po2", "--block-size", "32",
+                     "--lm-head", "same"], paths=(plugin_site,))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 int4-po2-weight-only" in proc.stdout
+    model = onnx.load(str(out))
+    assert [n.op_type for n in model.graph.node if n.domain == "com.microsoft"] == ["MatMulNBits"] * 2
+    scales = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_scales")]
+    assert len(scales) == 2 and all(np.array_equal(np.exp2(np.round(np.log2(s))), s) for s in scales)
+    x = np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)
+    (expected,), (actual,) = _ort_run(src, {"x": x}), _ort_run(out, {"x": x})
+    assert np.linalg.norm(actual - expected) / np.linalg.norm(expected) < 0.25
+    recipe = tmp_path / "po2.toml"
+    recipe.write_text('name = "po2"\nextends = "int4"\n[weight-only]\nformat = "int4-po2"\nblock_size = 32\n'
+                      'lm_head = "same"\n', encoding="utf-8")
+    again = tmp_path / "po2_recipe.onnx"
+    proc = _run_cli([str(src), "-o", str(again), "--recipe", str(recipe)], paths=(plugin_site,))
+    assert proc.returncode == 0, proc.stderr
+    assert [n.op_type for n in onnx.load(str(again)).graph.node].count("MatMulNBits") == 2
+    refused = _run_cli([str(src), "-o", str(tmp_path / "hqq.onnx"), "--recipe", "int4", "--format", "int4-po2",
+                        "--algorithm", "hqq"], paths=(plugin_site,))
+    assert refused.returncode == 2 and "free-grid" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    unknown = _run_cli([str(src), "-o", str(tmp_path / "x.onnx"), "--recipe", "int4", "--format", "int4-po2"])
+    assert unknown.returncode == 2 and "int4-po2" in unknown.stderr  # without the plugin installed

@@ -229,7 +229,7 @@ def test_gptq_lowers_the_layer_output_error_against_rtn(tmp_path, bits, symmetri
     annotate_weight_only(model, bits=bits, block_size=32, symmetric=symmetric)
     result = WeightOnlyGPTQPass(calibration_data=data)(model)
     layers = result.stats.layers
-    assert result.stats.counters["layers"] == 2 and not result.modified
+    assert result.stats.counters["layers"] == 2 and result.modified  # codes written
     for name in ("fc1", "fc2"):
         assert layers[name]["gptq_output_error_db"] < layers[name]["rtn_output_error_db"] - 0.5, layers[name]
     reference = _mlp()

@@ -21,8 +21,8 @@ grid (not NF4 or FP8: their layers get round to nearest on the scaled weights). 
 rounding's perplexity (27.6 vs 25.6, 8 windows), without clipping 11.8% above (30.9 vs 27.7, 16 windows): this
 model's weights sit on GGUF Q4_1 grids that both steps break up.
 
-The algorithm pass of ``algorithm = "awq"``; needs calibration data; layers whose bits are 8 (an int8 lm_head)
-are left alone (nothing to gain: round to nearest). Skipped with a reason: a weight read by several groups, an activation that is a
+The algorithm pass of ``algorithm = "awq"``; needs calibration data; int8 layers (an int8 lm_head) are left alone
+(nothing to gain: round to nearest); FP8's 3-bit mantissa is coarse enough to gain. Skipped with a reason: a weight read by several groups, an activation that is a
 graph input of another type, an activation that is zero on every sampled row (nothing to weigh the channels by).
 Per layer it records the chosen ``awq_alpha`` and the group's output error before and after (dB, relative).
 
@@ -188,8 +188,8 @@ class WeightOnlyAWQPass(QPass):
         for node, spec in annotated_layers(model):
             node.meta[WEIGHT_CODES_KEY] = RoundToNearest()
             found = layer_weight(model, node)
-            if isinstance(found, str) or spec.bits == 8:
-                continue
+            if isinstance(found, str) or (spec.bits == 8 and isinstance(get_format(spec.format), GridFormat)):
+                continue  # an int8 layer (an int8 lm_head): its grid is fine enough, nothing to gain
             if transposed_constant(node.inputs[1]) is not None or node.op_type == "Gemm":
                 self.skip(node, "AWQ scales plain MatMul weights only (not a tied or transposed one)")
                 continue
@@ -202,7 +202,7 @@ class WeightOnlyAWQPass(QPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         groups = self._groups(model)
         if not groups:
-            return ir.passes.PassResult(model, False)
+            return ir.passes.PassResult(model, any(True for _ in annotated_layers(model)))  # codes marked
         inputs = list(groups)
         rng = np.random.default_rng(self.seed)
         stats = {v.name: _ChannelStats(v.name, self.sample_rows, rng) for v in inputs}
@@ -215,7 +215,7 @@ class WeightOnlyAWQPass(QPass):
             mean = found.abs_sum / max(found.rows, 1)
             applied += self._apply(model, value, groups[value], mean, found.sample.astype(np.float64), scope)
         self.count("groups_scaled", applied)
-        return ir.passes.PassResult(model, applied > 0)
+        return ir.passes.PassResult(model, True)  # weights scaled and/or codes written
 
     def _error(self, x: np.ndarray, layers: list[tuple[ir.Node, np.ndarray, WeightSpec]], scale: np.ndarray) -> float:
         total = 0.0

@@ -87,7 +87,7 @@ class WeightOnlyGPTQPass(QPass):
 
     name = "weight-only-gptq"
     stage = "calibrate"
-    preserves_float = True  # it only writes metadata: the float function is unchanged until the lowering
+    preserves_float = True  # it writes codes into metadata: the float function is unchanged until the lowering
     needs = frozenset({"grid"})
 
     def __init__(self, *, calibration_data: Any = None, damp: float = 0.01, act_order: bool = True,
@@ -138,7 +138,7 @@ class WeightOnlyGPTQPass(QPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         layers = self._layers(model)
         if not layers:
-            return ir.passes.PassResult(model, False)
+            return ir.passes.PassResult(model, any(True for _ in annotated_layers(model)))  # codes marked
         inputs = list(dict.fromkeys(node.inputs[0] for node, _, _ in layers))
         hessians = {v.name: _Hessian(v.name) for v in inputs}
         batches = self.calibration_data.iter_batches(self.batch_size, self.max_samples)
@@ -156,7 +156,7 @@ class WeightOnlyGPTQPass(QPass):
                 self.skip(node, f"GPTQ failed ({exc}): rounded to nearest")
                 self.count("rtn_fallback")
         self.count("layers", chosen)
-        return ir.passes.PassResult(model, False)
+        return ir.passes.PassResult(model, True)  # codes written (metadata the lowering reads)
 
     def _choose(self, node: ir.Node, weight: np.ndarray, spec: WeightSpec, hessian: np.ndarray, rows: int) -> None:
         fmt = get_format(spec.format)

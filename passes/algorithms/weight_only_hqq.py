@@ -152,7 +152,9 @@ class WeightOnlyHQQPass(QPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         done: dict[int, BlockwiseWeight] = {}
+        modified = False
         for node, spec in annotated_layers(model):
+            modified = True  # every annotated layer gets codes
             node.meta[WEIGHT_CODES_KEY] = RoundToNearest()
             found = layer_weight(model, node)
             fmt = get_format(spec.format)
@@ -170,4 +172,4 @@ class WeightOnlyHQQPass(QPass):
             self.record_layer(node, hqq_weight_sqnr_db=round(sqnr_from_energies(*chosen.error_energies(weight)), 3),
                               rtn_weight_sqnr_db=round(sqnr_from_energies(*rtn.error_energies(weight)), 3))
             self.count("layers")
-        return ir.passes.PassResult(model, False)
+        return ir.passes.PassResult(model, modified)

@@ -2,8 +2,7 @@
 
 The algorithm pass of ``algorithm = "rtn"`` (data-free). It marks each layer's codes as
 :class:`~qcompiler.formats.RoundToNearest`; ``lower-weight-only`` applies the format's ``quantize`` when it reads
-the weight, one layer at a time, so a large model never holds every layer's codes at once. In-memory metadata only
-(``modified`` is False).
+the weight, one layer at a time, so a large model never holds every layer's codes at once.
 """
 
 from __future__ import annotations
@@ -38,7 +37,9 @@ class WeightOnlyRTNPass(QPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         marker = RoundToNearest()
+        modified = False
         for node, _ in annotated_layers(model):
+            modified |= not isinstance(node.meta.get(WEIGHT_CODES_KEY), RoundToNearest)
             node.meta[WEIGHT_CODES_KEY] = marker
             self.count("layers")
-        return ir.passes.PassResult(model, False)
+        return ir.passes.PassResult(model, modified)

@@ -78,7 +78,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.errors import ConfigError
+from qcompiler.errors import CalibrationError, ConfigError
 from qcompiler.formats.channelwise import (
     QuantizedWeight,
     broadcast_scale,
@@ -301,6 +301,15 @@ class LowerInt8QDQPass(QPass):
             if self._opset < need:
                 return f"default opset below {need} ({spec.dtype} QuantizeLinear/DequantizeLinear)"
         return None
+
+    def requires(self, model: ir.Model) -> None:
+        """Static activations need calibrated ranges: annotated layers and not one range means no calibration ran
+        (a single unobserved value is a counted skip instead)."""
+        layers = [n for n in iter_nodes(model) if n.meta.get(SCHEME_KEY) == "int8-static"]
+        if layers and not any(get_range(v) is not None for n in layers for v in (*n.inputs, *n.outputs)
+                              if v is not None):
+            raise CalibrationError(f"{self.name}: {len(layers)} layer(s) are annotated for static int8 but no "
+                                   "activation has a calibrated range (is the 'calibrate' pass disabled?)")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

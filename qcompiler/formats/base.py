@@ -40,7 +40,7 @@ ALGORITHM_NEEDS: dict[str, frozenset[str]] = {
     "rtn": frozenset({"quantize"}),
     "awq": frozenset({"quantize"}),  # its clipping step also uses "grid" where the format has it
     "gptq": frozenset({"grid"}),
-    "hqq": frozenset({"grid"}),
+    "hqq": frozenset({"grid", "free-grid"}),  # it moves scales and zero points to any value
 }
 
 
@@ -241,9 +241,11 @@ class GridFormat(WeightFormat):
     """A format whose codes are integers on a per-block grid: ``w = s (q - z)`` with ``q`` in :meth:`code_limits`.
 
     Subclasses implement :meth:`grid` (scales and zero points of ``W``), :meth:`code_limits` and
-    :meth:`codes_on_grid`; round to nearest is the codes on the format's own grid."""
+    :meth:`codes_on_grid`; round to nearest is the codes on the format's own grid. Capabilities: ``"grid"`` (GPTQ
+    and AWQ's clipping choose codes on :meth:`grid`), ``"free-grid"`` (any scale and zero point is a valid grid,
+    so HQQ may move them; a format whose scales are constrained, powers of two say, leaves it out)."""
 
-    capabilities: ClassVar[frozenset[str]] = frozenset({"quantize", "grid"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"quantize", "grid", "free-grid"})
 
     def grid(self, weight: np.ndarray, spec: WeightSpec) -> tuple[np.ndarray, np.ndarray]:
         """Scales ``[N, n_blocks]`` and zero points ``[N, n_blocks]`` of ``W[K, N]``."""

@@ -39,7 +39,7 @@ NBITS = (2, 4, 8)
 class IntFormat(GridFormat):
     """``int<bits>``: asymmetric grids with uint8 zero points everywhere, float ones at 2 and 4 bits."""
 
-    capabilities: ClassVar[frozenset[str]] = frozenset({"quantize", "grid", "gather"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"quantize", "grid", "free-grid", "gather"})
 
     def __init__(self, bits: int) -> None:
         if bits not in range(2, 9):

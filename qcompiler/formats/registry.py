@@ -1,9 +1,8 @@
 """The weight-format registry: names (what a recipe's ``format`` says) to :class:`~.base.WeightFormat` objects.
 
-Built-in formats are declared as entry points of the group ``qcompiler.formats`` in qcompiler's own metadata, like a
-plugin's (``my-format = "my_package.module:MY_FORMAT"``, an instance); when qcompiler runs from a source tree without
-installed metadata the built-in table below stands in. A loaded object is checked: a ``WeightFormat`` whose ``name``
-is the entry's name.
+Built-in formats are declared as entry points of the group ``qcompiler.formats`` in qcompiler's own metadata
+(pyproject.toml), exactly like a plugin's (``my-format = "my_package.module:MY_FORMAT"``, an instance): that is the
+one place a format is registered. A loaded object is checked: a ``WeightFormat`` whose ``name`` is the entry's.
 """
 
 from __future__ import annotations
@@ -14,24 +13,16 @@ from qcompiler.errors import ConfigError, PluginError
 from qcompiler.formats.base import WeightFormat, WeightSpec
 from qcompiler.plugins import FORMAT_GROUP, discover, load_entry
 
-__all__ = ["BUILTIN_FORMATS", "format_names", "get_format", "spec_at_bits"]
+__all__ = ["format_names", "get_format", "spec_at_bits"]
 
-#: the built-in formats (``name -> "module:OBJECT"``), as pyproject.toml declares them
-BUILTIN_FORMATS: dict[str, str] = {
-    "int2": "qcompiler.formats.integer:INT2",
-    "int3": "qcompiler.formats.integer:INT3",
-    "int4": "qcompiler.formats.integer:INT4",
-    "int8": "qcompiler.formats.integer:INT8",
-    "ternary": "qcompiler.formats.ternary:TERNARY",
-    "nf4": "qcompiler.formats.nf4:NF4",
-    "fp8": "qcompiler.formats.fp8:FP8",
-}
+#: the order formats are listed in (the built-in ones, by family); others follow sorted
+_ORDER = ("int2", "int3", "int4", "int8", "ternary", "nf4", "fp8")
 
 
 def format_names() -> list[str]:
-    """Every format a recipe may name: the built-in ones first, then the plugins', sorted."""
-    plugins = sorted(set(discover(FORMAT_GROUP)) - set(BUILTIN_FORMATS))
-    return [*BUILTIN_FORMATS, *plugins]
+    """Every installed format a recipe may name: the built-in ones first, then the plugins', sorted."""
+    names = set(discover(FORMAT_GROUP))
+    return [n for n in _ORDER if n in names] + sorted(names - set(_ORDER))
 
 
 @functools.lru_cache(maxsize=64)
@@ -42,11 +33,6 @@ def get_format(name: str) -> WeightFormat:
         ConfigError: no such format is installed.
         PluginError: a plugin's format cannot be loaded or is not a ``WeightFormat`` of that name.
     """
-    if name in BUILTIN_FORMATS and name not in discover(FORMAT_GROUP):
-        import importlib
-
-        module, _, attr = BUILTIN_FORMATS[name].partition(":")
-        return getattr(importlib.import_module(module), attr)
     if name not in discover(FORMAT_GROUP):
         raise ConfigError(f"unknown weight format {name!r} (installed: {', '.join(format_names())})")
     found, entry = load_entry(FORMAT_GROUP, name, "format", "installed formats: " + ", ".join(format_names()))
