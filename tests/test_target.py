@@ -7,7 +7,7 @@ import platform
 import pytest
 
 from qcompiler.errors import ConfigError
-from qcompiler.passes.lower import _target
+from qcompiler.formats import int8_range as _target
 from qcompiler.passes.lower.int8_dynamic import LowerInt8DynamicPass
 from qcompiler.passes.lower.int8_qdq import LowerInt8QDQPass
 

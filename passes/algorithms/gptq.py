@@ -38,9 +38,11 @@ import onnx_ir as ir
 from qcompiler import io
 from qcompiler.errors import ConfigError
 from qcompiler.formats.channelwise import sqnr_db, symmetric_scales
+from qcompiler.formats.int8_range import recipe_reduce_range, resolve_reduce_range
 from qcompiler.metadata import PINNED_SCALE_KEY
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._finite import require_finite
+from qcompiler.passes._int8_layers import layer_qmax, mask_bias_reason
 from qcompiler.passes.algorithms._gptq_core import (
     CholeskyError,
     activation_absmax,
@@ -50,8 +52,6 @@ from qcompiler.passes.algorithms._gptq_core import (
 )
 from qcompiler.passes.algorithms.bias_correction import BIAS_SHIFT_KEY, get_channel_mean, mean_shift
 from qcompiler.passes.annotate import is_weight_layer
-from qcompiler.passes.lower._target import recipe_reduce_range, resolve_reduce_range
-from qcompiler.passes.lower.int8_qdq import layer_qmax, mask_bias_reason
 from qcompiler.qspec import get_qspec
 
 if TYPE_CHECKING:

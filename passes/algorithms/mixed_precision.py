@@ -49,8 +49,8 @@ from qcompiler.formats.channelwise import SQNR_CAP_DB, sqnr_from_energies
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import clone_with_meta
 from qcompiler.passes._finite import require_finite
+from qcompiler.passes._int8_layers import mask_bias_reason
 from qcompiler.passes.annotate import SCHEME_KEY, is_activation_op
-from qcompiler.passes.lower.int8_qdq import mask_bias_reason
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe

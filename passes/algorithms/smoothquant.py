@@ -45,11 +45,11 @@ import onnx_ir as ir
 
 from qcompiler import io
 from qcompiler.errors import ConfigError
+from qcompiler.formats.int8_range import recipe_reduce_range
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, const_array
 from qcompiler.passes._finite import require_finite
 from qcompiler.passes.annotate import SCHEME_KEY, is_weight_layer, quantized_output
-from qcompiler.passes.lower._target import recipe_reduce_range
 from qcompiler.qspec import QSPEC_KEY, get_qspec, set_qspec
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ consumer of the same activation; a weight used by several nodes is quantized onc
 (``[B, S, K] x [K, N]``) work as they are (MatMulInteger broadcasts like MatMul).
 
 Range of the weights: ``[-63, 63]`` with ``reduce_range=True`` (ORT's "reduce_range"), ``[-127, 127]`` with
-``reduce_range=False``; the default ``"auto"`` picks by the compiling CPU (:mod:`qcompiler.passes.lower._target`). On x86 CPUs without VNNI (AVX2 only) ONNX Runtime's u8s8 kernels add pairs of
+``reduce_range=False``; the default ``"auto"`` picks by the compiling CPU (:mod:`qcompiler.formats.int8_range`). On x86 CPUs without VNNI (AVX2 only) ONNX Runtime's u8s8 kernels add pairs of
 ``uint8 * int8`` products in int16 with saturation (``vpmaddubsw``), so full-range weights make some outputs clip:
 measured on an AVX2 EPYC, 3.5% of the outputs of a 256x1024 MatMul differ from exact integer arithmetic, and small
 random MLPs/transformer blocks end 4-10% (relative L2) from fp32 instead of about 2% with 7-bit weights
@@ -37,10 +37,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.formats.channelwise import QuantizedWeight, quantize_weight
+from qcompiler.formats.int8_range import resolve_reduce_range
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes._finite import require_finite
 from qcompiler.passes.annotate import is_weight_layer
-from qcompiler.passes.lower._target import resolve_reduce_range
 from qcompiler.passes.lower._weights import Namer, add_constant, drop_if_unused, pinned_scale, take_over_output
 from qcompiler.progress import track
 from qcompiler.qspec import get_qspec
@@ -63,7 +63,7 @@ class LowerInt8DynamicPass(QPass):
 
     Args:
         reduce_range: 7-bit weights (``[-63, 63]``) that ORT's u8s8 kernels cannot saturate on AVX2 CPUs; "auto"
-            decides by this CPU (see :mod:`qcompiler.passes.lower._target`).
+            decides by this CPU (see :mod:`qcompiler.formats.int8_range`).
     """
 
     name = "lower-int8-dynamic"

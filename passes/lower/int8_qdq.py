@@ -22,7 +22,7 @@ For each node annotated ``int8-static`` (see :mod:`qcompiler.passes.annotate`)::
   activation into QLinearConv/QLinearMatMul.
 
 Range of the weights: ``[-63, 63]`` with ``reduce_range=True`` (ORT's "reduce_range"), ``[-127, 127]`` with
-``reduce_range=False``; the default ``"auto"`` picks by the compiling CPU (:mod:`qcompiler.passes.lower._target`). On x86 CPUs without VNNI (AVX2 only) ONNX Runtime's u8s8 kernels add pairs of
+``reduce_range=False``; the default ``"auto"`` picks by the compiling CPU (:mod:`qcompiler.formats.int8_range`). On x86 CPUs without VNNI (AVX2 only) ONNX Runtime's u8s8 kernels add pairs of
 ``uint8 * int8`` products in int16 with saturation (``vpmaddubsw``), so full-range weights make some outputs clip:
 measured on an AVX2 EPYC, 3.5% of the outputs of a 256x1024 MatMul differ from exact integer arithmetic, and small
 random MLPs/transformer blocks end 4-10% (relative L2) from fp32 instead of about 2% with 7-bit weights
@@ -86,18 +86,19 @@ from qcompiler.formats.channelwise import (
     quantize_weight_fp8,
     symmetric_scales,
 )
+from qcompiler.formats.int8_range import resolve_reduce_range
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes._finite import require_finite
+from qcompiler.passes._int8_layers import layer_qmax, mask_bias_reason
 from qcompiler.passes.algorithms.bias_correction import BIAS_SHIFT_KEY, get_channel_mean, mean_shift
 from qcompiler.passes.annotate import SCHEME_KEY, activation_inputs, is_activation_op, is_weight_layer, quantized_output
-from qcompiler.passes.lower._target import resolve_reduce_range
 from qcompiler.passes.lower._weights import Namer, add_constant, drop_if_unused, pinned_scale, take_over_output
 from qcompiler.qspec import QuantSpec, get_qspec, get_range, is_float_dtype, onnx_dtype, scale_zero_point
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
 
-__all__ = ["LowerInt8QDQPass", "layer_qmax", "mask_bias_reason"]
+__all__ = ["LowerInt8QDQPass"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,42 +131,13 @@ def _feeds_only_float_layers(node: ir.Node, lowered: set[ir.Node], depth: int = 
     return bool(users) and all(_feeds_only_float_layers(user, lowered, depth + 1) for user in users)
 
 
-def _is_depthwise(node: ir.Node, weight: np.ndarray) -> bool:
-    """A Conv with one input and one output channel per group (ORT's integer depthwise kernel)."""
-    if node.op_type != "Conv" or weight.ndim < 3:
-        return False
-    group = int(_attr(node, "group", 1))
-    return group > 1 and weight.shape[1] == 1 and weight.shape[0] == group
-
-
-def mask_bias_reason(node: ir.Node) -> str | None:
-    """Why a static int8 layer must stay float because of its bias, or None: a constant bias holding ``+-inf`` (a
-    logits mask folded into a Gemm) fits no int32 grid, and ONNX Runtime's fused QGemm quantizes even a float bias
-    (measured: relative error 0.01 -> 0.47). A bias holding NaN raises :class:`~qcompiler.errors.InvalidModelError`.
-    """
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    tensor = None if bias is None else bias.const_value
-    if tensor is None or not tensor.dtype.is_floating_point():
-        return None
-    array = tensor.numpy()
-    if np.all(np.isfinite(array)):
-        return None
-    require_finite(array, bias.name, node.name, what="bias", nan_only=True)
-    return "bias holds +-Inf (a mask): the layer stays float (no int32 grid holds it)"
-
-
-def layer_qmax(node: ir.Node, weight: np.ndarray, qmax: int) -> int:
-    """The weight range this lowering gives ``node``: ``qmax``, or 127 for a depthwise Conv (see above)."""
-    return 127 if _is_depthwise(node, weight) else qmax
-
-
 class LowerInt8QDQPass(QPass):
     """Insert QuantizeLinear/DequantizeLinear around annotated Conv/MatMul/Gemm from calibrated ranges.
 
     Args:
         reduce_range: 7-bit weights (``[-63, 63]``) that ORT's u8s8 kernels cannot saturate on AVX2 CPUs
             (depthwise Conv keeps ``[-127, 127]``: its kernel cannot saturate); "auto" decides by this CPU
-            (see :mod:`qcompiler.passes.lower._target`).
+            (see :mod:`qcompiler.formats.int8_range`).
         matmul_outputs: also quantize the outputs of MatMul/Gemm (ORT then runs ``QLinearMatMul``/``QGemm`` with
             an int8 output). Off by default: ORT runs ``DQ -> MatMul`` as ``MatMulIntegerToFloat`` (``QGemm`` with a
             float output) at the same speed, and a consumer that is quantized quantizes its own input anyway; on a
