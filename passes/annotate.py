@@ -31,6 +31,7 @@ with a node that wants a different spec. The pass only writes metadata, so it pr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -39,22 +40,57 @@ import onnx_ir as ir
 
 from qcompiler.config import ACTIVATION_DTYPES, ACTIVATION_OPS, LAYER_OPS, QUANTIZABLE_OPS, WEIGHT_DTYPES, Recipe
 from qcompiler.errors import ConfigError
+from qcompiler.metadata import FUSED_ACTIVATION_KEY, NODE_QUANT_KEY
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes._common import peek_meta
 from qcompiler.qspec import QuantSpec, get_qspec, set_qspec
 
-__all__ = ["AnnotateInt8Pass", "SCHEME_KEY", "ROLE_KEY", "FUSED_ACTIVATION_KEY", "activation_inputs",
-           "is_activation_op", "is_weight_layer", "quantized_output", "weight_axis"]
+__all__ = ["AnnotateInt8Pass", "NodeQuant", "activation_inputs", "clear_node_quant", "is_activation_op",
+           "is_weight_layer", "node_scheme", "quantized_output", "set_node_quant", "weight_axis"]
 
 logger = logging.getLogger(__name__)
 
-#: node metadata key naming the lowering scheme of an annotated node
-SCHEME_KEY = "qcompiler.quant_scheme"
-#: node metadata key: "activations" for an annotated activation-only op (no weight)
-ROLE_KEY = "qcompiler.quant_role"
-#: node metadata key set by the activation fusion pass (the Relu/Clip node fused behind a Conv/Gemm/MatMul)
-FUSED_ACTIVATION_KEY = "qcompiler.fused_activation"
 _FUSABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeQuant:
+    """How an int8-annotated node is lowered: the node half of its annotation (the values carry QuantSpecs).
+
+    Attributes:
+        scheme: ``"int8-static"`` (QDQ from calibrated ranges) or ``"int8-dynamic"`` (activations quantized at run
+            time).
+        role: ``"layer"`` (a Conv/MatMul/Gemm with a quantized constant weight) or ``"activations"`` (an
+            activation-only op: its activation inputs and output quantized).
+    """
+
+    scheme: str
+    role: str = "layer"
+
+
+def node_quant(node: ir.Node) -> NodeQuant | None:
+    """The node's int8 annotation, or None (read without creating a metadata store)."""
+    found = peek_meta(node, NODE_QUANT_KEY)
+    return found if isinstance(found, NodeQuant) else None
+
+
+def node_scheme(node: ir.Node) -> str | None:
+    """The scheme of the node's int8 annotation, or None."""
+    found = node_quant(node)
+    return found.scheme if found is not None else None
+
+
+def set_node_quant(node: ir.Node, value: NodeQuant) -> bool:
+    """Annotate the node; return True when that changed anything."""
+    if node_quant(node) == value:
+        return False
+    node.meta[NODE_QUANT_KEY] = value
+    return True
+
+
+def clear_node_quant(node: ir.Node) -> bool:
+    """Remove the node's int8 annotation (it stays float); return True when there was one."""
+    return node_quant(node) is not None and node.meta.pop(NODE_QUANT_KEY, None) is not None
 
 
 def _attr_int(node: ir.Node, name: str, default: int) -> int:
@@ -68,13 +104,14 @@ _UNARY_ACTIVATION_OPS = frozenset({"Sigmoid", "Softmax", "AveragePool", "GlobalA
 
 def is_weight_layer(node: ir.Node) -> bool:
     """True for a Conv/MatMul/Gemm annotated with a quantized constant weight."""
-    return node.op_type in LAYER_OPS and bool(peek_meta(node, SCHEME_KEY)) and \
-        peek_meta(node, ROLE_KEY) != "activations"
+    found = node_quant(node)
+    return node.op_type in LAYER_OPS and found is not None and found.role == "layer"
 
 
 def is_activation_op(node: ir.Node) -> bool:
     """True for an annotated activation-only op (see the module docstring)."""
-    return bool(peek_meta(node, SCHEME_KEY)) and peek_meta(node, ROLE_KEY) == "activations"
+    found = node_quant(node)
+    return found is not None and found.role == "activations"
 
 
 def activation_inputs(node: ir.Node) -> list[int]:
@@ -98,7 +135,7 @@ def weight_axis(node: ir.Node) -> int | None:
 def quantized_output(node: ir.Node) -> ir.Value:
     """The value whose quantization ends the node: its fused Relu/Clip output when valid, else its output."""
     out = node.outputs[0]
-    fused = node.meta.get(FUSED_ACTIVATION_KEY)
+    fused = node.meta.get(FUSED_ACTIVATION_KEY)  # set by fuse-conv-activation
     if (isinstance(fused, ir.Node) and fused.op_type in _FUSABLE_ACTIVATIONS and fused.graph is node.graph
             and fused.inputs and fused.inputs[0] is out and len(out.uses()) == 1 and not out.is_graph_output()):
         return fused.outputs[0]
@@ -201,10 +238,7 @@ class AnnotateInt8Pass(QPass):
         for i in activation_inputs(node):
             changed |= set_qspec(node.inputs[i], act)
         changed |= set_qspec(node.outputs[0], act)
-        for key, value in ((SCHEME_KEY, "int8-static"), (ROLE_KEY, "activations")):
-            if node.meta.get(key) != value:
-                node.meta[key] = value
-                changed = True
+        changed |= set_node_quant(node, NodeQuant("int8-static", "activations"))
         return changed
 
     # -- specs ------------------------------------------------------------------------------------------------
@@ -286,9 +320,7 @@ class AnnotateInt8Pass(QPass):
             changed |= set_qspec(node.inputs[0], act)
             if self.static_activations:
                 changed |= set_qspec(quantized_output(node), act)
-            if node.meta.get(SCHEME_KEY) != scheme:
-                node.meta[SCHEME_KEY] = scheme
-                changed = True
+            changed |= set_node_quant(node, NodeQuant(scheme))
             modified |= changed
             self.count(f"annotated_{node.op_type}")
         logger.debug("annotate-int8: %s", dict(self.stats.counters))
@@ -306,5 +338,5 @@ class AnnotateInt8Pass(QPass):
     @staticmethod
     def _claimed(weight: ir.Value, node: ir.Node) -> bool:
         """True if another annotated consumer of ``weight`` already relies on its current spec."""
-        return any(user is not node and user.meta.get(SCHEME_KEY) and user.inputs[1] is weight
+        return any(user is not node and node_scheme(user) and user.inputs[1] is weight
                    for user, _ in weight.uses())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "BIAS_SHIFT_KEY", "CALIBRATION_SHA256", "CHANNEL_MEAN_KEY", "FUSED_ACTIVATION_KEY", "FUSED_INTO_KEY",
-    "PINNED_SCALE_KEY", "QSPEC_KEY", "RANGE_KEY", "RECIPE", "ROLE_KEY", "SCHEME_KEY", "VERSION", "WEIGHT_BITS",
+    "NODE_QUANT_KEY", "PINNED_SCALE_KEY", "QSPEC_KEY", "RANGE_KEY", "RECIPE", "VERSION", "WEIGHT_BITS",
     "WEIGHT_CODES_KEY", "WEIGHT_ONLY", "WEIGHT_SPEC_KEY",
 ]
 
@@ -28,10 +28,8 @@ PINNED_SCALE_KEY = "qcompiler.pinned_weight_scale"
 CHANNEL_MEAN_KEY = "qcompiler.channel_mean"
 
 # -- IR metadata: nodes -------------------------------------------------------------------------------------------
-#: the int8 scheme a layer is annotated with ("int8-static", "int8-dynamic", ...)
-SCHEME_KEY = "qcompiler.quant_scheme"
-#: the role of an annotated node ("layer" or "activation")
-ROLE_KEY = "qcompiler.quant_role"
+#: an int8-annotated node's :class:`~qcompiler.passes.annotate.NodeQuant` (scheme and role)
+NODE_QUANT_KEY = "qcompiler.node_quant"
 #: the activation (Relu/Clip) paired with a Conv/Gemm by fusion, quantized as one
 FUSED_ACTIVATION_KEY = "qcompiler.fused_activation"
 #: on a fused activation node: the layer it was paired with

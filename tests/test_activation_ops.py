@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.calibration.data import load_calibration_data
 from qcompiler.config import load_recipe, override
-from qcompiler.passes.annotate import ROLE_KEY, SCHEME_KEY, AnnotateInt8Pass, is_activation_op, is_weight_layer
+from qcompiler.metadata import NODE_QUANT_KEY
+from qcompiler.passes.annotate import AnnotateInt8Pass, NodeQuant, is_activation_op, is_weight_layer, node_scheme
 from qcompiler.pipelines import BuildContext, build_pipeline
 from qcompiler.qspec import get_qspec
 
@@ -92,7 +93,7 @@ def test_annotation_marks_activation_inputs_and_output():
     AnnotateInt8Pass(op_types=("Conv", "Gemm", "Add", "GlobalAveragePool"))(model)
     nodes = {n.name: n for n in model.graph}
     add, gap = nodes["residual"], nodes["gap"]
-    assert add.meta[ROLE_KEY] == "activations" and add.meta[SCHEME_KEY] == "int8-static"
+    assert add.meta[NODE_QUANT_KEY] == NodeQuant("int8-static", "activations")
     assert is_activation_op(add) and not is_weight_layer(add) and is_weight_layer(nodes["conv1"])
     for value in (*add.inputs, add.outputs[0], gap.outputs[0]):
         spec = get_qspec(value)
@@ -142,7 +143,7 @@ def test_screening_leaves_the_masked_softmax_in_float(tmp_path):
     assert layers["softmax"]["kept_float"] and layers["softmax"]["sensitivity_sqnr_db"] < \
         layers["(whole model)"]["weight_layers_sqnr_db"] - 0.5
     nodes = {n.name: n for n in model.graph}
-    assert get_qspec(nodes["softmax"].outputs[0]) is None or SCHEME_KEY not in nodes["softmax"].meta
+    assert get_qspec(nodes["softmax"].outputs[0]) is None or node_scheme(nodes["softmax"]) is None
     # the float Softmax reads float scores: nothing quantized between the mask Add and the Softmax
     assert nodes["softmax"].inputs[0].producer().op_type == "Add"
     actual = run(model, {"x": x, "mask": mask})[0]

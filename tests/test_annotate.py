@@ -9,7 +9,7 @@ from _int8_models import cnn, mark_fused_activations, mlp, run, transformer_bloc
 from onnx import TensorProto, helper
 
 from qcompiler.errors import ConfigError
-from qcompiler.passes.annotate import SCHEME_KEY, AnnotateInt8Pass
+from qcompiler.passes.annotate import AnnotateInt8Pass, node_scheme
 from qcompiler.qspec import QuantSpec, get_qspec
 
 
@@ -27,7 +27,7 @@ def test_static_specs_on_weights_activations_and_outputs():
     assert get_qspec(fc2.inputs[1]).axis == 0  # transB=1: output channels are rows
     act = QuantSpec("uint8", "per_tensor", symmetric=False, observer="minmax")
     assert get_qspec(fc1.inputs[0]) == act and get_qspec(fc1.outputs[0]) == act and get_qspec(fc2.outputs[0]) == act
-    assert fc1.meta[SCHEME_KEY] == "int8-static"
+    assert node_scheme(fc1) == "int8-static"
 
 
 def test_second_run_changes_nothing_and_float_function_is_kept():
@@ -45,7 +45,7 @@ def test_dynamic_specs_have_no_observer_and_no_output_spec():
     proj = _by_name(model, "proj_q")
     spec = get_qspec(proj.inputs[0])
     assert spec.dynamic and spec.observer is None and spec.dtype == "uint8"
-    assert get_qspec(proj.outputs[0]) is None and proj.meta[SCHEME_KEY] == "int8-dynamic"
+    assert get_qspec(proj.outputs[0]) is None and node_scheme(proj) == "int8-dynamic"
 
 
 def test_fused_activation_output_gets_the_spec():
@@ -78,7 +78,7 @@ def test_op_types_and_per_tensor():
     result = AnnotateInt8Pass(op_types=("Conv",), per_channel=False)(model)
     assert dict(result.stats.counters) == {"annotated_Conv": 2}
     assert get_qspec(_by_name(model, "conv1").inputs[1]) == QuantSpec("int8", "per_tensor", symmetric=True)
-    assert SCHEME_KEY not in _by_name(model, "fc").meta
+    assert node_scheme(_by_name(model, "fc")) is None
 
 
 def test_bad_options():

@@ -13,9 +13,10 @@ from onnx import TensorProto, helper
 from qcompiler.calibration.data import load_calibration_data
 from qcompiler.config import load_recipe
 from qcompiler.errors import CalibrationError, ConfigError
+from qcompiler.metadata import FUSED_ACTIVATION_KEY
 from qcompiler.passes._common import clone_with_meta
 from qcompiler.passes.algorithms.mixed_precision import SelectPrecisionPass, output_sqnr_db, top1_disagreement
-from qcompiler.passes.annotate import FUSED_ACTIVATION_KEY, SCHEME_KEY, AnnotateInt8Pass
+from qcompiler.passes.annotate import AnnotateInt8Pass, node_scheme
 from qcompiler.passes.calibrate import CalibratePass
 from qcompiler.passes.lower.int8_qdq import LowerInt8QDQPass
 from qcompiler.pipelines import BuildContext, build_pipeline
@@ -59,7 +60,7 @@ def test_no_budget_changes_nothing(tmp_path) -> None:
     data, _ = _prepared(tmp_path, model, (16,))
     result = SelectPrecisionPass(calibration_data=data)(model)
     assert result.modified is False and not result.stats.counters
-    assert all(n.meta.get(SCHEME_KEY) == "int8-static" for n in model.graph)
+    assert all(node_scheme(n) == "int8-static" for n in model.graph)
 
 
 def test_keeps_only_the_sensitive_layer_float_and_meets_the_budget(tmp_path) -> None:
@@ -75,7 +76,7 @@ def test_keeps_only_the_sensitive_layer_float_and_meets_the_budget(tmp_path) -> 
     assert layers["g2"]["sensitivity_sqnr_db"] < 25 < min(layers["g1"]["sensitivity_sqnr_db"],
                                                          layers["g3"]["sensitivity_sqnr_db"])
     assert layers["(whole model)"]["all_quantized_sqnr_db"] < 25 <= layers["(whole model)"]["output_sqnr_db"]
-    assert "g2" not in {n.name for n in model.graph if n.meta.get(SCHEME_KEY)}
+    assert "g2" not in {n.name for n in model.graph if node_scheme(n)}
     lowered = LowerInt8QDQPass()(model)
     assert lowered.stats.counters["lowered_Gemm"] == 2
     (actual,) = run(model, {"x": x})

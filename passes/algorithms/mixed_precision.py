@@ -50,7 +50,7 @@ from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import clone_with_meta
 from qcompiler.passes._finite import require_finite
 from qcompiler.passes._int8_layers import mask_bias_reason
-from qcompiler.passes.annotate import SCHEME_KEY, is_activation_op
+from qcompiler.passes.annotate import clear_node_quant, is_activation_op, node_scheme
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -177,13 +177,13 @@ class SelectPrecisionPass(QPass):
         clone = clone_with_meta(model)  # same node order and metadata, shared weights
         schemes = set()
         for index, node in enumerate(clone.graph):
-            scheme = node.meta.get(SCHEME_KEY)
+            scheme = node_scheme(node)
             if scheme is None:
                 continue
             if index in quantized:
                 schemes.add(scheme)
             else:
-                del node.meta[SCHEME_KEY]
+                clear_node_quant(node)
         for scheme in sorted(schemes):
             self._lowering(scheme)(clone)
         return self._run(clone, feeds)
@@ -197,7 +197,7 @@ class SelectPrecisionPass(QPass):
 
     # -- the pass ---------------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        candidates = [n for n in model.graph if n.meta.get(SCHEME_KEY) in _LOWERINGS]
+        candidates = [n for n in model.graph if node_scheme(n) in _LOWERINGS]
         activation_ops = [n for n in candidates if is_activation_op(n)]
         if not self.has_budget and not activation_ops:
             return ir.passes.PassResult(model, False)
@@ -210,7 +210,7 @@ class SelectPrecisionPass(QPass):
             if not is_activation_op(node) and len(node.inputs) > 1 and node.inputs[1] is not None and \
                     node.inputs[1].const_value is not None:
                 require_finite(node.inputs[1].const_value.numpy(), node.inputs[1].name, node.name)
-                if node.meta.get(SCHEME_KEY) == "int8-static":
+                if node_scheme(node) == "int8-static":
                     mask_bias_reason(node)  # a NaN bias (an int32 one) raises by name; a +-inf one stays float
         position = {node: i for i, node in enumerate(model.graph)}
         if not self.has_budget:
@@ -238,7 +238,7 @@ class SelectPrecisionPass(QPass):
             self.record_layer(node, sensitivity_sqnr_db=round(sensitivity[node], 3),
                               sensitivity_rank=ranked.index(node) + 1, kept_float=node in kept_float)
             if node in kept_float:
-                del node.meta[SCHEME_KEY]
+                clear_node_quant(node)
                 self.skip(node, "left in float to meet the accuracy budget")
         self.count("layers_measured", len(candidates))
         self.count("layers_kept_float", len(kept_float))
@@ -278,7 +278,7 @@ class SelectPrecisionPass(QPass):
                               sensitivity_rank=len(ranked) - ranked.index(node), kept_float=node not in kept,
                               role="activations")
             if node not in kept:
-                del node.meta[SCHEME_KEY]
+                clear_node_quant(node)
                 self.skip(node, f"activation-only op left in float: costs more than "
                                 f"{self.activation_tolerance_db:g} dB of output SQNR")
         self.count("activation_ops_measured", len(activation_ops))

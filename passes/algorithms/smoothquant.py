@@ -49,7 +49,7 @@ from qcompiler.formats.int8_range import recipe_reduce_range
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, const_array
 from qcompiler.passes._finite import require_finite
-from qcompiler.passes.annotate import SCHEME_KEY, is_weight_layer, quantized_output
+from qcompiler.passes.annotate import is_weight_layer, node_scheme, quantized_output
 from qcompiler.qspec import QSPEC_KEY, get_qspec, set_qspec
 
 if TYPE_CHECKING:
@@ -333,8 +333,8 @@ class SmoothQuantPass(QPass):
         spec = get_qspec(x)
         if spec is not None:
             set_qspec(out, spec)
-            still_quantized = any(u.meta.get(SCHEME_KEY) for u, _ in x.uses() if u is not mul) or (
-                producer is not None and producer.meta.get(SCHEME_KEY) and quantized_output(producer) is x)
+            still_quantized = any(node_scheme(u) for u, _ in x.uses() if u is not mul) or (
+                producer is not None and node_scheme(producer) and quantized_output(producer) is x)
             if not still_quantized:
                 x.meta.pop(QSPEC_KEY, None)
         self.count("mul_inserted")

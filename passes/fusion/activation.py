@@ -24,15 +24,14 @@ import logging
 
 import onnx_ir as ir
 
+from qcompiler.metadata import FUSED_ACTIVATION_KEY, FUSED_INTO_KEY
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes._common import const_array, paused_gc, peek_meta
 
-__all__ = ["FUSED_ACTIVATION_KEY", "FUSED_INTO_KEY", "FuseConvActivationPass", "fused_activation", "fused_into"]
+__all__ = ["FuseConvActivationPass", "fused_activation", "fused_into"]
 
 logger = logging.getLogger(__name__)
 
-FUSED_ACTIVATION_KEY = "qcompiler.fused_activation"
-FUSED_INTO_KEY = "qcompiler.fused_into"
 
 _PRODUCERS = frozenset({"Conv", "Gemm", "MatMul"})
 _ACTIVATIONS = frozenset({"Relu", "Clip"})

@@ -91,7 +91,13 @@ from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes._finite import require_finite
 from qcompiler.passes._int8_layers import layer_qmax, mask_bias_reason
 from qcompiler.passes.algorithms.bias_correction import BIAS_SHIFT_KEY, get_channel_mean, mean_shift
-from qcompiler.passes.annotate import SCHEME_KEY, activation_inputs, is_activation_op, is_weight_layer, quantized_output
+from qcompiler.passes.annotate import (
+    activation_inputs,
+    is_activation_op,
+    is_weight_layer,
+    node_scheme,
+    quantized_output,
+)
 from qcompiler.passes.lower._weights import Namer, add_constant, drop_if_unused, pinned_scale, take_over_output
 from qcompiler.qspec import QuantSpec, get_qspec, get_range, is_float_dtype, onnx_dtype, scale_zero_point
 
@@ -277,7 +283,7 @@ class LowerInt8QDQPass(QPass):
     def requires(self, model: ir.Model) -> None:
         """Static activations need calibrated ranges: annotated layers and not one range means no calibration ran
         (a single unobserved value is a counted skip instead)."""
-        layers = [n for n in iter_nodes(model) if n.meta.get(SCHEME_KEY) == "int8-static"]
+        layers = [n for n in iter_nodes(model) if node_scheme(n) == "int8-static"]
         if layers and not any(get_range(v) is not None for n in layers for v in (*n.inputs, *n.outputs)
                               if v is not None):
             raise CalibrationError(f"{self.name}: {len(layers)} layer(s) are annotated for static int8 but no "
@@ -285,7 +291,7 @@ class LowerInt8QDQPass(QPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        candidates = [n for n in iter_nodes(model) if n.meta.get(SCHEME_KEY) == "int8-static" and n.graph is graph
+        candidates = [n for n in iter_nodes(model) if node_scheme(n) == "int8-static" and n.graph is graph
                       and (is_weight_layer(n) or is_activation_op(n))]
         if not candidates:
             return ir.passes.PassResult(model, False)
