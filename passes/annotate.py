@@ -43,7 +43,7 @@ from qcompiler.errors import ConfigError
 from qcompiler.metadata import FUSED_ACTIVATION_KEY, NODE_QUANT_KEY
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes._common import peek_meta
-from qcompiler.qspec import QuantSpec, get_qspec, set_qspec
+from qcompiler.qspec import ObserverSpec, QuantSpec, get_qspec, set_qspec
 
 __all__ = ["AnnotateInt8Pass", "NodeQuant", "activation_inputs", "clear_node_quant", "is_activation_op",
            "is_weight_layer", "node_scheme", "quantized_output", "set_node_quant", "weight_axis"]
@@ -161,7 +161,8 @@ class AnnotateInt8Pass(QPass):
 
     def __init__(self, *, op_types: Sequence[str] = LAYER_OPS, exclude_nodes: Sequence[str] = (),
                  per_channel: bool = True, activation_dtype: str = "uint8", static_activations: bool = True,
-                 observer: str = "minmax", weight_dtype: str = "int8") -> None:
+                 observer: str | ObserverSpec = "minmax", weight_dtype: str = "int8",
+                 percentile: float | None = None) -> None:
         super().__init__()
         unknown = sorted(set(op_types) - set(QUANTIZABLE_OPS))
         if unknown:
@@ -179,7 +180,13 @@ class AnnotateInt8Pass(QPass):
         self.per_channel = bool(per_channel)
         self.activation_dtype = activation_dtype
         self.static_activations = bool(static_activations)
-        self.observer = observer
+        try:  # the observer is a constructor call, written into every static activation's spec
+            spec = observer if isinstance(observer, ObserverSpec) else ObserverSpec(observer)
+            if percentile is not None:
+                spec = dataclasses.replace(spec, percentile=percentile)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"annotate-int8: {exc}") from None
+        self.observer = spec
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, context: Any, **options: Any) -> AnnotateInt8Pass:
@@ -196,7 +203,10 @@ class AnnotateInt8Pass(QPass):
             "static_activations": not dynamic, "weight_dtype": q.weight_dtype,
         }
         if not dynamic:
-            kwargs.update(activation_dtype=q.activation_dtype, observer=recipe.calibration.calibrator)
+            calibrator = recipe.calibration.calibrator
+            kwargs.update(activation_dtype=q.activation_dtype, observer=calibrator)
+            if calibrator == "percentile":
+                kwargs.update(percentile=recipe.calibration.percentile)
         kwargs.update(options)
         return cls(**kwargs)
 

@@ -37,7 +37,7 @@ from qcompiler.calibration import cache
 from qcompiler.errors import CalibrationError
 from qcompiler.pass_manager import QPass
 from qcompiler.passes.observe import observer_session, run_observers, values_to_observe
-from qcompiler.qspec import get_qspec, set_range
+from qcompiler.qspec import ObserverSpec, get_qspec, set_range
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -56,7 +56,6 @@ class CalibratePass(QPass):
         batch_size: samples per ONNX Runtime call.
         progress: show a tqdm progress bar over samples.
         intra_op_threads: ORT threads (None: ORT's default).
-        percentile: the percentile of the "percentile" observer, in ``(50, 100]``.
         cache_dir: a folder for cached calibration statistics (created when missing), or None for no cache.
     """
 
@@ -65,15 +64,13 @@ class CalibratePass(QPass):
     preserves_float = True
 
     def __init__(self, *, calibration_data: Any = None, max_samples: int | None = None, batch_size: int = 16,
-                 progress: bool = False, intra_op_threads: int | None = None, percentile: float = 99.99,
+                 progress: bool = False, intra_op_threads: int | None = None,
                  cache_dir: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
         if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
             raise CalibrationError(f"calibrate: max_samples must be a positive integer, got {max_samples!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise CalibrationError(f"calibrate: batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50 < percentile <= 100:
-            raise CalibrationError(f"calibrate: percentile must be a number in (50, 100], got {percentile!r}")
         if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not os.fspath(cache_dir)):
             raise CalibrationError(f"calibrate: cache_dir must be a folder path, got {cache_dir!r}")
         self.calibration_data = calibration_data
@@ -81,7 +78,6 @@ class CalibratePass(QPass):
         self.batch_size = batch_size
         self.progress = progress
         self.intra_op_threads = intra_op_threads
-        self.percentile = float(percentile)
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
 
     @classmethod
@@ -91,7 +87,6 @@ class CalibratePass(QPass):
             "calibration_data": getattr(context, "calibration_data", None),
             "max_samples": recipe.calibration.max_samples,
             "batch_size": recipe.calibration.batch_size,
-            "percentile": recipe.calibration.percentile,
             "cache_dir": recipe.calibration.cache_dir,
             "progress": bool(getattr(context, "progress", False)),
         }
@@ -116,7 +111,7 @@ class CalibratePass(QPass):
         names = [v.name for v in values]
         kinds = [get_qspec(v).observer for v in values]
         if self.cache_dir is None:
-            fold = functools.partial(run_observers, observer=kinds, options={"percentile": self.percentile})
+            fold = functools.partial(run_observers, observer=kinds)
             observers = self._observe(model, values, total, fold)
         else:
             observers = self._observe_cached(model, values, names, kinds, total)
@@ -160,7 +155,7 @@ class CalibratePass(QPass):
                 bar.close()
             del session
 
-    def _observe_cached(self, model: ir.Model, values: list[ir.Value], names: list[str], kinds: list[str],
+    def _observe_cached(self, model: ir.Model, values: list[ir.Value], names: list[str], kinds: list[ObserverSpec],
                         total: int) -> dict[str, Any]:
         """The observers from the cache when it holds this run's statistics, else from a run that fills it."""
         folder = cache.open_cache_dir(self.cache_dir)
@@ -174,5 +169,4 @@ class CalibratePass(QPass):
             cache.save_statistics(folder, key, names, stats, manifest)
         else:
             self.count("cache_hits")
-        return {name: stats[name].observer(kind, percentile=self.percentile)
-                for name, kind in zip(names, kinds, strict=True)}
+        return {name: stats[name].observer(kind) for name, kind in zip(names, kinds, strict=True)}

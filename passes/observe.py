@@ -13,15 +13,15 @@ Limits: values inside subgraphs are not observed; unnamed values cannot be expos
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompiler import io
-from qcompiler.calibration.observers import Observer, fold_batches, make_observer
-from qcompiler.qspec import get_qspec
+from qcompiler.calibration.observers import Observer, fold_batches
+from qcompiler.qspec import ObserverSpec, get_qspec
 
 __all__ = ["values_to_observe", "observer_session", "run_observers"]
 
@@ -55,23 +55,22 @@ def observer_session(model: ir.Model, values: Iterable[ir.Value], *,
 
 
 def run_observers(session: Any, output_names: list[str], batches: Iterable[dict[str, np.ndarray]],
-                  observer: str | list[str] = "minmax",
-                  on_batch: Callable[[int], None] | None = None,
-                  options: Mapping[str, Any] | None = None) -> dict[str, Observer]:
+                  observer: str | ObserverSpec | list[str | ObserverSpec] = "minmax",
+                  on_batch: Callable[[int], None] | None = None) -> dict[str, Observer]:
     """Feed every batch and fold each output in ``output_names`` into its observer.
 
     Args:
         session: from :func:`observer_session`.
         output_names: the session outputs to observe.
         batches: feeds ``{input name: array}``.
-        observer: the observer name, or one per output name.
+        observer: the observer (an :class:`~qcompiler.qspec.ObserverSpec` or a kind name), or one per output name.
         on_batch: called with the number of samples of each batch (progress).
-        options: keyword options of :func:`~qcompiler.calibration.observers.make_observer` (e.g. ``percentile``).
 
     Returns:
         the observers by output name.
     """
-    kinds = [observer] * len(output_names) if isinstance(observer, str) else list(observer)
-    observers = {name: make_observer(kind, **(options or {})) for name, kind in zip(output_names, kinds, strict=True)}
+    specs = [observer] * len(output_names) if isinstance(observer, (str, ObserverSpec)) else list(observer)
+    observers = {name: (spec if isinstance(spec, ObserverSpec) else ObserverSpec(spec)).create()
+                 for name, spec in zip(output_names, specs, strict=True)}
     fold_batches(session, observers, batches, on_batch)
     return observers

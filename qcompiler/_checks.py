@@ -95,7 +95,7 @@ def check_options(base: Recipe, active: Recipe, overrides: Mapping[str, Mapping[
             continue
         unused[key] = "no pass of its pipeline reads it"
     calibrator = active.calibration.calibrator
-    if "calibration.percentile" in given and "calibration.percentile" in reads and calibrator != "percentile":
+    if "calibration.percentile" in given and "calibration.calibrator" in reads and calibrator != "percentile":
         which = "--calibrator percentile" if _wording.is_cli() else "calibration={'calibrator': 'percentile'}"
         unused["calibration.percentile"] = f"it applies to {which}, and the calibrator is {calibrator}"
     if "weight_only.zero_point" in given and "weight_only.zero_point" in reads and active.weight_only.symmetric:

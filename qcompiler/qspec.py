@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.metadata import QSPEC_KEY, RANGE_KEY
+
 __all__ = [
+    "ObserverSpec",
     "QSPEC_KEY",
     "RANGE_KEY",
     "MIN_SCALE",
@@ -58,10 +61,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: metadata key of the quantization spec of a value
-QSPEC_KEY = "qcompiler.qspec"
-#: metadata key of the calibrated range of a value
-RANGE_KEY = "qcompiler.range"
 #: the smallest scale ever produced (zero or tiny ranges); two of them multiplied stay a normal float32
 MIN_SCALE = 1e-12
 
@@ -82,6 +81,42 @@ def is_float_dtype(dtype: str) -> bool:
     return dtype in FP8_DTYPES
 
 
+#: the observers' defaults (equal to qcompiler.calibration's: a test keeps them so)
+DEFAULT_PERCENTILE = 99.99
+DEFAULT_BINS = 2048
+OBSERVER_KINDS = ("minmax", "percentile", "entropy", "mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObserverSpec:
+    """Which observer calibrates a value, with its arguments: the spec is the constructor call.
+
+    Attributes:
+        kind: "minmax" (exact min/max), or on a histogram "percentile", "entropy" (KL) or "mse".
+        percentile: the percentile "percentile" clips at, in ``(50, 100]``.
+        bins: the histogram bins of the histogram kinds.
+    """
+
+    kind: str = "minmax"
+    percentile: float = DEFAULT_PERCENTILE
+    bins: int = DEFAULT_BINS
+
+    def __post_init__(self) -> None:
+        if self.kind not in OBSERVER_KINDS:
+            raise ValueError(f"unknown observer {self.kind!r} (known: {', '.join(OBSERVER_KINDS)})")
+        p = self.percentile
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50 < p <= 100:
+            raise ValueError(f"the percentile observer's percentile must be a number in (50, 100], got {p!r}")
+        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 16:
+            raise ValueError(f"observer bins must be an integer of at least 16, got {self.bins!r}")
+
+    def create(self) -> Any:
+        """A new observer (:mod:`qcompiler.calibration.observers`) as this spec describes it."""
+        from qcompiler.calibration.observers import make_observer
+
+        return make_observer(self.kind, percentile=self.percentile, bins=self.bins)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """How one tensor is to be quantized.
@@ -93,8 +128,9 @@ class QuantSpec:
         axis: the channel or block axis (non-negative), None for per-tensor.
         block_size: elements per block, only for "block".
         symmetric: zero point 0 and a range symmetric around 0.
-        observer: the calibration observer ("minmax") for static activations; None when no calibration is needed
-            (constant weights, or activations quantized at run time).
+        observer: the calibration observer of a static activation (an :class:`ObserverSpec`; a kind name is taken
+            as ``ObserverSpec(kind)``); None when no calibration is needed (constant weights, or activations
+            quantized at run time).
         dynamic: the scale is computed at run time (dynamic activation quantization).
     """
 
@@ -103,10 +139,12 @@ class QuantSpec:
     axis: int | None = None
     block_size: int | None = None
     symmetric: bool = True
-    observer: str | None = None
+    observer: ObserverSpec | None = None
     dynamic: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.observer, str):
+            object.__setattr__(self, "observer", ObserverSpec(self.observer))
         if self.dtype not in _DTYPES:
             raise ValueError(f"QuantSpec.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.granularity == "per_tensor":

@@ -107,8 +107,8 @@ def test_calibrator_change_hits_and_gives_the_fresh_run_bytes(files, sessions):
 
 
 def _ranges(model: ir.Model, observer: str, data, dtype: str = "uint8", *, hit: bool | None = None,
-            **options) -> dict[str, tuple]:
-    AnnotateInt8Pass(observer=observer, activation_dtype=dtype)(model)
+            percentile: float | None = None, **options) -> dict[str, tuple]:
+    AnnotateInt8Pass(observer=observer, activation_dtype=dtype, percentile=percentile)(model)
     result = CalibratePass(calibration_data=data, batch_size=5, **options)(model)
     assert result.modified
     if hit is not None:

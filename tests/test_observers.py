@@ -18,9 +18,9 @@ from qcompiler.calibration.estimators import entropy_range, mse_range, percentil
 from qcompiler.calibration.histogram import Histogram
 from qcompiler.calibration.observers import OBSERVERS, MinMaxObserver, PercentileObserver, make_observer
 from qcompiler.config import CALIBRATORS, CalibrationOptions, load_recipe, override
-from qcompiler.errors import CalibrationError, ConfigError
-from qcompiler.passes.calibrate import CalibratePass
-from qcompiler.qspec import QuantSpec, ValueRange, dequantize, quantize, scale_zero_point
+from qcompiler.errors import ConfigError
+from qcompiler.passes.annotate import AnnotateInt8Pass
+from qcompiler.qspec import ObserverSpec, QuantSpec, ValueRange, dequantize, quantize, scale_zero_point
 
 _FMAX = float(np.finfo(np.float32).max)
 SYM = QuantSpec(dtype="int8", symmetric=True, observer="entropy")
@@ -267,12 +267,17 @@ def test_registry_options_and_validation():
             PercentileObserver(percentile=bad)
         with pytest.raises(ConfigError, match="calibration.percentile"):
             CalibrationOptions(percentile=bad)
-        with pytest.raises(CalibrationError, match="percentile"):
-            CalibratePass(percentile=bad)
+        with pytest.raises(ConfigError, match="percentile"):
+            AnnotateInt8Pass(observer="percentile", percentile=bad)
     with pytest.raises(ConfigError, match="calibration.calibrator"):
         CalibrationOptions(calibrator="kl")
     recipe = override(load_recipe("int8"), calibration={"calibrator": "percentile", "percentile": 99.9})
-    assert CalibratePass.from_recipe(recipe, None).percentile == 99.9
+    # the observer is one constructor call in the spec: kind and percentile together, nothing on the side
+    assert AnnotateInt8Pass.from_recipe(recipe, None).observer == ObserverSpec("percentile", percentile=99.9)
+    assert ObserverSpec("percentile", 99.9).create().percentile == 99.9
+    from qcompiler.calibration import histogram, observers
+
+    assert (ObserverSpec().percentile, ObserverSpec().bins) == (observers.DEFAULT_PERCENTILE, histogram.DEFAULT_BINS)
 
 
 def test_cli_flags(tmp_path, capsys):

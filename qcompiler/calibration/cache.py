@@ -95,15 +95,17 @@ class CalibrationStatistics:
         self.minmax.update(array)
         self.histogram.update(array)
 
-    def observer(self, kind: str, *, percentile: float) -> Observer:
-        """A new observer of ``kind`` holding these statistics, as if it had seen the batches itself.
+    def observer(self, spec: Any) -> Observer:
+        """A new observer as ``spec`` (an :class:`~qcompiler.qspec.ObserverSpec`) describes it, holding these
+        statistics, as if it had seen the batches itself.
 
         Raises:
             ValueError: an unknown kind, or one that is neither MinMax nor histogram-based.
         """
+        kind = spec.kind
         if kind == MinMaxObserver.name:
             return MinMaxObserver.from_arrays(self.minmax.to_arrays())
-        observer = make_observer(kind, percentile=percentile, bins=self.histogram.bins)
+        observer = make_observer(kind, percentile=spec.percentile, bins=self.histogram.bins)
         if not isinstance(observer, HistogramObserver):
             raise ValueError(f"observer {kind!r} cannot be served from cached statistics")
         observer.histogram = Histogram.from_arrays(self.histogram.to_arrays())
