@@ -8,6 +8,7 @@
 * :func:`peek_meta`: read a node's or value's metadata without making onnx-ir create an empty store for it.
 * :class:`NameScope`: fresh value names, unique in the whole model, derived deterministically from a base name.
 * :func:`const_array`, :func:`drop_unused_initializers`: constant lookup and cleanup after a rewrite.
+* :func:`default_opset`: the default-domain opset every opset gate reads.
 * :func:`clone_with_meta`: ``ir.Model.clone`` (weights shared, metadata copied) with node references held in node
   metadata (e.g. the Relu paired by ``fuse-conv-activation``) pointed at the clone's nodes.
 """
@@ -99,6 +100,12 @@ def peek_meta(obj: ir.Node | ir.Value, key: str, default: object = None) -> obje
     if getattr(obj, "_metadata", _NO_STORE) is None:
         return default
     return obj.meta.get(key, default)
+
+
+def default_opset(model: ir.Model) -> int:
+    """The model's default-domain (``ai.onnx``) opset version, 0 when it imports none: the one opset gate every
+    pass that needs an op of a given version reads (``if default_opset(model) < 17: skip``)."""
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
 
 
 def copy_type(target: ir.Value, source: ir.Value) -> None:

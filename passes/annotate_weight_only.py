@@ -28,6 +28,7 @@ from qcompiler.errors import ConfigError
 from qcompiler.formats import WeightSpec, get_format
 from qcompiler.metadata import WEIGHT_SPEC_KEY
 from qcompiler.pass_manager import QPass
+from qcompiler.passes._common import default_opset
 from qcompiler.passes._weight_layers import embedding_table, is_lm_head, layer_weight
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class AnnotateWeightOnlyPass(QPass):
     def _ensure_opset(self, model: ir.Model, version: int) -> bool:
         """Convert the model's default-domain opset up to ``version`` when the format's ONNX form needs it
         (onnxscript's version converter); return whether it did."""
-        current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        current = default_opset(model)
         if current >= version:
             return False
         from onnxscript import version_converter

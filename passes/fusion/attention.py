@@ -32,7 +32,14 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qcompiler.pass_manager import QPass
-from qcompiler.passes._common import NameScope, const_array, copy_type, drop_unused_initializers, scalar_constant
+from qcompiler.passes._common import (
+    NameScope,
+    const_array,
+    copy_type,
+    default_opset,
+    drop_unused_initializers,
+    scalar_constant,
+)
 
 __all__ = ["FuseAttentionPass"]
 
@@ -200,7 +207,7 @@ class FuseAttentionPass(QPass):
         softmaxes = [n for n in graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]
         if not softmaxes:
             return ir.passes.PassResult(model, False)
-        if model.opset_imports.get("", 0) < 15:
+        if default_opset(model) < 15:
             for node in softmaxes:
                 self.skip(node, "default opset below 15")
             return ir.passes.PassResult(model, False)

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.pass_manager import QPass
-from qcompiler.passes._common import copy_type, drop_unused_initializers, other_operand, scalar_constant
+from qcompiler.passes._common import copy_type, default_opset, drop_unused_initializers, other_operand, scalar_constant
 
 __all__ = ["FuseGeluPass"]
 
@@ -107,7 +107,7 @@ class FuseGeluPass(QPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        standard = model.opset_imports.get("", 0) >= 20
+        standard = default_opset(model) >= 20
         fused = 0
         constants: list[ir.Value] = []
         for erf in [n for n in graph if n.op_type == "Erf" and n.domain in ("", "ai.onnx")]:

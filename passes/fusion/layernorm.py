@@ -30,6 +30,7 @@ from qcompiler.passes._common import (
     NameScope,
     const_array,
     copy_type,
+    default_opset,
     drop_unused_initializers,
     other_operand,
     scalar_constant,
@@ -86,7 +87,7 @@ class FuseLayerNormPass(QPass):
         roots = [n for n in graph if n.op_type == "ReduceMean" and n.domain in ("", "ai.onnx")]
         if not roots:
             return ir.passes.PassResult(model, False)
-        if model.opset_imports.get("", 0) < 17:
+        if default_opset(model) < 17:
             for node in roots:
                 self.skip(node, "default opset below 17 (no LayerNormalization)")
             return ir.passes.PassResult(model, False)

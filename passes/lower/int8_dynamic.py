@@ -39,6 +39,7 @@ import onnx_ir as ir
 from qcompiler.formats.channelwise import QuantizedWeight, quantize_weight
 from qcompiler.formats.int8_range import resolve_reduce_range
 from qcompiler.pass_manager import QPass, iter_nodes
+from qcompiler.passes._common import default_opset
 from qcompiler.passes._finite import require_finite
 from qcompiler.passes.annotate import is_weight_layer
 from qcompiler.passes.lower._weights import Namer, add_constant, drop_if_unused, pinned_scale, take_over_output
@@ -97,7 +98,7 @@ class LowerInt8DynamicPass(QPass):
                       if is_weight_layer(n) and n.graph is graph]
         if not candidates:
             return ir.passes.PassResult(model, False)
-        if model.opset_imports.get("", 0) < 11:
+        if default_opset(model) < 11:
             for node in candidates:
                 self.skip(node, "default opset below 11 (DynamicQuantizeLinear)")
             return ir.passes.PassResult(model, False)

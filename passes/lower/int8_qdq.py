@@ -88,6 +88,7 @@ from qcompiler.formats.channelwise import (
 )
 from qcompiler.formats.int8_range import resolve_reduce_range
 from qcompiler.pass_manager import QPass, iter_nodes
+from qcompiler.passes._common import default_opset
 from qcompiler.passes._finite import require_finite
 from qcompiler.passes._int8_layers import layer_qmax, mask_bias_reason
 from qcompiler.passes.algorithms.bias_correction import BIAS_SHIFT_KEY, get_channel_mean, mean_shift
@@ -295,11 +296,11 @@ class LowerInt8QDQPass(QPass):
                       and (is_weight_layer(n) or is_activation_op(n))]
         if not candidates:
             return ir.passes.PassResult(model, False)
-        if model.opset_imports.get("", 0) < 13:
+        if default_opset(model) < 13:
             for node in candidates:
                 self.skip(node, "default opset below 13 (per-axis DequantizeLinear)")
             return ir.passes.PassResult(model, False)
-        self._opset = model.opset_imports.get("", 0)
+        self._opset = default_opset(model)
         namer = Namer(graph)
         done: dict[ir.Value, ir.Value] = {}
         lowered = [n for n in candidates if self._keep(n)]

@@ -55,7 +55,7 @@ import onnx_ir as ir
 
 from qcompiler.errors import ConfigError
 from qcompiler.pass_manager import QPass
-from qcompiler.passes._common import const_array, drop_unused_initializers
+from qcompiler.passes._common import const_array, default_opset, drop_unused_initializers
 from qcompiler.passes.lower._weights import Namer, add_constant, take_over_output
 
 __all__ = ["ConvertQDQToQOperatorPass"]
@@ -206,7 +206,7 @@ class ConvertQDQToQOperatorPass(QPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        if model.opset_imports.get("", 0) < 10:
+        if default_opset(model) < 10:
             for node in graph:
                 if node.op_type in ("Conv", "MatMul", "Gemm") and node.domain == "":
                     self.skip(node, "default opset below 10 (no integer operators)")

@@ -32,7 +32,7 @@ from qcompiler.formats import EmitContext, RoundToNearest, WeightSpec, get_forma
 from qcompiler.formats.channelwise import sqnr_from_energies
 from qcompiler.metadata import WEIGHT_CODES_KEY, WEIGHT_SPEC_KEY
 from qcompiler.pass_manager import QPass
-from qcompiler.passes._common import NameScope, drop_unused_initializers, release_external
+from qcompiler.passes._common import NameScope, default_opset, drop_unused_initializers, release_external
 from qcompiler.passes._finite import require_finite
 from qcompiler.passes._weight_layers import (
     annotated_layers,
@@ -90,7 +90,7 @@ class LowerWeightOnlyPass(QPass):
                 f"{missing[0]!r}")
         for node, spec in annotated_layers(model):
             needed = get_format(spec.format).min_opset(spec)
-            if model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)) < needed:
+            if default_opset(model) < needed:
                 raise ir.passes.PreconditionError(f"{self.name}: layer {node.name!r} ({spec.label()}) needs default "
                                                   f"opset {needed}")
 
