@@ -47,7 +47,7 @@ from onnxscript.optimizer import _constant_folding
 
 from qcompiler._serialize import model_to_bytes
 from qcompiler.errors import ConfigError
-from qcompiler.pass_manager import QPass
+from qcompiler.pass_manager import QPass, model_graphs
 from qcompiler.passes._common import paused_gc
 from qcompiler.passes._data_prop import data_prop_risk
 
@@ -471,25 +471,8 @@ class RemoveIdentityPass(QPass):
 # remove-dead-code
 # ---------------------------------------------------------------------------------------------------------------------
 def _all_graphs(model: ir.Model) -> list[ir.Graph | ir.Function]:
-    """The main graph, every subgraph under it (recursively) and every function (with their subgraphs).
-
-    A plain walk: onnx-ir's generic recursive iterator costs about 3 us a node, a second per million nodes."""
-    found: list[ir.Graph | ir.Function] = []
-    stack: list[ir.Graph | ir.Function] = [*reversed(model.functions.values()), model.graph]
-    while stack:
-        graph = stack.pop()
-        found.append(graph)
-        for node in graph:
-            if not node.attributes:
-                continue
-            for attr in node.attributes.values():
-                if attr.is_ref():
-                    continue
-                if attr.type == ir.AttributeType.GRAPH:
-                    stack.append(attr.value)
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    stack.extend(reversed(attr.value))
-    return found
+    """The main graph, every subgraph under it (recursively) and every function (with their subgraphs)."""
+    return model_graphs(model, functions=True)
 
 
 def _fingerprint(graphs: list[ir.Graph | ir.Function], model: ir.Model) -> tuple[Any, ...]:

@@ -70,11 +70,16 @@ def _collect_subgraphs(graph: ir.Graph | ir.Function, found: list[ir.Graph]) -> 
                     _collect_subgraphs(sub, found)
 
 
-def model_graphs(model: ir.Model) -> list[ir.Graph]:
+def model_graphs(model: ir.Model, *, functions: bool = False) -> list[Any]:
     """The main graph, then every If/Loop/Scan body under it, depth first in node order (``Model.graphs()``'s
-    order), found by a plain walk: onnx-ir's generic recursive iterator costs about a second per million nodes."""
-    found = [model.graph]
+    order), found by a plain walk: onnx-ir's generic recursive iterator costs about a second per million nodes.
+    With ``functions``, then every model-local function and the bodies under it."""
+    found: list[Any] = [model.graph]
     _collect_subgraphs(model.graph, found)
+    if functions:
+        for function in model.functions.values():
+            found.append(function)
+            _collect_subgraphs(function, found)
     return found
 
 
