@@ -197,6 +197,30 @@ def _discard(temps: Iterable[tuple[int, Path]]) -> None:
                 os.close(fd)
 
 
+class _Temporaries(list):
+    """The temporaries ``(fd, path)`` of one write; ``committed`` once they are renamed into place."""
+
+    committed = False
+
+
+@contextlib.contextmanager
+def _temporaries() -> Iterator[_Temporaries]:
+    """Temporaries of one write: removed on any failure before the commit, their descriptors (and locks) released
+    at the end whatever happens."""
+    temps = _Temporaries()
+    try:
+        yield temps
+    except BaseException:
+        if not temps.committed:
+            _discard(temps)
+            temps.clear()
+        raise
+    finally:
+        for fd, _ in temps:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def _cleanup_stale(folder: Path, name: str, *, keep: str | None, protected: _Protected, data: bool = True) -> None:
     """Remove the target's unreferenced data files and its temporaries without a live writer (folder lock held)."""
     pattern = _data_pattern(name, _name_max(folder)) if data else None
@@ -509,27 +533,15 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, what: str =
     path = Path(path).absolute()
     _check_destination(path, what)
     folder = path.parent
-    temps: list[tuple[int, Path]] = []
-    renamed = False
-    try:
-        with _write_errors(what, path):
-            temps.append(_open_temp(folder, path.name))
-            _write_temp(temps[0][0], lambda f: _write_bytes(f, data))
-            with _folder_lock(folder) as locked, _signals_deferred():
-                os.replace(temps[0][1], path)
-                renamed = True
-                if locked:
-                    _cleanup_stale(folder, path.name, keep=None, protected=_Protected([]), data=False)
-                _fsync_folder(folder)
-    except BaseException:
-        if not renamed:
-            _discard(temps)
-            temps = []
-        raise
-    finally:
-        for fd, _ in temps:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    with _temporaries() as temps, _write_errors(what, path):
+        temps.append(_open_temp(folder, path.name))
+        _write_temp(temps[0][0], lambda f: _write_bytes(f, data))
+        with _folder_lock(folder) as locked, _signals_deferred():
+            os.replace(temps[0][1], path)
+            temps.committed = True
+            if locked:
+                _cleanup_stale(folder, path.name, keep=None, protected=_Protected([]), data=False)
+            _fsync_folder(folder)
 
 
 def save_model(model: ir.Model, output_path: str | os.PathLike[str], *,
@@ -572,54 +584,42 @@ def _save(model: ir.Model, output_path: Path, *, input_path: Path | None = None,
         external = total > io.EXTERNAL_DATA_THRESHOLD or (
             total > io.EXTERNAL_LIKE_INPUT_BYTES and input_path is not None and input_path.is_file()
             and bool(_input_data_files(input_path)))
-    temps: list[tuple[int, Path]] = []
     data_name: str | None = None
-    committed = False
-    try:
-        with _write_errors("output", output_path):
-            if external:
-                temps.append(_open_temp(folder, output_path.name))
-                placed, replacements = _write_temp(temps[0][0], lambda f: _write_external_data(f, slots))
-                data_name = data_file_name(output_path.name, _digest_fd(temps[0][0]), _name_max(folder))
-                replacements += [(setter, old, ir.ExternalTensor(
-                    data_name, offset, nbytes, old.dtype, shape=ir.Shape(old.shape.numpy()), name=old.name,
-                    doc_string=old.doc_string, metadata_props=dict(old.metadata_props) or None, base_dir=str(folder)))
-                    for setter, old, offset, nbytes in placed]
-                del placed
-            else:
-                replacements = [(setter, t, io._in_memory(t)) for t, setter, _ in slots
-                                if isinstance(t, ir.ExternalTensor)]
-            inline = total - sum(io._tensor_nbytes(old) for _, old, new in replacements
-                                 if isinstance(new, ir.ExternalTensor))
-            if inline > io._PROTOBUF_LIMIT:
-                raise UnsupportedModelError(f"cannot save {output_path}: {inline} bytes of tensors must stay inline "
-                                            "(node attributes, strings), more than a protobuf file can hold")
-            with io._swapped(replacements):
-                blob = model_to_bytes(model)  # chunk by chunk: no whole-model proto next to the IR
-            del replacements
+    with _temporaries() as temps, _write_errors("output", output_path):
+        if external:
             temps.append(_open_temp(folder, output_path.name))
-            _write_temp(temps[-1][0], lambda f: _write_bytes(f, blob))
-            blob = b""
-            destinations = [output_path]
-            if data_name is not None:
-                data_path = folder / data_name
-                if data_path in protected:
-                    raise UsageError(f"output {output_path}: its data file {data_path} is the input's or one the "
-                                     "model reads; choose another output path")
-                destinations.insert(0, data_path)
-            with _folder_lock(folder) as locked, _signals_deferred():
-                _commit([path for _, path in temps], destinations)
-                committed = True
-                if locked:
-                    _cleanup_stale(folder, output_path.name, keep=data_name, protected=protected)
-                _fsync_folder(folder)
-    except BaseException:
-        if not committed:
-            _discard(temps)
-            temps = []
-        raise
-    finally:
-        for fd, _ in temps:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            placed, replacements = _write_temp(temps[0][0], lambda f: _write_external_data(f, slots))
+            data_name = data_file_name(output_path.name, _digest_fd(temps[0][0]), _name_max(folder))
+            replacements += [(setter, old, ir.ExternalTensor(
+                data_name, offset, nbytes, old.dtype, shape=ir.Shape(old.shape.numpy()), name=old.name,
+                doc_string=old.doc_string, metadata_props=dict(old.metadata_props) or None, base_dir=str(folder)))
+                for setter, old, offset, nbytes in placed]
+            del placed
+        else:
+            replacements = [(setter, t, io._in_memory(t)) for t, setter, _ in slots
+                            if isinstance(t, ir.ExternalTensor)]
+        inline = total - sum(io._tensor_nbytes(old) for _, old, new in replacements
+                             if isinstance(new, ir.ExternalTensor))
+        if inline > io._PROTOBUF_LIMIT:
+            raise UnsupportedModelError(f"cannot save {output_path}: {inline} bytes of tensors must stay inline "
+                                        "(node attributes, strings), more than a protobuf file can hold")
+        with io._swapped(replacements):
+            blob = model_to_bytes(model)  # chunk by chunk: no whole-model proto next to the IR
+        del replacements
+        temps.append(_open_temp(folder, output_path.name))
+        _write_temp(temps[-1][0], lambda f: _write_bytes(f, blob))
+        blob = b""
+        destinations = [output_path]
+        if data_name is not None:
+            data_path = folder / data_name
+            if data_path in protected:
+                raise UsageError(f"output {output_path}: its data file {data_path} is the input's or one the "
+                                 "model reads; choose another output path")
+            destinations.insert(0, data_path)
+        with _folder_lock(folder) as locked, _signals_deferred():
+            _commit([path for _, path in temps], destinations)
+            temps.committed = True
+            if locked:
+                _cleanup_stale(folder, output_path.name, keep=data_name, protected=protected)
+            _fsync_folder(folder)
     logger.info("saved %s%s", output_path, f" with external data {data_name}" if data_name else "")
