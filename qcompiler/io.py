@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import math
 import mmap
@@ -314,24 +315,35 @@ def _pin_external_tensors(model: ir.Model, files: CheckedFiles, path: Path) -> N
 
 
 def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
-    """The distinct external-data files a model file references that exist in its folder (no safety checks)."""
+    """The distinct external-data files a model file references that exist in its folder (no safety checks).
+
+    Remembered per file identity (device, inode, size, modification time): a compile asks about its input several
+    times (output checks, dump folder, save, sizes), and a 2 GB inline model should be read for it once."""
     path = Path(path)
-    blob = _read_blob(path)
-    if b"location" not in blob:  # the key of every reference, stored verbatim: no file named (a C-speed scan)
-        return []
-    seen: dict[str, Path] = {}
     try:
-        refs = find_external_refs(blob)
-    except ValueError:
-        return []
-    for ref in refs:
-        location = ref.location
-        if location_problem(location):
-            continue
+        st = os.stat(path)
+        identity: tuple[int, ...] | None = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        identity = None
+    seen: dict[str, Path] = {}
+    for location in _referenced_locations(path, identity):
         candidate = path.parent / location
         if candidate.is_file():
             seen.setdefault(os.path.realpath(candidate), candidate)
     return list(seen.values())
+
+
+@functools.lru_cache(maxsize=8)
+def _referenced_locations(path: Path, identity: tuple[int, ...] | None) -> tuple[str, ...]:
+    """The acceptable external-data locations the model file names (``identity`` keys the cache)."""
+    blob = _read_blob(path)
+    if b"location" not in blob:  # the key of every reference, stored verbatim: no file named (a C-speed scan)
+        return ()
+    try:
+        refs = find_external_refs(blob)
+    except ValueError:
+        return ()
+    return tuple(dict.fromkeys(ref.location for ref in refs if not location_problem(ref.location)))
 
 
 def model_bytes(path: str | os.PathLike[str]) -> int:
