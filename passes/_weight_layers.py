@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.formats import WeightSpec
-from qcompiler.metadata import WEIGHT_SPEC_KEY
+from qcompiler.metadata import TRAINED_KEY, WEIGHT_SPEC_KEY
 from qcompiler.passes._common import const_array
 from qcompiler.passes._finite import require_finite
 
@@ -120,10 +120,13 @@ def embedding_table(node: ir.Node) -> np.ndarray | None:
     return array
 
 
-def annotated_layers(model: ir.Model) -> Iterator[tuple[ir.Node, WeightSpec]]:
-    """The main graph's MatMul/Gemm nodes that carry a weight spec, with it, in graph order."""
+def annotated_layers(model: ir.Model, *, trained: bool = False) -> Iterator[tuple[ir.Node, WeightSpec]]:
+    """The main graph's MatMul/Gemm nodes that carry a weight spec, with it, in graph order.
+
+    Layers whose codes came trained from QAT (``import-qat``) are left out unless ``trained``: the algorithms and
+    mixed precision must not re-choose them; the lowering writes them."""
     for node in model.graph:
         if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx"):
             spec = node.meta.get(WEIGHT_SPEC_KEY)
-            if isinstance(spec, WeightSpec):
+            if isinstance(spec, WeightSpec) and (trained or not node.meta.get(TRAINED_KEY)):
                 yield node, spec

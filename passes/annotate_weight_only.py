@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from qcompiler.errors import ConfigError
 from qcompiler.formats import WeightSpec, get_format
-from qcompiler.metadata import WEIGHT_SPEC_KEY
+from qcompiler.metadata import TRAINED_KEY, WEIGHT_SPEC_KEY
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import default_opset
 from qcompiler.passes._weight_layers import embedding_table, is_lm_head, layer_weight
@@ -88,6 +88,9 @@ class AnnotateWeightOnlyPass(QPass):
         return self.spec
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        trained = [node for node in model.graph if node.meta.get(TRAINED_KEY)]
+        if trained:  # a QAT model: its trained layers as they are, nothing else quantized
+            return ir.passes.PassResult(model, self._keep_trained(model, trained))
         modified = self._ensure_opset(model, get_format(self.spec.format).min_opset(self.spec))
         for node in model.graph:
             if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx"):
@@ -109,6 +112,23 @@ class AnnotateWeightOnlyPass(QPass):
                 node.meta[WEIGHT_SPEC_KEY] = self.embedding_spec
                 self.count("annotated_embedding")
         return ir.passes.PassResult(model, modified)
+
+    def _keep_trained(self, model: ir.Model, trained: list[ir.Node]) -> bool:
+        """Keep the specs ``import-qat`` gave; count every other candidate layer as left float (training saw it
+        float); convert the opset where a trained format needs it."""
+        modified = False
+        for spec in {node.meta[WEIGHT_SPEC_KEY] for node in trained}:
+            modified |= self._ensure_opset(model, get_format(spec.format).min_opset(spec))
+        self.count("kept_trained", len(trained))
+        for node in model.graph:
+            if node.meta.get(TRAINED_KEY):
+                continue
+            if (node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx") and
+                    not isinstance(layer_weight(model, node, self.exclude_nodes), str)) or \
+                    (self.embedding_spec is not None and embedding_table(node) is not None):
+                self.skip(node, "not trained (a QAT model): left float")
+                modified |= node.meta.pop(WEIGHT_SPEC_KEY, None) is not None
+        return modified
 
     def _ensure_opset(self, model: ir.Model, version: int) -> bool:
         """Convert the model's default-domain opset up to ``version`` when the format's ONNX form needs it

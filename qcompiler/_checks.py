@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import collections
 import difflib
+import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -53,6 +54,8 @@ _QUANTIZED_OPS = frozenset({
     "DynamicQuantizeLSTM", "QuantizeBFP", "DequantizeBFP", "MatMulFpQ4",
 })
 _OWN_DOMAIN = "ai.qcompiler"
+#: the domain of the markers qcompiler.torch.export writes (trained weights; import-qat reads them)
+_QAT_DOMAIN = "ai.qcompiler.qat"
 #: at most this many node names are compared with an unmatched ``exclude_nodes`` name (difflib is slow)
 _HINT_POOL = 50_000
 
@@ -129,6 +132,15 @@ def _quantizes(recipe: Recipe) -> bool:
     return any(cls.stage in ("annotate", "lower") for cls in resolve_pass_classes(recipe))
 
 
+def _qat_recipe(model: ir.Model) -> str | None:
+    """The recipe a QAT export names in its metadata, or None."""
+    try:
+        found = json.loads(model.metadata_props.get("qcompiler.qat", "{}")).get("recipe")
+    except (ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
 def _counts(ops: Iterable[str]) -> str:
     return ", ".join(f"{n} {op}" for op, n in collections.Counter(ops).most_common())
 
@@ -142,6 +154,7 @@ def check_model(model: ir.Model, recipe: Recipe, reads: frozenset[str], *, exclu
         UsageError: an excluded node name that matches no node.
     """
     quantized: collections.Counter[str] = collections.Counter()
+    qat_markers = 0
     present: set[str] = set()
     names: set[str] = set()
     for node in _all_nodes(model):  # one walk: a model may have a million nodes
@@ -151,6 +164,14 @@ def check_model(model: ir.Model, recipe: Recipe, reads: frozenset[str], *, exclu
             names.add(node.name)
         if op in _QUANTIZED_OPS or op.startswith("QLinear") or node.domain == _OWN_DOMAIN:
             quantized[op] += 1
+        elif node.domain == _QAT_DOMAIN:
+            qat_markers += 1
+    if qat_markers and ("import-qat" not in recipe.passes or "import-qat" in recipe.disable):
+        trained_for = _qat_recipe(model)
+        raise UnsupportedModelError(f"{source} holds {qat_markers} QAT-trained weight(s) (qcompiler.torch.export"
+                                    f"{', recipe ' + _show(trained_for) if trained_for else ''}); recipe "
+                                    f"{_show(recipe.name)} does not import them: compile it with a weight-only recipe"
+                                    f"{' (' + _show(trained_for) + ')' if trained_for else ''}")
     if quantized and _quantizes(recipe):
         previous = model.metadata_props.get("qcompiler.recipe")
         by = f"; qcompiler recipe {_show(previous)}" if previous else ""

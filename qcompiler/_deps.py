@@ -17,10 +17,14 @@ import sys
 
 from qcompiler.errors import MissingDependencyError
 
-__all__ = ["COMPILER_MODULES", "INSTALL_HINT", "missing_compiler_dependencies", "require_compiler"]
+__all__ = ["COMPILER_MODULES", "INSTALL_HINT", "TORCH_INSTALL_HINT", "missing_compiler_dependencies", "require_compiler",
+           "require_torch"]
 
 #: the command that installs the compiler's dependencies
 INSTALL_HINT = 'pip install "qcompiler[compiler]"'
+
+#: the command that installs ``qcompiler.torch`` (QAT, export from Hugging Face folders)
+TORCH_INSTALL_HINT = 'pip install "qcompiler[torch]"'
 
 #: import name -> distribution name, for each dependency of the ``compiler`` extra on this Python
 COMPILER_MODULES: dict[str, str] = {
@@ -52,3 +56,14 @@ def require_compiler(what: str | None = None) -> None:
         subject = f"{what} needs the compiler's dependencies, which are" if what else "the compiler's dependencies are"
         raise MissingDependencyError(f"{subject} not installed ({', '.join(missing)}; this install has the runtime "
                                      f"only): {INSTALL_HINT}")
+
+
+def require_torch(what: str, modules: tuple[str, ...] = ("torch", "transformers", "safetensors")) -> None:
+    """Raise :class:`MissingDependencyError` (one line naming the missing modules and :data:`TORCH_INSTALL_HINT`)
+    when a module of the ``torch`` extra that ``what`` needs cannot be found (import names equal the
+    distributions' here)."""
+    missing = [module for module in modules if module not in sys.modules and not _found(module)]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise MissingDependencyError(f"{what} needs {', '.join(missing)}, which {verb} not installed: "
+                                     f"{TORCH_INSTALL_HINT}")

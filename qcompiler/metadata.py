@@ -13,8 +13,8 @@ from __future__ import annotations
 
 __all__ = [
     "BIAS_SHIFT_KEY", "CALIBRATION_SHA256", "CHANNEL_MEAN_KEY", "FUSED_ACTIVATION_KEY", "FUSED_INTO_KEY",
-    "NODE_QUANT_KEY", "PINNED_SCALE_KEY", "QSPEC_KEY", "RANGE_KEY", "RECIPE", "VERSION", "WEIGHT_BITS",
-    "WEIGHT_CODES_KEY", "WEIGHT_ONLY", "WEIGHT_SPEC_KEY",
+    "NODE_QUANT_KEY", "PINNED_SCALE_KEY", "QAT_KEY", "QAT_LAYERS", "QSPEC_KEY", "RANGE_KEY", "RECIPE", "VERSION", "WEIGHT_BITS",
+    "TRAINED_KEY", "WEIGHT_CODES_KEY", "WEIGHT_ONLY", "WEIGHT_SPEC_KEY",
 ]
 
 # -- IR metadata: values ------------------------------------------------------------------------------------------
@@ -40,6 +40,9 @@ BIAS_SHIFT_KEY = "qcompiler.pending_bias_shift"
 WEIGHT_SPEC_KEY = "qcompiler.weight_spec"
 #: the codes an algorithm chose for a weight-only layer, for its spec (a format's quantized-weight object)
 WEIGHT_CODES_KEY = "qcompiler.weight_codes"
+#: on a weight-only layer (or embedding Gather) whose spec and codes came trained from QAT (import-qat): no later
+#: pass re-chooses them
+TRAINED_KEY = "qcompiler.trained_codes"
 
 # -- model metadata (saved) ---------------------------------------------------------------------------------------
 #: the qcompiler version that wrote the file
@@ -50,5 +53,9 @@ RECIPE = "qcompiler.recipe"
 WEIGHT_ONLY = "qcompiler.weight_only"
 #: mixed precision's result, JSON (target, achieved average, bits per node)
 WEIGHT_BITS = "qcompiler.weight_bits"
+#: in a file written by qcompiler.torch.export: the QAT recipe and layers, JSON (the layers' codes are in the graph)
+QAT_KEY = "qcompiler.qat"
+#: in a model compiled from such a file: each trained layer's name -> the compiled node names that read it, JSON
+QAT_LAYERS = "qcompiler.qat_layers"
 #: the SHA-256 of the calibration data that was used
 CALIBRATION_SHA256 = "qcompiler.calibration_sha256"

@@ -63,6 +63,7 @@ __all__ = [
     "dequantize_bnb4",
     "pack_bnb4",
     "pack_codes",
+    "unpack_rows",
     "pack_codes_intn",
     "pack_intn",
     "pack_rows",
@@ -140,6 +141,11 @@ def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
     """``uint8 [rows, cols * bits / 8]`` from codes ``[rows, cols]``, unpadded: ``GatherBlockQuantized``'s data
     (its blocks run along the row; a partial last block needs no padding there)."""
     return _pack_last_axis(codes, bits)
+
+
+def unpack_rows(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Codes ``[rows, cols]`` from :func:`pack_rows`' bytes."""
+    return _unpack_last_axis(np.asarray(packed).view(np.uint8), bits)
 
 
 def unpack_codes(packed: np.ndarray, bits: int, k: int) -> np.ndarray:

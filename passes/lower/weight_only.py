@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.errors import ConfigError
+from qcompiler.errors import ConfigError, InvalidModelError
 from qcompiler.formats import EmitContext, RoundToNearest, WeightSpec, get_format
 from qcompiler.formats.channelwise import sqnr_from_energies
-from qcompiler.metadata import WEIGHT_CODES_KEY, WEIGHT_SPEC_KEY
+from qcompiler.metadata import TRAINED_KEY, WEIGHT_CODES_KEY, WEIGHT_SPEC_KEY
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, default_opset, drop_unused_initializers, release_external
 from qcompiler.passes._finite import require_finite
@@ -83,12 +83,12 @@ class LowerWeightOnlyPass(QPass):
 
     # -- contracts ----------------------------------------------------------------------------------------------
     def requires(self, model: ir.Model) -> None:
-        missing = [node.name for node, _ in annotated_layers(model) if node.meta.get(WEIGHT_CODES_KEY) is None]
+        missing = [node.name for node, _ in annotated_layers(model, trained=True) if node.meta.get(WEIGHT_CODES_KEY) is None]
         if missing:
             raise ir.passes.PreconditionError(
                 f"{self.name}: {len(missing)} annotated layer(s) have no codes (no algorithm pass ran), e.g. "
                 f"{missing[0]!r}")
-        for node, spec in annotated_layers(model):
+        for node, spec in annotated_layers(model, trained=True):
             needed = get_format(spec.format).min_opset(spec)
             if default_opset(model) < needed:
                 raise ir.passes.PreconditionError(f"{self.name}: layer {node.name!r} ({spec.label()}) needs default "
@@ -108,7 +108,7 @@ class LowerWeightOnlyPass(QPass):
         shared: dict[tuple[int, bool, WeightSpec], tuple[list[ir.Value | None], Any, str]] = {}
         old: list[ir.Value] = []
         lowered = 0
-        layers = list(annotated_layers(model))
+        layers = list(annotated_layers(model, trained=True))
         for node, spec in track(layers, enabled=self.progress and len(layers) > 8, desc="lower weights",
                                 unit="layer"):
             found = layer_weight(model, node)
@@ -162,8 +162,11 @@ class LowerWeightOnlyPass(QPass):
         chosen = node.meta.get(WEIGHT_CODES_KEY)
         if not isinstance(chosen, RoundToNearest):
             if fmt.fits(chosen, weight, spec):
-                self.count("codes_chosen_by_algorithm")
+                self.count("codes_trained" if node.meta.get(TRAINED_KEY) else "codes_chosen_by_algorithm")
                 return chosen
+            if node.meta.get(TRAINED_KEY):
+                raise InvalidModelError(f"{self.name}: the trained codes of {node.name!r} do not fit its "
+                                        f"{spec.label()} weight")
             self.skip(node, "codes chosen for another spec: rounded to nearest instead")
         return fmt.quantize(weight, spec)
 
@@ -191,8 +194,10 @@ class LowerWeightOnlyPass(QPass):
                 continue
             table, ids = node.inputs
             require_finite(array, table.name, node.name, what="embedding table")
+            trained = node.meta.get(WEIGHT_CODES_KEY) if node.meta.get(TRAINED_KEY) else None
             replacement, q = get_format(spec.format).gather(ctx, node, array, ids,
-                                                            table.name or node.name or "embedding", spec)
+                                                            table.name or node.name or "embedding", spec,
+                                                            quantized=trained)
             ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [node.outputs[0]],
                                                    replacement.outputs)
             old.append(table)

@@ -130,10 +130,15 @@ class IntFormat(GridFormat):
         return Emitted([replacement], node.op_type)
 
     def gather(self, ctx: EmitContext, node: ir.Node, table: np.ndarray, ids: ir.Value, base: str,
-               spec: WeightSpec) -> tuple[ir.Node, BlockwiseWeight]:
-        """``GatherBlockQuantized`` for ``Gather(E, ids)`` (axis 0): codes of ``E`` blockwise along its rows."""
+               spec: WeightSpec, quantized: BlockwiseWeight | None = None) -> tuple[ir.Node, BlockwiseWeight]:
+        """``GatherBlockQuantized`` for ``Gather(E, ids)`` (axis 0): codes of ``E`` blockwise along its rows (round
+        to nearest, or ``quantized``: codes ``[rows, cols]`` chosen before, trained ones)."""
         block = spec.block_for(table.shape[1])
-        q = quantize_rtn(np.ascontiguousarray(table.T), spec.bits, block, spec.symmetric)  # codes [rows, cols]
+        q = quantized if quantized is not None else \
+            quantize_rtn(np.ascontiguousarray(table.T), spec.bits, block, spec.symmetric)  # codes [rows, cols]
+        if q.codes.shape != table.shape or q.block_size != block or q.bits != spec.bits:
+            raise ValueError(f"codes {list(q.codes.shape)} of block {q.block_size} do not fit the table "
+                             f"{list(table.shape)}")
         zero_points = None if q.zero_points is None else \
             packing.pack_zero_points(q.zero_points, spec.bits).reshape(table.shape[0], -1)
         values = ctx.constants(base, [("quantized", packing.pack_rows(q.codes, spec.bits)),

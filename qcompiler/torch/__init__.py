@@ -1,0 +1,27 @@
+"""qcompiler's PyTorch wing: quantization-aware training with the compiler's own numerics, and the front door from
+PyTorch / Hugging Face models to ONNX.
+
+- :func:`prepare_qat` puts the compiler's fake quantization (bit for bit its numerics) on every layer a recipe
+  quantizes; train as usual;
+- :func:`export` writes ONNX carrying the trained codes; ``qcompile`` (or :func:`qcompiler.compile_model`) lowers
+  them as they are;
+- :func:`convert` does both and writes the parity report (:func:`parity_report`).
+
+The only part of qcompiler that imports torch (besides ``qcompiler.runtime.cuda``); install it with
+``pip install "qcompiler[torch]"``. The compiler and the runtime never import this package.
+"""
+
+from __future__ import annotations
+
+from qcompiler._deps import require_torch
+
+require_torch("qcompiler.torch", ("torch",))
+
+from qcompiler.torch.convert import convert  # noqa: E402
+from qcompiler.torch.export import export  # noqa: E402
+from qcompiler.torch.fake_quant import WeightFakeQuant  # noqa: E402
+from qcompiler.torch.parity import ParityReport, parity_report  # noqa: E402
+from qcompiler.torch.qat import QATEmbedding, QATLinear, QATPlan, prepare_qat, qat_layers  # noqa: E402
+
+__all__ = ["ParityReport", "QATEmbedding", "QATLinear", "QATPlan", "WeightFakeQuant", "convert", "export",
+           "parity_report", "prepare_qat", "qat_layers"]
