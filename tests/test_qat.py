@@ -215,7 +215,8 @@ def exported(tmp_path) -> Path:
 def test_a_qat_model_with_a_recipe_that_does_not_import_it_is_refused(exported, tmp_path):
     from qcompiler import compile_model
 
-    with pytest.raises(UnsupportedModelError, match="QAT-trained weight.*recipe int8-dynamic does not import them.*\(int4\)"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"QAT-trained weight.*recipe int8-dynamic does not import them.*\(int4\)"):
         compile_model(exported, tmp_path / "o.onnx", recipe="int8-dynamic")
     assert not (tmp_path / "o.onnx").exists()
 

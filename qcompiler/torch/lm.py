@@ -1,0 +1,129 @@
+"""Causal language models in training: text to token windows, the loss (next-token cross entropy, optionally
+distilled from the float model), and perplexity in torch and in ONNX Runtime on a compiled model.
+
+Perplexity is ``exp`` of the mean negative log-likelihood of every token after the first of each window, given the
+tokens before it (the same definition as ``bench/bench_llm.py``), accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from qcompiler.errors import InputError
+from qcompiler.runtime._safe_files import opened_regular
+
+__all__ = ["causal_lm_loss", "onnx_perplexity", "read_texts", "text_windows", "torch_perplexity"]
+
+#: bytes of training or evaluation text read at most per file (a larger file is an error, not a silent cut)
+MAX_TEXT_BYTES = 256 << 20
+
+
+def read_texts(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """The files' UTF-8 text, joined by blank lines (each opened as a regular file, at most MAX_TEXT_BYTES)."""
+    parts = []
+    for path in paths:
+        try:
+            with opened_regular(Path(path), "rb", what="text file") as f:
+                blob = f.read(MAX_TEXT_BYTES + 1)
+        except OSError as exc:
+            raise InputError(f"text file {path}: {exc}") from None
+        if len(blob) > MAX_TEXT_BYTES:
+            raise InputError(f"text file {path} is larger than {MAX_TEXT_BYTES >> 20} MiB")
+        try:
+            parts.append(blob.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InputError(f"text file {path} is not UTF-8 text (byte {exc.start})") from None
+    return "\n\n".join(parts)
+
+
+def text_windows(tokenizer: Any, text: str, seq_len: int, *, source: str = "text") -> np.ndarray:
+    """Consecutive non-overlapping windows of ``seq_len`` tokens (int64 ``[n, seq_len]``; the tail is dropped)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    count = len(ids) // seq_len
+    if count < 1:
+        raise InputError(f"{source} has {len(ids)} tokens: fewer than one window of {seq_len}")
+    return np.asarray(ids[:count * seq_len], dtype=np.int64).reshape(count, seq_len)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids, use_cache=False) if _takes_keywords(model) else model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _takes_keywords(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    return hasattr(inner, "config") and hasattr(inner, "get_output_embeddings")
+
+
+def causal_lm_loss(teacher: nn.Module | None = None, *, temperature: float = 1.0, ce_weight: float = 0.0) -> Any:
+    """The loss of a batch of token windows: next-token cross entropy; with ``teacher`` (the frozen float model),
+    the KL divergence from the teacher's next-token distribution (knowledge distillation, which QAT recovers best
+    with), plus ``ce_weight`` times the cross entropy."""
+
+    def loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        logits = _logits(model, ids)[:, :-1].float()
+        if teacher is None:
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        with torch.no_grad():
+            target = _logits(teacher, ids)[:, :-1].float()
+        t = temperature
+        kl = F.kl_div(F.log_softmax(logits / t, -1).reshape(-1, logits.shape[-1]),
+                      F.log_softmax(target / t, -1).reshape(-1, logits.shape[-1]), log_target=True,
+                      reduction="batchmean") * t * t
+        if ce_weight:
+            kl = kl + ce_weight * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        return kl
+    return loss
+
+
+def _nll(logits: np.ndarray, window: np.ndarray) -> float:
+    logits = logits.astype(np.float64)[:-1]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(shifted).sum(axis=1))
+    return float((log_norm - shifted[np.arange(len(window) - 1), window[1:]]).sum())
+
+
+@torch.no_grad()
+def torch_perplexity(model: nn.Module, windows: np.ndarray, *, device: torch.device | str = "cpu") -> float:
+    """Perplexity of ``model`` (a causal LM or a module mapping ids to logits) on the windows."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for window in windows:
+            logits = _logits(model, torch.from_numpy(window[None]).to(device))[0].float().cpu().numpy()
+            total += _nll(logits, window)
+    finally:
+        model.train(was_training)
+    return math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+def onnx_perplexity(path: str | os.PathLike[str], windows: np.ndarray) -> float:
+    """Perplexity of a (compiled) ONNX causal LM in :class:`qcompiler.runtime.Session`: ``input_ids`` to logits,
+    with or without a KV cache (empty caches and a full attention mask are fed)."""
+    from qcompiler.runtime import Session
+
+    session = Session(str(path))
+    inputs = {i.name: i for i in session.inputs}
+    total = 0.0
+    for window in windows:
+        feeds: dict[str, np.ndarray] = {"input_ids": window[None]}
+        for name, info in inputs.items():
+            if name == "attention_mask":
+                feeds[name] = np.ones((1, window.size), np.int64)
+            elif name.startswith("past_key_values"):
+                shape = [1 if i == 0 else 0 if i == 2 else int(d) if isinstance(d, int) else 1
+                         for i, d in enumerate(info.shape)]
+                feeds[name] = np.zeros(shape, np.float32)
+        total += _nll(session.run(feeds)["logits"][0] if "logits" in {o.name for o in session.outputs}
+                      else session.run(None, feeds)[0][0], window)
+    return math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
