@@ -45,6 +45,8 @@ examples:
   qcompile model.onnx -o m.q.onnx --dump-after fuse-conv-bn --verify-each
   qcompile --list-passes                                   built-in and installed plugin passes
   qcompile demo                                            compile a shipped digits CNN and compare with fp32
+  qcompile export MODEL_DIR -o model.onnx [--kv-cache]     a local Hugging Face causal-LM folder (safetensors
+                                                           or GGUF) to ONNX, checked against torch
 
 calibration data (--calib): an .npz whose keys are the model's input names and whose first axis indexes
 samples, or a folder of such files. Loaded without pickle.
@@ -309,6 +311,33 @@ def _demo(argv: Sequence[str]) -> int:
     return 0 if result.ok else 1
 
 
+def _export(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="qcompile export",
+                     description="Export a local Hugging Face causal-LM folder (config.json + *.safetensors, or a "
+                                 ".gguf file) to ONNX with torch's dynamo exporter, fp32, and check ONNX Runtime's "
+                                 "logits against torch's. Needs the torch extra.")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="the model folder (read only; no code from it runs)")
+    parser.add_argument("-o", "--output", required=True, help="output ONNX model (written atomically)")
+    parser.add_argument("--kv-cache", action="store_true",
+                        help="export the decoder with past_key_values inputs and present outputs")
+    parser.add_argument("--gguf-file", metavar="NAME", help="the .gguf file of the folder to load")
+    parser.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset (default 18)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    from qcompiler._deps import require_torch
+
+    require_torch("qcompile export")  # before qcompiler.torch, which imports torch
+    from qcompiler.torch.hf_export import export_causal_lm
+
+    summary = export_causal_lm(args.model_dir, args.output, kv_cache=args.kv_cache, gguf_file=args.gguf_file,
+                               opset=args.opset)
+    print(escape_controls(summary.describe()))
+    return 0
+
+
 def _one_line(text: str) -> str:
     """Join a possibly multi-line message into one line (the CLI prints exactly one line per error)."""
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
@@ -352,6 +381,10 @@ def _main(argv: Sequence[str] | None) -> int:
             _setup_logging(False, 0)
             require_compiler()
             return _demo(argv[1:])
+        if argv and argv[0] == "export":
+            _setup_logging(False, 0)
+            require_compiler()
+            return _export(argv[1:])
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # --help / --version: return the code instead of exiting the caller's process

@@ -3,6 +3,8 @@ sizes, K not a multiple of the block, symmetric/asymmetric, int/float zero point
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,20 @@ from qcompiler.formats.channelwise import quantize_weight, quantize_weight_fp8  
 from qcompiler.qspec import quantize as qspec_quantize  # noqa: E402
 from qcompiler.qspec import scale_zero_point  # noqa: E402
 from qcompiler.torch import numerics  # noqa: E402
+
+#: where the torch side runs: QCOMPILER_TEST_DEVICE=cuda checks the GPU's arithmetic against numpy too
+DEVICE = os.environ.get("QCOMPILER_TEST_DEVICE", "cpu")
+if DEVICE != "cpu" and not torch.cuda.is_available():
+    pytest.skip("QCOMPILER_TEST_DEVICE names a device torch cannot use", allow_module_level=True)
+
+
+def _t(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(DEVICE)
+
+
+def _np(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.cpu().numpy()
+
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -70,15 +86,15 @@ def _grid_spec(name: str, block: int, symmetric: bool, zero_point: str):
 def test_grid_formats_match_the_compiler(w, block, name, symmetric, zero_point):
     fmt, spec = _grid_spec(name, block, symmetric, zero_point)
     ref = fmt.quantize(w, spec)
-    wt = torch.from_numpy(np.ascontiguousarray(w.T))
+    wt = _t(w.T)
     scale, zero = numerics.grid(wt, spec)
     codes = numerics.codes_on_grid(wt, scale, zero, spec)
-    assert _same(scale.numpy(), ref.scales)
+    assert _same(_np(scale), ref.scales)
     if ref.zero_points is not None:
-        assert _same(zero.numpy(), ref.zero_points)
-    assert _same(codes.numpy(), ref.codes)
+        assert _same(_np(zero), ref.zero_points)
+    assert _same(_np(codes), ref.codes)
     deq = numerics.dequantize_grid(codes, scale, zero, spec.block_for(w.shape[0]))
-    assert _same(deq.numpy(), np.ascontiguousarray(ref.dequantize().T))
+    assert _same(_np(deq), np.ascontiguousarray(ref.dequantize().T))
 
 
 @SETTINGS
@@ -87,26 +103,26 @@ def test_nf4_matches_the_compiler(w, block):
     fmt = get_format("nf4")
     spec = fmt.spec(block_size=block)
     ref = fmt.quantize(w, spec)
-    wt = torch.from_numpy(np.ascontiguousarray(w.T))
+    wt = _t(w.T)
     absmax = numerics.nf4_absmax(wt, block)
     codes = numerics.nf4_codes(wt, absmax, block)
-    assert _same(absmax.numpy(), ref.absmax)
-    assert _same(codes.numpy(), ref.codes)
-    assert _same(numerics.nf4_dequantize(codes, absmax, block).numpy(), np.ascontiguousarray(ref.dequantize().T))
+    assert _same(_np(absmax), ref.absmax)
+    assert _same(_np(codes), ref.codes)
+    assert _same(_np(numerics.nf4_dequantize(codes, absmax, block)), np.ascontiguousarray(ref.dequantize().T))
 
 
 @SETTINGS
 @given(w=weights())
 def test_fp8_matches_the_compiler(w):
     ref = quantize_weight_fp8(w, 1)
-    wt = torch.from_numpy(np.ascontiguousarray(w.T))
+    wt = _t(w.T)
     scale = numerics.fp8_scales(wt)
     values = numerics.fp8_codes(wt, scale)
-    assert _same(scale.numpy(), ref.scale)
-    assert _same(values.numpy(), np.ascontiguousarray(ref.q.astype(np.float32).T))
+    assert _same(_np(scale), ref.scale)
+    assert _same(_np(values), np.ascontiguousarray(ref.q.astype(np.float32).T))
     fmt = get_format("fp8")
     deq = fmt.quantize(w, fmt.spec()).dequantize()
-    assert _same((values * scale[:, None]).numpy(), np.ascontiguousarray(deq.T))
+    assert _same(_np(values * scale[:, None]), np.ascontiguousarray(deq.T))
 
 
 def test_fp8_rounding_ties_and_double_rounding_cases():
@@ -119,7 +135,7 @@ def test_fp8_rounding_ties_and_double_rounding_cases():
     near = ties + np.array([1, -1]).repeat(ties.size // 2 + 1)[:ties.size] * 1e-12
     x = np.concatenate([ties, near, rng.standard_normal(5000) * 10.0 ** rng.integers(-4, 4, 5000)])
     expect = np.clip(x, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
-    got = numerics.fp8_round(torch.from_numpy(x)).numpy()
+    got = _np(numerics.fp8_round(_t(x)))
     assert np.array_equal(got, expect)
 
 
@@ -127,10 +143,10 @@ def test_fp8_rounding_ties_and_double_rounding_cases():
 @given(w=weights(), axis=st.sampled_from([0, 1]), qmax=st.sampled_from([127, 63]))
 def test_int8_channelwise_matches_the_compiler(w, axis, qmax):
     ref = quantize_weight(w, axis, qmax=qmax)
-    t = torch.from_numpy(w)
+    t = _t(w)
     scale = numerics.int8_scales(t, axis, qmax)
-    assert _same(scale.numpy(), ref.scale)
-    assert _same(numerics.int8_codes(t, scale, axis, qmax).numpy(), ref.q)
+    assert _same(_np(scale), ref.scale)
+    assert _same(_np(numerics.int8_codes(t, scale, axis, qmax)), ref.q)
 
 
 @SETTINGS
@@ -142,14 +158,15 @@ def test_activation_qparams_and_quantize_match(low, width, dtype, symmetric, see
     high = low + width
     scale_ref, zero_ref = scale_zero_point(low, high, dtype, symmetric)
     qmin, qmax = (-127 if symmetric else -128, 127) if dtype == "int8" else (0, 255)
-    scale, zero = numerics.activation_qparams(torch.tensor(low, dtype=torch.float64),
-                                              torch.tensor(high, dtype=torch.float64), qmin, qmax, symmetric)
-    assert _same(scale.numpy(), scale_ref)
+    scale, zero = numerics.activation_qparams(torch.tensor(low, dtype=torch.float64, device=DEVICE),
+                                              torch.tensor(high, dtype=torch.float64, device=DEVICE), qmin, qmax,
+                                              symmetric)
+    assert _same(_np(scale), scale_ref)
     assert float(zero) == float(zero_ref)
     rng = np.random.default_rng(seed)
     x = (rng.uniform(low - width * 0.2, high + width * 0.2, 500)).astype(np.float32)
     x = np.concatenate([x, (np.arange(-20, 20) + 0.5).astype(np.float32) * scale_ref])  # ties
-    got = numerics.quantize_activation(torch.from_numpy(x), scale, zero, qmin, qmax).numpy()
+    got = _np(numerics.quantize_activation(_t(x), scale, zero, qmin, qmax))
     # ONNX Runtime computes x / s in float32; the compiler's float64 helper differs only off ties
     expect = np.clip(np.rint(x / scale_ref) + zero_ref.astype(np.float32), qmin, qmax)
     assert np.array_equal(got, expect.astype(np.float32))
@@ -174,5 +191,6 @@ def test_activation_quantize_equals_onnxruntime():
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.uniform(-3, 3, 20000), (np.arange(-300, 300) + 0.5) * float(scale)]).astype(np.float32)
     expect = session.run(None, {"x": x})[0]
-    got = numerics.quantize_activation(torch.from_numpy(x), torch.tensor(scale), torch.tensor(float(zero)), 0, 255)
-    assert np.array_equal(got.numpy().astype(np.uint8), expect)
+    got = numerics.quantize_activation(_t(x), torch.tensor(scale, device=DEVICE),
+                                         torch.tensor(float(zero), device=DEVICE), 0, 255)
+    assert np.array_equal(_np(got).astype(np.uint8), expect)

@@ -114,9 +114,10 @@ def onnx_perplexity(path: str | os.PathLike[str], windows: np.ndarray) -> float:
 
     session = Session(str(path))
     inputs = {i.name: i for i in session.inputs}
+    ids_name = "input_ids" if "input_ids" in inputs else session.inputs[0].name
     total = 0.0
     for window in windows:
-        feeds: dict[str, np.ndarray] = {"input_ids": window[None]}
+        feeds: dict[str, np.ndarray] = {ids_name: window[None]}
         for name, info in inputs.items():
             if name == "attention_mask":
                 feeds[name] = np.ones((1, window.size), np.int64)
