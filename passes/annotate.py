@@ -40,7 +40,7 @@ import onnx_ir as ir
 
 from qcompiler.config import ACTIVATION_DTYPES, ACTIVATION_OPS, LAYER_OPS, QUANTIZABLE_OPS, WEIGHT_DTYPES, Recipe
 from qcompiler.errors import ConfigError
-from qcompiler.metadata import FUSED_ACTIVATION_KEY, NODE_QUANT_KEY
+from qcompiler.metadata import FUSED_ACTIVATION_KEY, NODE_QUANT_KEY, TRAINED_KEY
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes._common import peek_meta
 from qcompiler.qspec import ObserverSpec, QuantSpec, get_qspec, set_qspec
@@ -302,8 +302,12 @@ class AnnotateInt8Pass(QPass):
         modified = False
         act = self._activation_spec()
         scheme = "int8-static" if self.static_activations else "int8-dynamic"
+        trained = any(node.meta.get(TRAINED_KEY) for node in model.graph)  # a QAT model: only its trained layers
         for node in iter_nodes(model):
             if node.op_type not in self.op_types or node.domain not in ("", "ai.onnx"):
+                continue
+            if trained and not node.meta.get(TRAINED_KEY):
+                self.skip(node, "not trained (a QAT model): left float")
                 continue
             if self._is_activation_op_candidate(node):
                 reason = self._check_activation_op(model, node)

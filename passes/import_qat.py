@@ -35,6 +35,13 @@ from qcompiler.formats.nf4 import Nf4Weight
 from qcompiler.metadata import QAT_LAYERS, TRAINED_KEY, WEIGHT_CODES_KEY, WEIGHT_SPEC_KEY
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, const_array, drop_unused_initializers
+from qcompiler.passes._import_qat_int8 import (
+    ACTIVATION_OP,
+    INT8_WEIGHT_OP,
+    import_activation,
+    import_int8_weight,
+    pin_layer_outputs,
+)
 from qcompiler.passes._weight_layers import attribute
 
 __all__ = ["MARKER_DOMAIN", "MARKER_OP", "ImportQATPass", "has_markers"]
@@ -143,7 +150,24 @@ class ImportQATPass(QPass):
         names = NameScope(model)
         old: list[ir.Value] = []
         self.readers: dict[str, list[str]] = {}
+        int8_layers: list[ir.Node] = []
         for marker in markers:
+            if marker.op_type in (INT8_WEIGHT_OP, ACTIVATION_OP):
+                layer = str(attribute(marker, "layer", "")) or marker.name or f"marker_{len(self.readers)}"
+                if marker.op_type == ACTIVATION_OP:
+                    import_activation(marker)
+                    self.count("imported_int8_activation")
+                    continue
+                old.extend(v for v in marker.inputs if v is not None)
+                found = import_int8_weight(marker, graph, names)
+                for node in found:
+                    if not node.name:
+                        node.name = names.fresh("qat_layer")
+                    self.readers.setdefault(layer, []).append(node.name)
+                int8_layers.extend(found)
+                graph.remove(marker, safe=True)
+                self.count("imported_int8_weight")
+                continue
             if marker.op_type != MARKER_OP:
                 raise InvalidModelError(f"unknown QAT op {MARKER_DOMAIN}.{marker.op_type} ({marker.name!r})")
             spec, quantized = quantized_from_marker(marker)
@@ -157,6 +181,7 @@ class ImportQATPass(QPass):
             old.extend(v for v in marker.inputs if v is not None)
             graph.remove(marker, safe=True)
             self.count(f"imported_{spec.format}")
+        pin_layer_outputs(int8_layers)
         self.count("float_inputs_removed", drop_unused_initializers(old))
         model.metadata_props[QAT_LAYERS] = json.dumps(self.readers, sort_keys=True)
         return ir.passes.PassResult(model, True)

@@ -105,7 +105,7 @@ def _example(section: str) -> str:
     return {"quantization": "per_channel", "calibration": "calibrator", "weight_only": "block_size"}[section]
 
 
-def check_calibration_given(recipe: Recipe, calib: Any, tokenizer: Any) -> None:
+def check_calibration_given(recipe: Recipe, calib: Any, tokenizer: Any, *, data_check: bool = True) -> None:
     """Refuse a tokenizer without text, a tokenizer with a mapping, and a recipe that needs data without any.
 
     Raises:
@@ -117,7 +117,7 @@ def check_calibration_given(recipe: Recipe, calib: Any, tokenizer: Any) -> None:
                          "tokenizer= reads text calibration data: pass calib='corpus.txt' too")
     if tokenizer is not None and isinstance(calib, Mapping):
         raise UsageError("tokenizer= is for text calibration data (a .txt path), not a mapping of arrays")
-    if recipe.needs_calibration and calib is None:
+    if data_check and recipe.needs_calibration and calib is None:
         how = ("pass --calib DATA (an .npz keyed by the model's input names)" if cli else
                "pass calib=... (a mapping {input name: numpy array} with samples along the first axis, or an .npz "
                "path keyed by the input names)")

@@ -34,6 +34,7 @@ from qcompiler.instruments import DumpAfterInstrument, VerifyInstrument
 from qcompiler.pass_manager import PassPipeline, PipelineReport, QPass
 from qcompiler.passes._common import paused_gc, release_free_memory
 from qcompiler.pipelines import BuildContext, build_pipeline, resolve_pass_classes
+from qcompiler.qat_mode import has_qat_markers, qat_recipe
 
 __all__ = ["CompileResult", "compile_model", "DEFAULT_RECIPE"]
 
@@ -219,7 +220,7 @@ def _compile(model: Any, output: Any, *, recipe: Any, calib: Any, tokenizer: Any
         Path(".") if output_path is None else output_path.parent / f"{output_path.stem}.dumps"
     if dump_after:
         io.check_dump_folder(input_path, dump_folder)
-    _args.check_calibration_given(active, calib, tokenizer)
+    _args.check_calibration_given(active, calib, tokenizer, data_check=False)  # a QAT model needs no data
 
     input_bytes = 0
     with paused_gc():  # millions of IR objects are made: collections while loading cost more than the load
@@ -235,6 +236,9 @@ def _compile(model: Any, output: Any, *, recipe: Any, calib: Any, tokenizer: Any
                       for name in overrides[section].get("exclude_nodes", ())]
     _checks.check_model(model, active, reads, exclude_from_args=given_excludes,
                         op_types_given="op_types" in overrides["quantization"], source=source)
+    if has_qat_markers(model):  # trained by qcompiler.torch: nothing chosen again, no calibration
+        active = qat_recipe(active)
+    _args.check_calibration_given(active, calib, tokenizer)
     with tempfile.TemporaryDirectory(prefix="qcompile-") as scratch:  # text calibration's tokenized .npz
         calibration_data: _checks.TrackedData | None = None  # records whether a pass read it
         if calib is not None:

@@ -47,6 +47,9 @@ examples:
   qcompile demo                                            compile a shipped digits CNN and compare with fp32
   qcompile export MODEL_DIR -o model.onnx [--kv-cache]     a local Hugging Face causal-LM folder (safetensors
                                                            or GGUF) to ONNX, checked against torch
+  qcompile finetune MODEL_DIR --data corpus.txt --recipe int4 --qat -o model.q.onnx --eval held-out.txt
+                                                           quantization-aware fine-tuning on text, then export,
+                                                           compile, parity report and perplexity before/after
 
 calibration data (--calib): an .npz whose keys are the model's input names and whose first axis indexes
 samples, or a folder of such files. Loaded without pickle.
@@ -214,6 +217,16 @@ def _list_recipes() -> None:
         print(f"{name:<14} {load_recipe(name).description}")
 
 
+#: the weight-only flags of qcompile (and of qcompile finetune, which has a subset) and their recipe fields
+_WEIGHT_ONLY_FLAGS = ("format", "algorithm", "block_size", "symmetric", "zero_point", "accuracy_level", "lm_head",
+                      "embedding", "target_bits")
+
+
+def _weight_only_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The ``[weight-only]`` overrides the command line gave (flags left out or absent from the parser: none)."""
+    return {key: getattr(args, key) for key in _WEIGHT_ONLY_FLAGS if getattr(args, key, None) is not None}
+
+
 def _compile(args: argparse.Namespace) -> int:
     from qcompiler.api import DEFAULT_RECIPE, compile_model
 
@@ -245,11 +258,7 @@ def _compile(args: argparse.Namespace) -> int:
         calibration["calibrator"] = args.calibrator
     if args.percentile is not None:
         calibration["percentile"] = args.percentile
-    weight_only: dict[str, object] = {}
-    for key in ("format", "algorithm", "block_size", "symmetric", "zero_point", "accuracy_level", "lm_head", "embedding",
-                "target_bits"):
-        if getattr(args, key) is not None:
-            weight_only[key] = getattr(args, key)
+    weight_only = _weight_only_overrides(args)
     recipe = args.recipe or DEFAULT_RECIPE
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not args.quiet)
     report_paths = [Path(r) for r in args.report]
@@ -338,6 +347,80 @@ def _export(argv: Sequence[str]) -> int:
     return 0
 
 
+def _finetune(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="qcompile finetune",
+                     description="Fine-tune a local Hugging Face causal LM on text (with --qat: quantization-aware, "
+                                 "distilled from the float model), then export, compile with the recipe, write the "
+                                 "parity report (--qat) and OUTPUT.finetune.json, and measure perplexity before and "
+                                 "after on --eval text. Runs under torchrun (every process trains, process 0 "
+                                 "writes). Needs the torch extra.")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="the model folder, with its tokenizer (read only)")
+    parser.add_argument("--data", action="append", required=True, metavar="TXT",
+                        help="UTF-8 training text (repeatable)")
+    parser.add_argument("--eval", action="append", default=[], metavar="TXT",
+                        help="UTF-8 evaluation text, never a --data file (repeatable; default: no perplexity)")
+    parser.add_argument("-o", "--output", required=True, help="output ONNX model (written atomically, last)")
+    parser.add_argument("--recipe", default="int4", help="compile recipe (default int4; --qat: weight-only ones)")
+    parser.add_argument("--qat", action="store_true",
+                        help="train with the recipe's fake quantization (else fine-tune in float and quantize after)")
+    parser.add_argument("--learn-scale", action="store_true", help="--qat: learn scales and zero points (LSQ)")
+    parser.add_argument("--no-distill", dest="distill", action="store_false",
+                        help="--qat: cross entropy instead of distillation from the float model")
+    parser.add_argument("--kv-cache", action="store_true", help="export the decoder with a KV cache")
+    parser.add_argument("--seq-len", type=int, default=256, metavar="N", help="tokens per window (default 256)")
+    parser.add_argument("--steps", type=int, default=100, metavar="N", help="training steps (default 100)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N",
+                        help="windows per step over all processes (default 8)")
+    parser.add_argument("--lr", type=float, metavar="LR", help="learning rate (default 2e-5 with --qat, else 1e-5)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="data order seed (default 0)")
+    parser.add_argument("--eval-windows", type=int, metavar="N", help="measure perplexity on at most N windows")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="training checkpoint, resumed when present (default OUTPUT.ckpt)")
+    parser.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                        help="steps between checkpoints (default 50)")
+    parser.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoint after success")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to train (auto: CUDA when available)")
+    parser.add_argument("--gguf-file", metavar="NAME", help="the .gguf file of the folder to load")
+    parser.add_argument("--format", metavar="NAME", help="the recipe's weight format (as qcompile --format)")
+    parser.add_argument("--block-size", type=int, metavar="N", help="values per scale along K (as qcompile)")
+    sym = parser.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="fixed middle zero point")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="a zero point per block")
+    parser.add_argument("--zero-point", choices=("int", "float"), help="with --asymmetric: uint8 or float zero points")
+    parser.add_argument("--lm-head", choices=("same", "int8", "float"), help="the output projection's format")
+    parser.add_argument("--embedding", choices=("float", "int8", "int4"), help="the token embedding's format")
+    parser.add_argument("--accuracy-level", type=int, choices=range(5), metavar="{0-4}",
+                        help="MatMulNBits accuracy_level (0: the float kernel path, exact parity)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar nor summary")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    if not args.qat and (args.learn_scale or not args.distill):
+        raise UsageError(f"{'--learn-scale' if args.learn_scale else '--no-distill'} is a --qat option")
+    from qcompiler._deps import require_torch
+
+    require_torch("qcompile finetune")  # before qcompiler.torch, which imports torch
+    from qcompiler._wording import cli_wording
+    from qcompiler.torch.finetune import finetune
+
+    with cli_wording():
+        result = finetune(args.model_dir, args.data, args.output, recipe=args.recipe, qat=args.qat, eval=args.eval,
+                          seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          seed=args.seed, learn_scale=args.learn_scale, distill=args.distill, kv_cache=args.kv_cache,
+                          weight_only=_weight_only_overrides(args), checkpoint=args.checkpoint,
+                          checkpoint_every=args.checkpoint_every, keep_checkpoint=args.keep_checkpoint,
+                          device=args.device, gguf_file=args.gguf_file, eval_windows=args.eval_windows,
+                          progress=not args.quiet)
+    if result is not None and not args.quiet:
+        for line in result.describe():
+            print(escape_controls(line))
+    return 0
+
+
 def _one_line(text: str) -> str:
     """Join a possibly multi-line message into one line (the CLI prints exactly one line per error)."""
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
@@ -385,6 +468,10 @@ def _main(argv: Sequence[str] | None) -> int:
             _setup_logging(False, 0)
             require_compiler()
             return _export(argv[1:])
+        if argv and argv[0] == "finetune":
+            _setup_logging("-q" in argv or "--quiet" in argv, 0)
+            require_compiler()
+            return _finetune(argv[1:])
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # --help / --version: return the code instead of exiting the caller's process

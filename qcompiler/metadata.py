@@ -13,8 +13,8 @@ from __future__ import annotations
 
 __all__ = [
     "BIAS_SHIFT_KEY", "CALIBRATION_SHA256", "CHANNEL_MEAN_KEY", "FUSED_ACTIVATION_KEY", "FUSED_INTO_KEY",
-    "NODE_QUANT_KEY", "PINNED_SCALE_KEY", "QAT_KEY", "QAT_LAYERS", "QSPEC_KEY", "RANGE_KEY", "RECIPE", "VERSION", "WEIGHT_BITS",
-    "TRAINED_KEY", "WEIGHT_CODES_KEY", "WEIGHT_ONLY", "WEIGHT_SPEC_KEY",
+    "NODE_QUANT_KEY", "PINNED_QPARAMS_KEY", "PINNED_SCALE_KEY", "QAT_KEY", "QAT_LAYERS", "QSPEC_KEY", "RANGE_KEY", "RECIPE", "VERSION", "WEIGHT_BITS",
+    "TRAINED_KEY", "TRAINED_QMAX_KEY", "WEIGHT_CODES_KEY", "WEIGHT_ONLY", "WEIGHT_SPEC_KEY",
 ]
 
 # -- IR metadata: values ------------------------------------------------------------------------------------------
@@ -22,6 +22,8 @@ __all__ = [
 QSPEC_KEY = "qcompiler.qspec"
 #: a value's calibrated (min, max) range
 RANGE_KEY = "qcompiler.range"
+#: an activation's (scale, zero point) trained by QAT (import-qat): the int8 lowering uses them as they are
+PINNED_QPARAMS_KEY = "qcompiler.pinned_qparams"
 #: weight scales an earlier pass fixed (GPTQ rounds onto a grid the int8 lowering must keep)
 PINNED_SCALE_KEY = "qcompiler.pinned_weight_scale"
 #: the per-channel mean of a layer's input (bias correction)
@@ -43,6 +45,8 @@ WEIGHT_CODES_KEY = "qcompiler.weight_codes"
 #: on a weight-only layer (or embedding Gather) whose spec and codes came trained from QAT (import-qat): no later
 #: pass re-chooses them
 TRAINED_KEY = "qcompiler.trained_codes"
+#: on a QAT-trained int8 layer: the weight range (qmax 63 or 127) it was trained with
+TRAINED_QMAX_KEY = "qcompiler.trained_qmax"
 
 # -- model metadata (saved) ---------------------------------------------------------------------------------------
 #: the qcompiler version that wrote the file

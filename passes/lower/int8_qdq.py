@@ -78,7 +78,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.errors import CalibrationError, ConfigError
+from qcompiler.errors import CalibrationError, ConfigError, InvalidModelError
 from qcompiler.formats.channelwise import (
     QuantizedWeight,
     broadcast_scale,
@@ -87,6 +87,7 @@ from qcompiler.formats.channelwise import (
     symmetric_scales,
 )
 from qcompiler.formats.int8_range import resolve_reduce_range
+from qcompiler.metadata import PINNED_QPARAMS_KEY, TRAINED_KEY, TRAINED_QMAX_KEY
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes._common import default_opset
 from qcompiler.passes._finite import require_finite
@@ -100,7 +101,15 @@ from qcompiler.passes.annotate import (
     quantized_output,
 )
 from qcompiler.passes.lower._weights import Namer, add_constant, drop_if_unused, pinned_scale, take_over_output
-from qcompiler.qspec import QuantSpec, get_qspec, get_range, is_float_dtype, onnx_dtype, scale_zero_point
+from qcompiler.qspec import (
+    QuantSpec,
+    get_qspec,
+    get_range,
+    is_float_dtype,
+    numpy_dtype,
+    onnx_dtype,
+    scale_zero_point,
+)
 
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
@@ -178,6 +187,13 @@ class LowerInt8QDQPass(QPass):
     # -- activations -----------------------------------------------------------------------------------------
     def _act_params(self, value: ir.Value) -> tuple[np.ndarray, np.ndarray, QuantSpec] | None:
         spec, found = get_qspec(value), get_range(value)
+        pinned = value.meta.get(PINNED_QPARAMS_KEY)
+        if spec is not None and not spec.dynamic and pinned is not None:  # trained by QAT: as they are
+            scale, zp = pinned
+            if np.dtype(zp.dtype) != numpy_dtype(spec.dtype):
+                raise InvalidModelError(f"{self.name}: the trained zero point of {value.name!r} is {zp.dtype}, the "
+                                        f"recipe quantizes it to {spec.dtype}")
+            return np.asarray(scale, np.float32), np.asarray(zp), spec
         if spec is None or found is None or spec.dynamic:
             return None
         scale, zp = scale_zero_point(found.min, found.max, spec.dtype, spec.symmetric)
@@ -285,8 +301,8 @@ class LowerInt8QDQPass(QPass):
         """Static activations need calibrated ranges: annotated layers and not one range means no calibration ran
         (a single unobserved value is a counted skip instead)."""
         layers = [n for n in iter_nodes(model) if node_scheme(n) == "int8-static"]
-        if layers and not any(get_range(v) is not None for n in layers for v in (*n.inputs, *n.outputs)
-                              if v is not None):
+        if layers and not any(get_range(v) is not None or v.meta.get(PINNED_QPARAMS_KEY) is not None
+                              for n in layers for v in (*n.inputs, *n.outputs) if v is not None):
             raise CalibrationError(f"{self.name}: {len(layers)} layer(s) are annotated for static int8 but no "
                                    "activation has a calibrated range (is the 'calibrate' pass disabled?)")
 
@@ -444,9 +460,9 @@ class LowerInt8QDQPass(QPass):
                      int_bias: bool, bias_changed: bool,
                      namer: Namer) -> tuple[QuantizedWeight, Any, Any, bool, bool]:
         """Int8 weight scales (depthwise/reduce-range rule, pinned scales, bias widening) and bias correction."""
-        qmax = layer_qmax(node, weight, self.qmax)
+        qmax = node.meta.get(TRAINED_QMAX_KEY) or layer_qmax(node, weight, self.qmax)
         if qmax != self.qmax:
-            self.count("depthwise_full_range")
+            self.count("trained_weight_range" if node.meta.get(TRAINED_QMAX_KEY) else "depthwise_full_range")
         scale = pinned_scale(w, weight, axis)
         if scale is None:
             scale = symmetric_scales(weight, axis, qmax)
@@ -460,7 +476,7 @@ class LowerInt8QDQPass(QPass):
                 scale = scale.astype(np.float32)
                 self.count("weight_scale_widened_for_bias", int(np.count_nonzero(wider)))
         qw = quantize_weight(weight, axis, scale=scale, qmax=qmax)
-        if self.bias_correction:
+        if self.bias_correction and not node.meta.get(TRAINED_KEY):
             corrected = self._corrected_bias(graph, node, x, weight, qw, bias, int_bias, namer)
             if corrected is not None:
                 bias, bias_value, int_bias = corrected
@@ -512,7 +528,9 @@ class LowerInt8QDQPass(QPass):
                         self.count("float_weights_removed")
         graph.insert_before(node, new_nodes)
         node.replace_input_with(0, self._qdq(graph, x, namer, done))
-        if self._quantizes_output(node):
+        if node.meta.get(TRAINED_KEY) and self._act_params(quantized_output(node)) is None:
+            self.count("trained_output_left_float")  # it reaches no trained input: training kept it float
+        elif self._quantizes_output(node):
             self._qdq(graph, quantized_output(node), namer, done)
         else:
             self.count("matmul_output_left_float")

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 __all__ = ["input_names", "output_names", "kv_shape", "trace_logits", "trace_kv_decoder", "check_logits",
-           "check_kv_decoder"]
+           "check_kv_decoder", "logits_export_args", "kv_decoder_export_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,18 +105,19 @@ def _export(module: torch.nn.Module, sample: tuple[Any, ...], opset: int, *, inp
     return program.model
 
 
-def trace_logits(llm: Any, opset: int) -> Any:
-    """The logits-only graph of ``llm`` as an ``onnx_ir.Model`` (its weights are views of the torch parameters)."""
+def logits_export_args(llm: Any) -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """(the logits-only wrapper, its sample inputs, the export keywords: names and dynamic shapes) of ``llm``: what
+    :func:`trace_logits` exports, for another exporter (``qcompiler.torch.export`` of a QAT model)."""
     generator = torch.Generator().manual_seed(0)
     sample = (torch.randint(0, llm.config.vocab_size, (2, 16), generator=generator),)
     batch = torch.export.Dim("batch", max=_MAX_BATCH)
     seq = torch.export.Dim("sequence", max=_MAX_SEQUENCE)
-    return _export(_Logits(llm).eval(), sample, opset, input_names=["input_ids"], output_names=["logits"],
-                   dynamic_shapes=({0: batch, 1: seq},))
+    return _Logits(llm).eval(), sample, {"input_names": ["input_ids"], "output_names": ["logits"],
+                                         "dynamic_shapes": ({0: batch, 1: seq},)}
 
 
-def trace_kv_decoder(llm: Any, opset: int) -> Any:
-    """The KV-cache decoder graph of ``llm`` as an ``onnx_ir.Model``."""
+def kv_decoder_export_args(llm: Any) -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """:func:`logits_export_args` for the KV-cache decoder (what :func:`trace_kv_decoder` exports)."""
     layers, kv_heads, head_dim = kv_shape(llm.config)
     generator = torch.Generator().manual_seed(0)
     past = [torch.randn(2, kv_heads, 5, head_dim, generator=generator) for _ in range(2 * layers)]
@@ -126,9 +127,21 @@ def trace_kv_decoder(llm: Any, opset: int) -> Any:
     past_seq = torch.export.Dim("past_sequence", max=_MAX_SEQUENCE)
     total = torch.export.Dim("total_sequence", max=2 * _MAX_SEQUENCE)
     kv_spec = {0: batch, 2: past_seq}
-    return _export(_KVDecoder(llm).eval(), sample, opset, input_names=input_names(layers),
-                   output_names=output_names(layers),
-                   dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: total}, [kv_spec] * (2 * layers)))
+    return _KVDecoder(llm).eval(), sample, {
+        "input_names": input_names(layers), "output_names": output_names(layers),
+        "dynamic_shapes": ({0: batch, 1: seq}, {0: batch, 1: total}, [kv_spec] * (2 * layers))}
+
+
+def trace_logits(llm: Any, opset: int) -> Any:
+    """The logits-only graph of ``llm`` as an ``onnx_ir.Model`` (its weights are views of the torch parameters)."""
+    module, sample, names = logits_export_args(llm)
+    return _export(module, sample, opset, **names)
+
+
+def trace_kv_decoder(llm: Any, opset: int) -> Any:
+    """The KV-cache decoder graph of ``llm`` as an ``onnx_ir.Model``."""
+    module, sample, names = kv_decoder_export_args(llm)
+    return _export(module, sample, opset, **names)
 
 
 def check_logits(session: Any, llm: Any) -> float:

@@ -4,8 +4,10 @@ Every fake-quantized layer's weight is written as its exact codes and parameters
 training step saw them) feeding one marker node: ::
 
     W[N, K] = ai.qcompiler.qat.QuantizedWeight(codes uint8 [N, K], scale, zero; format, bits, block_size,
-                                               symmetric, zero_point, kernel)
+                                               symmetric, zero_point, kernel, layer)
 
+(the static int8 layers write ``Int8Weight`` and ``QuantizeActivation`` markers instead:
+:mod:`qcompiler.torch._int8_markers`)
 (``scale``/``zero`` as :class:`~qcompiler.torch.fake_quant.QuantizedTensor` holds them; FP8 codes are the E4M3FN
 bit patterns). The marker's value is the dequantized weight, so the graph means what training computed. The
 compiler's ``import-qat`` pass turns each marker into the layer's spec and codes (no recalibration, no
@@ -35,7 +37,9 @@ from qcompiler.io_write import save_model
 from qcompiler.metadata import QAT_KEY
 from qcompiler.passes.import_qat import MARKER_DOMAIN, MARKER_OP
 from qcompiler.torch import numerics
+from qcompiler.torch._int8_markers import freeze_int8_layer, translations
 from qcompiler.torch.fake_quant import family_of
+from qcompiler.torch.int8_qat import QATConvInt8, QATLinearInt8
 from qcompiler.torch.qat import qat_layers
 
 __all__ = ["MARKER_DOMAIN", "MARKER_OP", "export", "frozen_for_export"]
@@ -104,6 +108,10 @@ def frozen_for_export(module: torch.nn.Module) -> Iterator[dict[str, Any]]:
     added: list[tuple[torch.nn.Module, list[str]]] = []
     try:
         for name, layer in layers.items():
+            if isinstance(layer, (QATConvInt8, QATLinearInt8)):
+                quantized[name], names = freeze_int8_layer(layer, name, _buffer_name)
+                added.append((layer, names))
+                continue
             fq = layer.weight_fake_quant
             key = (id(layer.weight), fq.spec)
             if key not in by_weight:
@@ -145,7 +153,8 @@ def export(module: torch.nn.Module, example_inputs: tuple[Any, ...], path: str |
             program = torch.onnx.export(
                 module, tuple(example_inputs), dynamo=True, opset_version=opset, input_names=input_names, verbose=False,
                 output_names=output_names, dynamic_shapes=dynamic_shapes,
-                custom_translation_table={torch.ops.qcompiler_qat.quantized_weight.default: _marker_onnx})
+                custom_translation_table={torch.ops.qcompiler_qat.quantized_weight.default: _marker_onnx,
+                                          **translations()})
     finally:
         module.train(was_training)
     model = program.model
@@ -153,7 +162,8 @@ def export(module: torch.nn.Module, example_inputs: tuple[Any, ...], path: str |
     model.metadata_props[QAT_KEY] = json.dumps({
         "version": 1,
         "recipe": recipes[0] if len(recipes) == 1 else recipes,
-        "layers": {name: q.spec.label() for name, q in quantized.items()},
+        "layers": {name: q.spec.label() if hasattr(q, "spec") else f"int8 qmax {q.qmax}"
+                   for name, q in quantized.items()},
         "learned_scales": any(layer.weight_fake_quant.learn_scale for layer in qat_layers(module).values()),
     }, sort_keys=True)
     target = Path(path)

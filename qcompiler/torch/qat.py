@@ -35,6 +35,7 @@ from qcompiler.config import Recipe, load_recipe, override
 from qcompiler.errors import ConfigError
 from qcompiler.formats import WeightSpec, get_format
 from qcompiler.torch.fake_quant import WeightFakeQuant, family_of
+from qcompiler.torch.int8_qat import QATConvInt8, QATLinearInt8, fold_batchnorm, int8_layer
 
 __all__ = ["QATEmbedding", "QATLinear", "QATPlan", "prepare_qat", "qat_layers", "resolve_recipe"]
 
@@ -106,14 +107,23 @@ class QATPlan:
                f"{len(self.float_layers)} left float"
 
 
+def is_static_int8(recipe: Recipe) -> bool:
+    """Whether ``recipe`` is a static int8 QDQ recipe (``int8``, ``int8-qop``, ``int8-cle``, ...)."""
+    return "annotate-int8" in recipe.passes and "lower-int8-qdq" in recipe.passes
+
+
 def resolve_recipe(recipe: str | Recipe, **weight_only: Any) -> Recipe:
     """The recipe (a name, a TOML path or a :class:`Recipe`) with ``[weight-only]`` overrides, checked trainable."""
     resolved = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if weight_only:
         resolved = override(resolved, weight_only=weight_only)
+    if is_static_int8(resolved):
+        _int8_settings(resolved)
+        return resolved
     if "annotate-weight-only" not in resolved.passes:
-        raise ConfigError(f"recipe {resolved.name!r} cannot be trained by prepare_qat yet: only weight-only recipes "
-                          "(int4, int3, int2, ternary, int8-weight, nf4, fp8-weight, fp8-fused) are")
+        raise ConfigError(f"recipe {resolved.name!r} cannot be trained by prepare_qat: the weight-only recipes (int4, "
+                          "int3, int2, ternary, int8-weight, nf4, fp8-weight, fp8-fused) and the static int8 ones "
+                          "(int8, int8-qop) can")
     options = resolved.weight_only
     if options.target_bits is not None:
         raise ConfigError(f"recipe {resolved.name!r} chooses bits per layer after training (target_bits): train "
@@ -125,6 +135,21 @@ def resolve_recipe(recipe: str | Recipe, **weight_only: Any) -> Recipe:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return resolved
+
+
+def _int8_settings(recipe: Recipe) -> dict[str, Any]:
+    """The int8 QAT layer settings of a static int8 recipe (refused where training cannot mirror the lowering)."""
+    from qcompiler.formats.int8_range import recipe_reduce_range
+
+    q = recipe.quantization
+    if q.weight_dtype != "int8" or q.activation_dtype not in ("uint8", "int8"):
+        raise ConfigError(f"recipe {recipe.name!r}: QAT trains int8 weights with uint8 or int8 activations, not "
+                          f"{q.weight_dtype} weights with {q.activation_dtype} activations")
+    if q.min_sqnr_db is not None or q.max_accuracy_drop is not None:
+        raise ConfigError(f"recipe {recipe.name!r} leaves layers float after measuring them (an accuracy budget): "
+                          "train without min_sqnr_db / max_accuracy_drop")
+    qmax = 63 if recipe_reduce_range(recipe, "prepare_qat") else 127
+    return {"qmax": qmax, "per_channel": bool(q.per_channel), "dtype": q.activation_dtype, "symmetric": False}
 
 
 def _specs(recipe: Recipe) -> tuple[WeightSpec, WeightSpec | None, WeightSpec | None]:
@@ -180,13 +205,15 @@ def prepare_qat(module: nn.Module, recipe: str | Recipe = "int4", *, learn_scale
             this package cannot fake-quantize, or a model already prepared.
     """
     resolved = resolve_recipe(recipe, **weight_only)
+    if is_static_int8(resolved):
+        return _prepare_int8(module, resolved, learn_scale, frozenset(exclude))
     spec, head_spec, embedding_spec = _specs(resolved)
     head = _output_projection(module, lm_head)
     skipped = frozenset(exclude) | frozenset(resolved.weight_only.exclude_nodes)
     plan = QATPlan(resolved)
     replacements: list[tuple[str, nn.Module]] = []
     for name, child in module.named_modules():
-        if isinstance(child, (QATLinear, QATEmbedding)):
+        if isinstance(child, (QATLinear, QATEmbedding, QATConvInt8, QATLinearInt8)):
             raise ConfigError(f"prepare_qat: module {name!r} is already prepared for QAT")
         if name in skipped:
             plan.float_layers[name] = "excluded by name"
@@ -216,6 +243,43 @@ def prepare_qat(module: nn.Module, recipe: str | Recipe = "int4", *, learn_scale
     return plan
 
 
-def qat_layers(module: nn.Module) -> dict[str, QATLinear | QATEmbedding]:
+def _prepare_int8(module: nn.Module, recipe: Recipe, learn: bool, exclude: frozenset[str]) -> QATPlan:
+    """prepare_qat for a static int8 recipe (see :mod:`qcompiler.torch.int8_qat`)."""
+    settings = _int8_settings(recipe)
+    plan = QATPlan(recipe)
+    folded = fold_batchnorm(module)
+    if folded:
+        plan.float_layers["(batchnorm)"] = f"{folded} BatchNorm folded into the layer before it"
+    ops = set(recipe.quantization.op_types)
+    replacements: list[tuple[str, nn.Module]] = []
+    for name, child in module.named_modules():
+        if isinstance(child, (QATLinear, QATEmbedding, QATConvInt8, QATLinearInt8)):
+            raise ConfigError(f"prepare_qat: module {name!r} is already prepared for QAT")
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            raise ConfigError(f"prepare_qat: BatchNorm {name!r} does not follow a convolution in an nn.Sequential: "
+                              "fold it into the layer before it first (the compiler would fold it into trained "
+                              "weights)")
+        wanted = isinstance(child, nn.Linear) and ({"MatMul", "Gemm"} & ops) or \
+            isinstance(child, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and "Conv" in ops
+        if name in exclude:
+            plan.float_layers[name] = "excluded by name"
+        elif wanted:
+            replacements.append((name, int8_layer(child, learn=learn, **settings)))
+            plan.layers[name] = f"int8 weights (qmax {replacements[-1][1].weight_fake_quant.qmax}), " \
+                                f"{settings['dtype']} activations"
+        elif isinstance(child, (nn.Embedding, nn.LayerNorm, nn.GroupNorm)):
+            plan.float_layers[name] = f"{type(child).__name__}: the int8 recipes keep it float"
+        elif not isinstance(child, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and \
+                any(p.dim() >= 2 for p in child.parameters(recurse=False)):
+            raise ConfigError(f"prepare_qat: module {name!r} ({type(child).__name__}) holds a matrix weight that "
+                              "qcompiler.torch cannot fake-quantize; exclude it or replace it with nn.Linear/Conv")
+    for name, replacement in replacements:
+        replacement.weight_fake_quant.recipe = recipe.name
+        _set_submodule(module, name, replacement)
+    return plan
+
+
+def qat_layers(module: nn.Module) -> dict[str, nn.Module]:
     """The fake-quantized layers of a prepared module, by name."""
-    return {name: m for name, m in module.named_modules() if isinstance(m, (QATLinear, QATEmbedding))}
+    kinds = (QATLinear, QATEmbedding, QATConvInt8, QATLinearInt8)
+    return {name: m for name, m in module.named_modules() if isinstance(m, kinds)}

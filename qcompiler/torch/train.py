@@ -48,6 +48,8 @@ class TrainConfig:
     checkpoint: str | None = None
     checkpoint_every: int = 50
     progress: bool = True
+    #: what else a resumed run must share with the run that wrote the checkpoint (model, data, recipe), as a digest
+    fingerprint: str = ""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every"):
@@ -61,7 +63,10 @@ class TrainConfig:
 
     def resumable_fields(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run that wrote the checkpoint."""
-        return {k: getattr(self, k) for k in ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "seed")}
+        fields = {k: getattr(self, k) for k in ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "seed")}
+        if self.fingerprint:
+            fields["fingerprint"] = self.fingerprint
+        return fields
 
 
 @dataclasses.dataclass

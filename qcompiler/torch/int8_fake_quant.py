@@ -1,0 +1,181 @@
+"""Fake quantization for the static int8 recipes: per-channel symmetric int8 weights and per-tensor activations.
+
+- :class:`Int8WeightFakeQuant`: ``s[c] = max(max|w[c]| / qmax, MIN_SCALE)`` along the output-channel axis (or one
+  scale), ``q = clip(rint(w / s), -qmax, qmax)``, dequantized ``q * s`` in float32: the int8 lowering's numerics
+  (:mod:`qcompiler.formats.channelwise`), ``qmax`` 127 or 63 as the recipe resolves ``reduce_range`` (127 for a
+  depthwise convolution, as the lowering does). Straight-through gradient.
+- :class:`ActivationFakeQuant`: the range of the tensor is observed while training (the first batch's min/max,
+  then an exponential moving average, ``momentum``), or learned (LSQ: scale and zero point as parameters,
+  initialized from the observed range at the first batch); the scale and zero point are the compiler's
+  (:func:`~qcompiler.torch.numerics.activation_qparams`) and the codes ONNX Runtime's ``QuantizeLinear`` (float32
+  division, half to even). Gradient: straight through inside the representable range, zero outside (and LSQ's
+  gradients to learned parameters). In eval mode the range is frozen. The trained scale and zero point are what
+  export writes and the compiled model uses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcompiler.errors import ConfigError
+from qcompiler.qspec import MIN_SCALE
+from qcompiler.torch import numerics
+
+__all__ = ["ActivationFakeQuant", "Int8WeightFakeQuant", "activation_limits"]
+
+_LIMITS = {("uint8", False): (0, 255), ("int8", False): (-128, 127), ("int8", True): (-127, 127)}
+
+
+def activation_limits(dtype: str, symmetric: bool) -> tuple[int, int]:
+    """``(qmin, qmax)`` of the activation codes (the compiler's :func:`~qcompiler.qspec.qrange`)."""
+    try:
+        return _LIMITS[(dtype, symmetric)]
+    except KeyError:
+        raise ConfigError(f"QAT activations: {'symmetric ' if symmetric else ''}{dtype} is not trainable here "
+                          "(uint8, int8, symmetric int8)") from None
+
+
+class _WeightSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, dequantized: torch.Tensor) -> torch.Tensor:
+        return dequantized
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class Int8WeightFakeQuant(nn.Module):
+    """Per-channel (``axis``) or per-tensor (``axis=None``) symmetric int8 fake quantization of a weight."""
+
+    def __init__(self, axis: int | None, qmax: int) -> None:
+        super().__init__()
+        if qmax not in (63, 127):
+            raise ConfigError(f"int8 weights have qmax 63 or 127, not {qmax}")
+        self.axis, self.qmax = axis, qmax
+        self.learn_scale = False
+        self.recipe = ""  # the recipe that chose the layer (prepare_qat sets it; export records it)
+
+    def extra_repr(self) -> str:
+        return f"int8 symmetric, axis={self.axis}, qmax={self.qmax}"
+
+    @torch.no_grad()
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes, float32 scales: ``[C]`` along ``axis`` or a 0-d tensor)."""
+        if self.axis is None:
+            flat = w.detach().reshape(1, -1)
+            scale = numerics.int8_scales(flat, 0, self.qmax).reshape(())
+            return numerics.int8_codes(flat, scale.reshape(1), 0, self.qmax).reshape(w.shape), scale
+        scale = numerics.int8_scales(w.detach(), self.axis, self.qmax)
+        return numerics.int8_codes(w.detach(), scale, self.axis, self.qmax), scale
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self.axis is None:
+            return codes.to(torch.float32) * scale
+        shape = [1] * codes.dim()
+        shape[self.axis] = -1
+        return codes.to(torch.float32) * scale.reshape(shape)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        codes, scale = self.quantize(w)
+        return _WeightSTE.apply(w, self.dequantize(codes, scale).to(w.dtype))
+
+
+class _ActivationFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int,
+                qmax: int) -> torch.Tensor:
+        s, z = scale.detach().to(torch.float32), zero.detach().to(torch.float32)
+        q = numerics.quantize_activation(x.detach(), s, z, qmin, qmax)
+        ctx.qmin, ctx.qmax = qmin, qmax
+        ctx.save_for_backward(x, s, z, q)
+        return ((q - z) * s).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x, s, z, q = ctx.saved_tensors
+        ratio = x.to(torch.float32) / s
+        position = ratio + z
+        inside = (position >= ctx.qmin - 0.5) & (position <= ctx.qmax + 0.5)
+        grad_x = torch.where(inside, grad, torch.zeros_like(grad))
+        grad_s = grad_z = None
+        g = grad.to(torch.float32)
+        norm = 1.0 / math.sqrt(max(x.numel(), 1) * (ctx.qmax - ctx.qmin))
+        if ctx.needs_input_grad[1]:
+            grad_s = (torch.where(inside, (q - z) - ratio, q - z) * g).sum().reshape(s.shape) * norm
+        if ctx.needs_input_grad[2]:
+            grad_z = (torch.where(inside, torch.zeros_like(g), -s * g)).sum().reshape(z.shape) * norm
+        return grad_x, grad_s, grad_z, None, None
+
+
+class ActivationFakeQuant(nn.Module):
+    """Observed (or learned) per-tensor quantization of an activation (see the module docstring).
+
+    Args:
+        dtype: ``"uint8"`` (asymmetric) or ``"int8"``.
+        symmetric: a zero point of 0 (``int8`` only).
+        momentum: the weight of each new batch's min/max in the moving average.
+        learn: learn the scale and zero point (LSQ) after the first batch initializes them.
+    """
+
+    def __init__(self, dtype: str = "uint8", symmetric: bool = False, *, momentum: float = 0.01,
+                 learn: bool = False) -> None:
+        super().__init__()
+        self.dtype, self.symmetric, self.momentum, self.learn = dtype, bool(symmetric), float(momentum), bool(learn)
+        self.qmin, self.qmax = activation_limits(dtype, self.symmetric)
+        self.register_buffer("running_min", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("running_max", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+        self.scale = nn.Parameter(torch.ones(())) if self.learn else None
+        self.zero = nn.Parameter(torch.zeros(())) if self.learn and not self.symmetric else None
+
+    def extra_repr(self) -> str:
+        return f"{'symmetric ' if self.symmetric else ''}{self.dtype}, {'learned' if self.learn else 'observed'}"
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        low, high = x.detach().min().to(torch.float64), x.detach().max().to(torch.float64)
+        if not bool(self.observed):
+            self.running_min.copy_(low)
+            self.running_max.copy_(high)
+            self.observed.fill_(True)
+            if self.learn:
+                scale, zero = numerics.activation_qparams(low, high, self.qmin, self.qmax, self.symmetric)
+                self.scale.copy_(scale)
+                if self.zero is not None:
+                    self.zero.copy_(zero)
+            return
+        self.running_min.mul_(1 - self.momentum).add_(low * self.momentum)
+        self.running_max.mul_(1 - self.momentum).add_(high * self.momentum)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale (float32) and zero point (float32 holding an integer) in use."""
+        if not bool(self.observed):
+            raise RuntimeError("ActivationFakeQuant has observed no batch yet: train (or run in train mode) first")
+        if not self.learn:
+            return numerics.activation_qparams(self.running_min, self.running_max, self.qmin, self.qmax,
+                                               self.symmetric)
+        scale = _Passthrough.apply(self.scale, self.scale.detach().abs().clamp_min(MIN_SCALE))
+        if self.zero is None:
+            return scale, torch.zeros((), device=scale.device)
+        return scale, _Passthrough.apply(self.zero, self.zero.detach().round().clamp(self.qmin, self.qmax))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._observe(x)
+        scale, zero = self.qparams()
+        return _ActivationFakeQuant.apply(x, scale, zero, self.qmin, self.qmax)
+
+
+class _Passthrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return value.to(source.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
