@@ -53,8 +53,8 @@ def import_int8_weight(marker: ir.Node, graph: ir.Graph, names: NameScope) -> li
     axis, qmax = int(attribute(marker, "axis", -1)), int(attribute(marker, "qmax", 127))
     if codes is None or scale is None or codes.dtype != np.int8 or codes.ndim < 2 or 0 in codes.shape:
         raise _refuse(marker, "codes must be a constant int8 tensor of rank 2 or more")
-    if qmax not in (63, 127) or int(np.abs(codes.astype(np.int16)).max()) > qmax:
-        raise _refuse(marker, f"codes outside [-{qmax}, {qmax}] (qmax 63 or 127)")
+    if qmax not in (1, 3, 7, 15, 31, 63, 127) or int(np.abs(codes.astype(np.int16)).max()) > qmax:
+        raise _refuse(marker, f"codes outside [-{qmax}, {qmax}] (qmax 2^(b-1) - 1 for 2 to 8 bits)")
     expected = () if axis < 0 else (codes.shape[axis],) if axis < codes.ndim else None
     if expected is None or scale.shape != expected or scale.dtype != np.float32 or \
             not np.all(np.isfinite(scale)) or not np.all(scale > 0):

@@ -90,21 +90,26 @@ def test_linear_on_3d_inputs_goes_through_matmul(tmp_path):
     assert report.codes_identical and report.max_rel_error < 1e-2, report.to_markdown()
 
 
-def test_learned_activation_scales_update():
+@pytest.mark.parametrize("bits", [8, 2])
+def test_learned_scales_update_and_compile_unchanged(tmp_path, bits):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    qt.prepare_qat(model, "int8", learn_scale=True)
+    qt.prepare_qat(model, "int8", learn_scale=True, weight_bits=bits)
     first = model[2].input_fake_quant
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-2)  # large: scales may cross zero
     x, target = torch.randn(32, 8), torch.randn(32, 2)
     model.train()
     model(x)
     before = first.scale.detach().clone()
-    for _ in range(10):
+    for _ in range(30):
         optimizer.zero_grad()
         (model(x) - target).square().mean().backward()
         optimizer.step()
     assert not torch.equal(first.scale.detach(), before)
+    assert model[0].weight_fake_quant.scale.grad is not None
+    _, report = qt.convert(model, (x,), tmp_path / "m.onnx", report=False)
+    assert report.codes_identical and report.max_rel_error < 1e-2 and report.top1_agreement == 1.0, \
+        report.to_markdown()
 
 
 def test_int8_recipes_that_cannot_be_trained_are_refused():

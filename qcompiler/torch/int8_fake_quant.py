@@ -3,7 +3,9 @@
 - :class:`Int8WeightFakeQuant`: ``s[c] = max(max|w[c]| / qmax, MIN_SCALE)`` along the output-channel axis (or one
   scale), ``q = clip(rint(w / s), -qmax, qmax)``, dequantized ``q * s`` in float32: the int8 lowering's numerics
   (:mod:`qcompiler.formats.channelwise`), ``qmax`` 127 or 63 as the recipe resolves ``reduce_range`` (127 for a
-  depthwise convolution, as the lowering does). Straight-through gradient.
+  depthwise convolution, as the lowering does), or ``2^(b-1) - 1`` for ``b``-bit weights (``weight_bits`` 2-6: the
+  codes of a low-bit grid, held in int8 by the QDQ model; only training can give a layer such a range, the
+  compiler keeps it). Straight-through gradient.
 - :class:`ActivationFakeQuant`: the range of the tensor is observed while training (the first batch's min/max,
   then an exponential moving average, ``momentum``), or learned (LSQ: scale and zero point as parameters,
   initialized from the observed range at the first batch); the scale and zero point are the compiler's
@@ -27,6 +29,8 @@ from qcompiler.torch import numerics
 
 __all__ = ["ActivationFakeQuant", "Int8WeightFakeQuant", "activation_limits"]
 
+#: the weight ranges: 127 and 63 (8 and 7 bits, see reduce_range) and 2^(b-1) - 1 for b = 2..6 bits held in int8
+WEIGHT_QMAX = (1, 3, 7, 15, 31, 63, 127)
 _LIMITS = {("uint8", False): (0, 255), ("int8", False): (-128, 127), ("int8", True): (-127, 127)}
 
 
@@ -49,23 +53,71 @@ class _WeightSTE(torch.autograd.Function):
         return grad, None
 
 
-class Int8WeightFakeQuant(nn.Module):
-    """Per-channel (``axis``) or per-tensor (``axis=None``) symmetric int8 fake quantization of a weight."""
+class _WeightLSQ(torch.autograd.Function):
+    """``q * s`` with LSQ's gradients: the weight straight through inside ``[-qmax, qmax]``, the scale
+    ``(q - w / s)`` inside and ``q`` outside, summed per channel and scaled by ``1 / sqrt(values * qmax)``."""
 
-    def __init__(self, axis: int | None, qmax: int) -> None:
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, scale: torch.Tensor, codes: torch.Tensor, shape: list[int],
+                qmax: int) -> torch.Tensor:
+        effective = scale.detach().abs().clamp_min(MIN_SCALE).to(torch.float32)  # what quantize() uses
+        s = effective.reshape(shape)
+        ctx.save_for_backward(w, s, codes, torch.sign(scale.detach()))
+        ctx.qmax, ctx.scale_shape = qmax, scale.shape
+        return (codes.to(torch.float32) * s).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        w, s, codes, sign = ctx.saved_tensors
+        ratio = w.detach().to(torch.float32) / s
+        inside = ratio.abs() <= ctx.qmax + 0.5
+        q = codes.to(torch.float32)
+        d_scale = torch.where(inside, q - ratio, q) * grad.to(torch.float32)
+        dims = [d for d in range(w.dim()) if s.shape[d] == 1]
+        per = w.numel() / max(s.numel(), 1)
+        grad_s = d_scale.sum(dim=dims).reshape(ctx.scale_shape) / math.sqrt(per * ctx.qmax) * sign
+        return torch.where(inside, grad, torch.zeros_like(grad)), grad_s, None, None, None
+
+
+class Int8WeightFakeQuant(nn.Module):
+    """Per-channel (``axis``) or per-tensor (``axis=None``) symmetric int8 fake quantization of a weight; with
+    ``learn_scale`` the scales are LSQ parameters (initialized ``2 mean|w| / sqrt(qmax)``, LSQ's start) instead of
+    ``max|w| / qmax``; either way export carries the scales used."""
+
+    def __init__(self, axis: int | None, qmax: int, *, learn_scale: bool = False,
+                 weight: torch.Tensor | None = None) -> None:
         super().__init__()
-        if qmax not in (63, 127):
-            raise ConfigError(f"int8 weights have qmax 63 or 127, not {qmax}")
+        if qmax not in WEIGHT_QMAX:
+            raise ConfigError(f"int8-held weights have qmax {', '.join(map(str, WEIGHT_QMAX))}, not {qmax}")
         self.axis, self.qmax = axis, qmax
-        self.learn_scale = False
+        self.learn_scale = bool(learn_scale)
+        self.scale: nn.Parameter | None = None
+        if self.learn_scale:
+            if weight is None:
+                raise ValueError("learned weight scales need the weight to start from")
+            w = weight.detach().to(torch.float32).abs()
+            dims = [d for d in range(w.dim()) if d != axis] if axis is not None else list(range(w.dim()))
+            start = 2 * w.mean(dim=dims) / math.sqrt(qmax)
+            self.scale = nn.Parameter(torch.where(start > 0, start, torch.ones_like(start)))
         self.recipe = ""  # the recipe that chose the layer (prepare_qat sets it; export records it)
 
     def extra_repr(self) -> str:
         return f"int8 symmetric, axis={self.axis}, qmax={self.qmax}"
 
+    def _shape(self, w: torch.Tensor) -> list[int]:
+        shape = [1] * w.dim()
+        if self.axis is not None:
+            shape[self.axis] = -1
+        return shape
+
     @torch.no_grad()
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 codes, float32 scales: ``[C]`` along ``axis`` or a 0-d tensor)."""
+        if self.scale is not None:
+            scale = self.scale.detach().abs().clamp_min(MIN_SCALE).to(torch.float32)
+            s = scale.reshape(self._shape(w)).to(torch.float64)
+            codes = (w.detach().to(torch.float64) / s).round().clamp(-self.qmax, self.qmax).to(torch.int8)
+            return codes, scale
         if self.axis is None:
             flat = w.detach().reshape(1, -1)
             scale = numerics.int8_scales(flat, 0, self.qmax).reshape(())
@@ -82,6 +134,8 @@ class Int8WeightFakeQuant(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         codes, scale = self.quantize(w)
+        if self.scale is not None:
+            return _WeightLSQ.apply(w, self.scale, codes, self._shape(w), self.qmax)
         return _WeightSTE.apply(w, self.dequantize(codes, scale).to(w.dtype))
 
 

@@ -104,7 +104,7 @@ def int32_bias(bias: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor)
 
 
 def int8_layer(layer: nn.Module, *, qmax: int, per_channel: bool, dtype: str, symmetric: bool,
-               learn: bool) -> nn.Module:
+               learn: bool, low_bits: bool = False) -> nn.Module:
     """The QAT replacement of a Conv or Linear (sharing its parameters)."""
     cls: Any = QATLinearInt8 if isinstance(layer, nn.Linear) else QATConvInt8
     new = cls.__new__(cls)
@@ -115,7 +115,9 @@ def int8_layer(layer: nn.Module, *, qmax: int, per_channel: bool, dtype: str, sy
     depthwise = isinstance(layer, _CONVS) and layer.groups > 1 and layer.groups == layer.out_channels and \
         layer.weight.shape[1] == 1
     new.input_fake_quant = ActivationFakeQuant(dtype, symmetric, learn=learn)
-    new.weight_fake_quant = Int8WeightFakeQuant(0 if per_channel else None, 127 if depthwise else qmax)
+    new.weight_fake_quant = Int8WeightFakeQuant(0 if per_channel else None,
+                                                127 if depthwise and not low_bits else qmax, learn_scale=learn,
+                                                weight=layer.weight)
     return new
 
 

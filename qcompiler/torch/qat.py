@@ -137,7 +137,7 @@ def resolve_recipe(recipe: str | Recipe, **weight_only: Any) -> Recipe:
     return resolved
 
 
-def _int8_settings(recipe: Recipe) -> dict[str, Any]:
+def _int8_settings(recipe: Recipe, weight_bits: int = 8) -> dict[str, Any]:
     """The int8 QAT layer settings of a static int8 recipe (refused where training cannot mirror the lowering)."""
     from qcompiler.formats.int8_range import recipe_reduce_range
 
@@ -148,8 +148,11 @@ def _int8_settings(recipe: Recipe) -> dict[str, Any]:
     if q.min_sqnr_db is not None or q.max_accuracy_drop is not None:
         raise ConfigError(f"recipe {recipe.name!r} leaves layers float after measuring them (an accuracy budget): "
                           "train without min_sqnr_db / max_accuracy_drop")
-    qmax = 63 if recipe_reduce_range(recipe, "prepare_qat") else 127
-    return {"qmax": qmax, "per_channel": bool(q.per_channel), "dtype": q.activation_dtype, "symmetric": False}
+    if isinstance(weight_bits, bool) or weight_bits not in range(2, 9):
+        raise ConfigError(f"prepare_qat: weight_bits must be an integer from 2 to 8, got {weight_bits!r}")
+    qmax = (63 if recipe_reduce_range(recipe, "prepare_qat") else 127) if weight_bits == 8 else \
+        (1 << (weight_bits - 1)) - 1
+    return {"qmax": qmax, "low_bits": weight_bits < 8, "per_channel": bool(q.per_channel), "dtype": q.activation_dtype, "symmetric": False}
 
 
 def _specs(recipe: Recipe) -> tuple[WeightSpec, WeightSpec | None, WeightSpec | None]:
@@ -186,7 +189,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def prepare_qat(module: nn.Module, recipe: str | Recipe = "int4", *, learn_scale: bool = False,
-                lm_head: str | None = None, exclude: Iterable[str] = (), **weight_only: Any) -> QATPlan:
+                lm_head: str | None = None, exclude: Iterable[str] = (), weight_bits: int = 8,
+                **weight_only: Any) -> QATPlan:
     """Insert the recipe's fake quantization into ``module`` in place (see the module docstring).
 
     Args:
@@ -195,6 +199,7 @@ def prepare_qat(module: nn.Module, recipe: str | Recipe = "int4", *, learn_scale
         learn_scale: learn scales/zero points (LSQ) instead of deriving them from the weights at every step.
         lm_head: the output projection's module name (default: ``get_output_embeddings()`` where the model has it).
         exclude: module names to leave float (added to the recipe's ``exclude_nodes``).
+        weight_bits: static int8 recipes: the weights' bits (8; 2-6 train a ``2^(b-1) - 1`` grid held in int8).
         weight_only: overrides of the recipe's ``[weight-only]`` fields (``block_size=128``, ``symmetric=False``).
 
     Returns:
@@ -206,7 +211,10 @@ def prepare_qat(module: nn.Module, recipe: str | Recipe = "int4", *, learn_scale
     """
     resolved = resolve_recipe(recipe, **weight_only)
     if is_static_int8(resolved):
-        return _prepare_int8(module, resolved, learn_scale, frozenset(exclude))
+        return _prepare_int8(module, resolved, learn_scale, frozenset(exclude), weight_bits)
+    if weight_bits != 8:
+        raise ConfigError("prepare_qat: weight_bits is for the static int8 recipes; a weight-only recipe's format "
+                          "sets its bits")
     spec, head_spec, embedding_spec = _specs(resolved)
     head = _output_projection(module, lm_head)
     skipped = frozenset(exclude) | frozenset(resolved.weight_only.exclude_nodes)
@@ -243,9 +251,10 @@ def prepare_qat(module: nn.Module, recipe: str | Recipe = "int4", *, learn_scale
     return plan
 
 
-def _prepare_int8(module: nn.Module, recipe: Recipe, learn: bool, exclude: frozenset[str]) -> QATPlan:
+def _prepare_int8(module: nn.Module, recipe: Recipe, learn: bool, exclude: frozenset[str],
+                  weight_bits: int) -> QATPlan:
     """prepare_qat for a static int8 recipe (see :mod:`qcompiler.torch.int8_qat`)."""
-    settings = _int8_settings(recipe)
+    settings = _int8_settings(recipe, weight_bits)
     plan = QATPlan(recipe)
     folded = fold_batchnorm(module)
     if folded:
