@@ -131,10 +131,13 @@ def pin_layer_outputs(layers: list[ir.Node]) -> None:
     for layer in layers:
         output = layer.outputs[0]
         users = list(output.uses())
-        after = output
-        if len(users) == 1 and users[0][0].op_type == "Relu" and not output.is_graph_output():
-            after = users[0][0].outputs[0]  # Q of the pre-Relu value on a grid from 0 equals Q after the Relu
+        after, pinned = output, [output]
+        if len(users) == 1 and users[0][0].op_type in ("Relu", "Clip") and not output.is_graph_output():
+            after = users[0][0].outputs[0]
+            # Q of the pre-Relu value on a grid from 0 equals Q after the Relu; a Clip's upper bound need not lie
+            # on the grid, so only its output takes the parameters
+            pinned = [output, after] if users[0][0].op_type == "Relu" else [after]
         reached = _reached_qparams(after)
         if reached is not None:
-            for value in {id(output): output, id(after): after}.values():
+            for value in pinned:
                 value.meta[PINNED_QPARAMS_KEY] = reached
