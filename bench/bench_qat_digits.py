@@ -31,11 +31,10 @@ sys.path.insert(0, str(REPO / "models"))
 from make_digits_cnn import N_CALIB, _build_net, load_split  # noqa: E402
 
 
-def _train_float(x: torch.Tensor, y: torch.Tensor, epochs: int = 40) -> nn.Module:
-    torch.manual_seed(0)
-    net = _build_net()
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(0)
+def _epochs(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int,
+            seed: int) -> None:
+    """Cross-entropy epochs over seeded permutations, batches of 64."""
+    generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         net.train()
         order = torch.randperm(len(x), generator=generator)
@@ -44,6 +43,12 @@ def _train_float(x: torch.Tensor, y: torch.Tensor, epochs: int = 40) -> nn.Modul
             optimizer.zero_grad()
             nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
             optimizer.step()
+
+
+def _train_float(x: torch.Tensor, y: torch.Tensor, epochs: int = 40) -> nn.Module:
+    torch.manual_seed(0)
+    net = _build_net()
+    _epochs(net, torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4), x, y, epochs, seed=0)
     return net.eval()
 
 
@@ -90,17 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             qt.export(model, (calib[:2],), work / f"rtn{bits}.onnx", input_names=["x"], dynamic_shapes=dims)
             compile_model(work / f"rtn{bits}.onnx", work / f"rtn{bits}.q.onnx", recipe="int8")
             before = _onnx_accuracy(work / f"rtn{bits}.q.onnx", test_x, test_y)
-            optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-            generator = torch.Generator().manual_seed(1)
             began = time.perf_counter()
-            for _ in range(args.epochs):
-                model.train()
-                order = torch.randperm(len(tx), generator=generator)
-                for start in range(0, len(tx), 64):
-                    batch = order[start:start + 64]
-                    optimizer.zero_grad()
-                    nn.functional.cross_entropy(model(tx[batch]), ty[batch]).backward()
-                    optimizer.step()
+            _epochs(model, torch.optim.Adam(model.parameters(), lr=args.lr), tx, ty, args.epochs, seed=1)
             seconds = time.perf_counter() - began
             _, report = qt.convert(model, (calib[:2],), work / f"qat{bits}.onnx", input_names=["x"],
                                    dynamic_shapes=dims, sample_inputs=[(torch.from_numpy(test_x),)], report=False)

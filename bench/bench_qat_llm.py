@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deploy", action="store_true", help="export, compile and measure the first variant")
     parser.add_argument("--overhead", action="store_true", help="measure the fake-quant step overhead")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: a variant that would start later is skipped, and a variant's steps are cut to "
+                             "what the rest of the budget allows at the first variant's step time")
     parser.add_argument("--eval-windows", type=int, default=16)
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,9 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"fp32 perplexity {results['fp32_ppl']:.3f}")
     save = lambda: (args.out / "qat_llm.json").write_text(json.dumps(results, indent=2))  # noqa: E731
     save()
+    began = time.perf_counter()
+    step_seconds: float | None = None
     for i, variant in enumerate(args.variants):
         settings = VARIANTS[variant]
         steps = args.steps[min(i, len(args.steps) - 1)]
+        if args.time_budget is not None:
+            left = args.time_budget - (time.perf_counter() - began)
+            if left < 60:
+                _log(f"{variant}: skipped ({left:.0f} s of the time budget left)")
+                results["variants"][variant] = {"skipped": "time budget"}
+                continue
+            if step_seconds is not None:
+                steps = max(10, min(steps, int((left - 45) / step_seconds)))
         student = copy.deepcopy(teacher)
         for p in student.parameters():
             p.requires_grad_(True)
@@ -162,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig(steps=steps, batch_size=args.batch, lr=settings["lr"], warmup_steps=steps // 20,
                              seed=i, progress=False)
         done = train(student, training, causal_lm_loss(teacher), config, device=args.device, items_per_sample=256)
+        step_seconds = done.seconds / max(steps, 1)
         torch.backends.cuda.matmul.allow_tf32 = False
         qat = torch_perplexity(student, evaluation, device=args.device)
         record = {"rtn_ppl": rtn, "qat_ppl": qat, "steps": steps, "tokens": done.items, "seconds": round(done.seconds, 1),
