@@ -268,8 +268,10 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, dtype: st
         shape = [1] * x.ndim
         shape[axis] = -1
         s, z = s.reshape(shape), z.reshape(shape)
-    if fp8:  # saturate, then round to nearest even in FP8 (ml_dtypes casts float64 directly)
-        return np.clip(np.asarray(x, dtype=np.float64) / s, qmin, qmax).astype(numpy_dtype(dtype))
+    if fp8:  # saturate, then round to nearest even in FP8, once (see channelwise.round_e4m3)
+        from qcompiler.formats.channelwise import round_e4m3
+
+        return round_e4m3(np.asarray(x, dtype=np.float64) / s)
     q = np.rint(np.asarray(x, dtype=np.float64) / s) + z
     return np.clip(q, qmin, qmax).astype(numpy_dtype(dtype))
 

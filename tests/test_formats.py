@@ -149,3 +149,21 @@ def test_gptq_refuses_data_free_runs():
     annotate_weight_only(model)
     with pytest.raises(CalibrationError, match="calibration data"):
         WeightOnlyGPTQPass()(model)
+
+
+def test_fp8_rounding_is_one_rounding_whatever_the_ml_dtypes_version():
+    """84.0000029 lies above the tie between the E4M3 values 80 and 88: one rounding gives 88. ml_dtypes 0.5 casts
+    float64 through float32 (84.0 exactly, a tie, even: 80); the compiler rounds in float64 itself."""
+    import ml_dtypes
+
+    from qcompiler.formats.channelwise import quantize_weight_fp8, round_e4m3
+    from qcompiler.qspec import quantize
+
+    assert float(round_e4m3(np.array(84.00000286847352))) == 88.0
+    assert float(round_e4m3(np.array(84.0))) == 80.0  # a true tie: to even
+    w = np.array([[0.8], [0.15]], np.float32)  # scale 0.8 / 448: 0.15 / scale = 84.0000029
+    assert float(quantize_weight_fp8(w, 1).q[1, 0].astype(np.float32)) == 88.0
+    assert quantize(np.array([84.00000286847352]), np.float64(1.0), np.float64(0.0), "float8e4m3fn").dtype == \
+        ml_dtypes.float8_e4m3fn
+    assert float(quantize(np.array([84.00000286847352]), np.float64(1.0), np.float64(0.0),
+                          "float8e4m3fn")[0].astype(np.float32)) == 88.0

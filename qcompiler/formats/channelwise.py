@@ -28,7 +28,7 @@ import numpy as np
 from qcompiler.qspec import MIN_SCALE
 
 __all__ = ["SQNR_CAP_DB", "FP8_MAX", "QuantizedWeight", "broadcast_scale", "quantize_symmetric", "quantize_weight",
-           "quantize_weight_fp8", "sqnr_db", "sqnr_from_energies", "symmetric_scales"]
+           "quantize_weight_fp8", "round_e4m3", "sqnr_db", "sqnr_from_energies", "symmetric_scales"]
 
 #: SQNR reported for an exact round trip
 SQNR_CAP_DB = 300.0
@@ -140,6 +140,17 @@ def quantize_weight(w: np.ndarray, axis: int | None, *, scale: np.ndarray | None
     return QuantizedWeight(q, s, axis, sqnr_db(w, q, s, axis))
 
 
+def round_e4m3(x: np.ndarray) -> np.ndarray:
+    """``x`` (float64) saturated to +-448 and rounded to the nearest E4M3FN value, ties to even, as
+    ``ml_dtypes.float8_e4m3fn`` values. The rounding is done here in float64 (3 mantissa bits; subnormals step
+    ``2^-9``) so that it is one rounding whatever the ml_dtypes version: ml_dtypes 0.5 casts float64 through float32
+    first, which rounds twice (``84.0000029`` became 80, not 88)."""
+    x = np.clip(np.asarray(x, dtype=np.float64), -FP8_MAX, FP8_MAX)
+    _, exponent = np.frexp(x)
+    step = np.ldexp(1.0, np.maximum(exponent - 1, -6) - 3)
+    return np.clip(np.rint(x / step) * step, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+
+
 def quantize_weight_fp8(w: np.ndarray, axis: int | None, *, scale: np.ndarray | None = None) -> QuantizedWeight:
     """Quantize one weight tensor to FP8 E4M3FN (``q`` of ``ml_dtypes.float8_e4m3fn``), scale ``max|w| / 448``.
 
@@ -155,10 +166,10 @@ def quantize_weight_fp8(w: np.ndarray, axis: int | None, *, scale: np.ndarray | 
     sb = broadcast_scale(s.astype(np.float64), w.ndim, axis)
     out = np.empty(w.shape, dtype=ml_dtypes.float8_e4m3fn)
     if w.ndim == 0:
-        out = np.asarray(np.clip(w / sb, -FP8_MAX, FP8_MAX)).astype(ml_dtypes.float8_e4m3fn)
+        out = round_e4m3(np.asarray(w, dtype=np.float64) / sb)
     else:
         row = w[0].size if w.shape[0] else 1
         for sl in _slices(w.shape[0], row):
             s_part = sb[sl] if (axis == 0 and sb.ndim) else sb
-            out[sl] = np.clip(w[sl].astype(np.float64) / s_part, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+            out[sl] = round_e4m3(w[sl].astype(np.float64) / s_part)
     return QuantizedWeight(out, s, axis, sqnr_db(w, out, s, axis))
