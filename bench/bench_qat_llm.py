@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.requires_grad_(True)
             torch.backends.cuda.matmul.allow_tf32 = True
             float_step = _step_times(plain, training, args.batch)
-            qat_step = _step_times(student, training, args.batch)
+            qat_step = _step_times(copy.deepcopy(student), training, args.batch)  # a copy: the timed steps train
             torch.backends.cuda.matmul.allow_tf32 = False
             results["overhead"] = {"float_step_ms": float_step * 1e3, "qat_step_ms": qat_step * 1e3,
                                    "ratio": qat_step / float_step}
