@@ -68,6 +68,8 @@ and runs LayerNormalization in float between the pair.
 
 Nodes left in float are counted with their reason: no calibrated range, default opset below 13 (per-axis
 DequantizeLinear), below 21 (16-bit types) or below 19 (FP8), missing constant weight. Per-layer weight SQNR is recorded. ``preserves_float = False``.
+A QAT-trained layer (``import-qat``) is lowered with its trained parameters even where its output has none (it
+reaches a float residual Add or a pooling, not a trained input): that output stays float, as in training.
 """
 
 from __future__ import annotations
@@ -286,7 +288,8 @@ class LowerInt8QDQPass(QPass):
         if reason is not None:
             return reason
         out = quantized_output(node)
-        if self._quantizes_output(node) and self._act_params(out) is None:
+        # a trained layer whose output reaches no trained input (a residual Add, a pooling) keeps a float output
+        if self._quantizes_output(node) and self._act_params(out) is None and not node.meta.get(TRAINED_KEY):
             return f"no calibrated range for output '{out.name}'"
         specs = [get_qspec(w), get_qspec(node.inputs[0])]
         if self._quantizes_output(node):

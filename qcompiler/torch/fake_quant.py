@@ -29,7 +29,7 @@ from qcompiler.formats.base import WeightSpec
 from qcompiler.qspec import MIN_SCALE
 from qcompiler.torch import numerics
 
-__all__ = ["QuantizedTensor", "WeightFakeQuant", "family_of"]
+__all__ = ["QuantizedTensor", "WeightFakeQuant", "family_of", "straight_through"]
 
 
 @dataclasses.dataclass
@@ -196,7 +196,7 @@ class WeightFakeQuant(nn.Module):
             with torch.no_grad():
                 return _derived(wt.detach().float(), self.spec, self.family)
         assert self.scale is not None
-        scale = _StraightThrough.apply(self.scale, self.scale.detach().abs().clamp_min(MIN_SCALE))
+        scale = straight_through(self.scale, self.scale.detach().abs().clamp_min(MIN_SCALE))
         if self.zero is None:
             if self.family != "grid":
                 return scale, torch.zeros(0, dtype=torch.uint8, device=wt.device)
@@ -205,7 +205,7 @@ class WeightFakeQuant(nn.Module):
         if self.spec.float_zero_point:
             return scale, self.zero
         high = numerics.code_limits(self.spec)[1]
-        return scale, _StraightThrough.apply(self.zero, self.zero.detach().round().clamp(0, high))
+        return scale, straight_through(self.zero, self.zero.detach().round().clamp(0, high))
 
     def forward(self, wt: torch.Tensor) -> torch.Tensor:
         scale, zero = self.parameters_for(wt)
@@ -232,3 +232,8 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
+
+
+def straight_through(source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (computed from ``source`` without gradient) with ``source``'s gradient passed straight through."""
+    return _StraightThrough.apply(source, value)

@@ -26,6 +26,7 @@ from torch import nn
 from qcompiler.errors import ConfigError
 from qcompiler.qspec import MIN_SCALE
 from qcompiler.torch import numerics
+from qcompiler.torch.fake_quant import straight_through
 
 __all__ = ["ActivationFakeQuant", "Int8WeightFakeQuant", "activation_limits"]
 
@@ -41,16 +42,6 @@ def activation_limits(dtype: str, symmetric: bool) -> tuple[int, int]:
     except KeyError:
         raise ConfigError(f"QAT activations: {'symmetric ' if symmetric else ''}{dtype} is not trainable here "
                           "(uint8, int8, symmetric int8)") from None
-
-
-class _WeightSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, dequantized: torch.Tensor) -> torch.Tensor:
-        return dequantized
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
 
 
 class _WeightLSQ(torch.autograd.Function):
@@ -136,7 +127,7 @@ class Int8WeightFakeQuant(nn.Module):
         codes, scale = self.quantize(w)
         if self.scale is not None:
             return _WeightLSQ.apply(w, self.scale, codes, self._shape(w), self.qmax)
-        return _WeightSTE.apply(w, self.dequantize(codes, scale).to(w.dtype))
+        return straight_through(w, self.dequantize(codes, scale).to(w.dtype))
 
 
 class _ActivationFakeQuant(torch.autograd.Function):
@@ -213,23 +204,13 @@ class ActivationFakeQuant(nn.Module):
         if not self.learn:
             return numerics.activation_qparams(self.running_min, self.running_max, self.qmin, self.qmax,
                                                self.symmetric)
-        scale = _Passthrough.apply(self.scale, self.scale.detach().abs().clamp_min(MIN_SCALE))
+        scale = straight_through(self.scale, self.scale.detach().abs().clamp_min(MIN_SCALE))
         if self.zero is None:
             return scale, torch.zeros((), device=scale.device)
-        return scale, _Passthrough.apply(self.zero, self.zero.detach().round().clamp(self.qmin, self.qmax))
+        return scale, straight_through(self.zero, self.zero.detach().round().clamp(self.qmin, self.qmax))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self._observe(x)
         scale, zero = self.qparams()
         return _ActivationFakeQuant.apply(x, scale, zero, self.qmin, self.qmax)
-
-
-class _Passthrough(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return value.to(source.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
