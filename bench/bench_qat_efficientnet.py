@@ -16,8 +16,8 @@ against fp32 on the 140 fixed views of the *other* photos.
   Each row is a compiled model run by ``qcompiler.runtime.Session`` (ONNX Runtime, default optimizations): top-1
   agreement with the fp32 torch model and the mean KL divergence ``KL(p_fp32 || p_model)`` of the softmax.
 
-Rows: the fp32 ONNX export; (a) ``qcompile --recipe int8`` (post-training, MinMax calibration on the 140 fixed
-views of the calibration photos); (b) the QAT model before training (ranges observed, no step), exported and
+Rows: the fp32 ONNX export; (a) ``qcompile --recipe int8`` (post-training: MinMax ranges, GPTQ and bias correction
+from the 140 fixed views of the calibration photos; residual Adds and the pooling quantized too); (b) the QAT model before training (ranges observed, no step), exported and
 compiled with the ``int8`` recipe (no calibration data: the observed ranges are used); (c) after QAT, through
 ``qcompiler.torch.convert``, with its parity report summarized (trained layers whose codes, scales and zero points
 are identical in the compiled model; the largest output error relative to the largest logit, on ONNX Runtime's
@@ -127,9 +127,17 @@ def _distill(student: nn.Module, teacher: nn.Module, data: Augmenter, args: argp
     activation = [p for n, p in named.items() if n.endswith(("input_fake_quant.scale", "input_fake_quant.zero"))]
     weight_scales = [p for n, p in named.items() if n.endswith("weight_fake_quant.scale")]
     chosen = {id(p) for p in activation + weight_scales}
+    learned = bool(chosen)
+    biases = [p for n, p in named.items() if n.endswith(".bias")]
+    chosen |= {id(p) for p in biases}
     weights = [p for p in named.values() if p.requires_grad and id(p) not in chosen]
-    groups = [{"params": weights}]
-    if chosen:  # LSQ: a weight scale is ~max|w| / 127, so its steps are ~1/100 of the weights'
+    if args.lr == 0:  # biases (and LSQ scales) only
+        for p in weights:
+            p.requires_grad_(False)
+    groups = [{"params": biases, "lr": args.lr if args.bias_lr is None else args.bias_lr}]
+    if args.lr > 0:
+        groups.append({"params": weights})
+    if learned:  # LSQ: a weight scale is ~max|w| / 127, so its steps are ~1/100 of the weights'
         groups += [{"params": activation, "lr": args.scale_lr}, {"params": weight_scales, "lr": args.lr / 100}]
     optimizer = torch.optim.Adam(groups, lr=args.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -164,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--temperature", type=float, default=8.0)
+    parser.add_argument("--bias-lr", type=float, default=None, help="learning rate of the biases (default: --lr)")
     parser.add_argument("--observe", type=int, default=64, help="training images whose ranges start the observers")
     parser.add_argument("--freeze-ranges", action="store_true", help="keep the observed ranges while training")
     parser.add_argument("--learn-scale", action="store_true",
@@ -205,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_ptq:
             began = time.perf_counter()
             compile_model(work / "fp32.onnx", work / "ptq.onnx", recipe="int8", calib={"x": calib_x})
-            row(f"(a) qcompile int8 PTQ, MinMax on the 140 calibration views ({time.perf_counter() - began:.0f} s)",
+            row(f"(a) qcompile int8 PTQ (MinMax, GPTQ, bias correction; 140 calibration views; "
+                f"{time.perf_counter() - began:.0f} s)",
                 _onnx_logits(work / "ptq.onnx", eval_x))
 
         student = copy.deepcopy(teacher)
@@ -233,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         parity = f"{same}/{len(report.layers)} layers identical; rel. error {report.max_rel_error:.1e} exact, " \
                  f"{report.fused_max_rel_error:.1e} fused; torch vs ORT top-1 {report.top1_agreement:.2%}"
         options = f"batch {args.batch}, lr {args.lr:g}, T {args.temperature:g}" + \
+            (f", bias lr {args.bias_lr:g}" if args.bias_lr is not None else "") + \
             (", ranges frozen" if args.freeze_ranges else "") + \
             (f", LSQ (scale lr {args.scale_lr:g})" if args.learn_scale else "")
         qat_logits = _onnx_logits(work / "qat.onnx", eval_x)
