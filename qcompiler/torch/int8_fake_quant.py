@@ -123,11 +123,16 @@ class Int8WeightFakeQuant(nn.Module):
         shape[self.axis] = -1
         return codes.to(torch.float32) * scale.reshape(shape)
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def quantized(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the fake-quantized weight with its gradient path, the float32 scales it used): one quantization, for a
+        caller that needs the scales too (the int32 bias grid)."""
         codes, scale = self.quantize(w)
         if self.scale is not None:
-            return _WeightLSQ.apply(w, self.scale, codes, self._shape(w), self.qmax)
-        return straight_through(w, self.dequantize(codes, scale).to(w.dtype))
+            return _WeightLSQ.apply(w, self.scale, codes, self._shape(w), self.qmax), scale
+        return straight_through(w, self.dequantize(codes, scale).to(w.dtype)), scale
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.quantized(w)[0]
 
 
 class _ActivationFakeQuant(torch.autograd.Function):

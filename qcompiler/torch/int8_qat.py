@@ -128,8 +128,7 @@ class _Int8Layer:
         if frozen is not None:
             return (*frozen(x), self.bias)  # the compiler puts the float bias on the same int32 grid
         xq = self.input_fake_quant(x)
-        codes, w_scale = self.weight_fake_quant.quantize(self.weight)
-        w = self.weight_fake_quant(self.weight)
+        w, w_scale = self.weight_fake_quant.quantized(self.weight)
         if self.bias is None:
             return xq, w, None
         x_scale = self.input_fake_quant.qparams()[0].detach().to(torch.float32)
@@ -187,14 +186,14 @@ class _BiasSafeWeightFakeQuant(Int8WeightFakeQuant):
             return codes, scale
         return numerics.int8_codes(w.detach(), widened, self.axis, self.qmax), widened
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.scale is None:  # quantize() already widens
-            return super().forward(w)
-        out = super().forward(w)  # LSQ: the learned scales; the widened channels below
-        codes, scale = self.quantize(w)
+    def quantized(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, scale = super().quantized(w)  # quantize() already widens
+        if self.scale is None:
+            return out, scale
+        codes = numerics.int8_codes(w.detach(), scale, self.axis, self.qmax)  # LSQ: widened channels below
         learned = self.scale.detach().abs().clamp_min(MIN_SCALE).to(torch.float32)
         mask = (scale != learned).reshape(self._shape(w))
-        return torch.where(mask, straight_through(w, self.dequantize(codes, scale).to(w.dtype)), out)
+        return torch.where(mask, straight_through(w, self.dequantize(codes, scale).to(w.dtype)), out), scale
 
 
 def int8_layer(layer: nn.Module, *, qmax: int, per_channel: bool, dtype: str, symmetric: bool,
