@@ -27,7 +27,7 @@ from torch import nn
 
 from qcompiler.formats.base import WeightSpec
 from qcompiler.qspec import MIN_SCALE
-from qcompiler.torch import numerics
+from qcompiler.torch import kernels, numerics
 
 __all__ = ["QuantizedTensor", "WeightFakeQuant", "family_of", "straight_through"]
 
@@ -80,13 +80,20 @@ def _codes_and_weight(wt: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return values.to(torch.float8_e4m3fn).view(torch.uint8), values * scale[:, None]
 
 
+def _derived_weight(wt: torch.Tensor, spec: WeightSpec, family: str) -> torch.Tensor:
+    """The dequantized weight of ``wt`` on its own derived grid (the derived mode's whole forward arithmetic)."""
+    scale, zero = _derived(wt, spec, family)
+    return _codes_and_weight(wt, scale, zero, spec, family)[1]
+
+
 class _FakeQuant(torch.autograd.Function):
     """Forward: the exact dequantized weight. Backward: STE to the weight; LSQ gradients to learned parameters."""
 
     @staticmethod
     def forward(ctx: Any, wt: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: WeightSpec,
                 family: str) -> torch.Tensor:
-        codes, weight = _codes_and_weight(wt.detach(), scale.detach(), zero.detach(), spec, family)
+        codes, weight = kernels.kernel(_codes_and_weight, spec, family, device=wt.device)(
+            wt.detach(), scale.detach(), zero.detach())
         ctx.spec, ctx.family = spec, family
         ctx.save_for_backward(wt, scale, zero, codes)
         return weight.to(wt.dtype)
@@ -98,67 +105,61 @@ class _FakeQuant(torch.autograd.Function):
         learned_scale, learned_zero = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if not (learned_scale or learned_zero):
             return grad, None, None, None, None
-        return (*_lsq_gradients(grad, wt, scale, zero, codes, spec, family, learned_zero), None, None)
+        gradients = kernels.kernel(_lsq_gradients, spec, family, learned_zero, device=wt.device)
+        return (*gradients(grad, wt, scale, zero, codes), None, None)
 
 
-def _per_value(param: torch.Tensor, shape: tuple[int, int], block: int, family: str) -> torch.Tensor:
-    """A per-block parameter expanded to ``[N, K]`` (grid: ``[N, n_blocks]``; NF4: ``[n_blocks]`` over the flat
-    weight; FP8: ``[N]``)."""
+def _in_blocks(values: torch.Tensor, block: int, family: str) -> torch.Tensor:
+    """``values[N, K]`` (float32) laid out so that each quantization parameter broadcasts over the last axis: grid
+    ``[N, n_blocks, block]``, NF4 ``[n_blocks, block]`` (the flat weight, zero-padded), FP8 ``[N, K]``."""
+    if family == "fp8":
+        return values.to(torch.float32)
+    if family == "nf4":
+        return numerics._blocks(values.reshape(1, -1), block, 0.0, torch.float32)[0]
+    return numerics._blocks(values, block, 0.0, torch.float32)
+
+
+def _out_of_blocks(values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The inverse of :func:`_in_blocks` (the padding dropped)."""
     n, k = shape
-    if family == "fp8":
-        return param[:, None].expand(n, k)
-    if family == "nf4":
-        return param.repeat_interleave(block)[:n * k].reshape(n, k)
-    return param.repeat_interleave(block, dim=1)[:, :k]
-
-
-def _block_sum(values: torch.Tensor, like: torch.Tensor, block: int, family: str) -> torch.Tensor:
-    """Sum ``values[N, K]`` back onto the parameter's shape (the adjoint of :func:`_per_value`)."""
-    n, k = values.shape
-    if family == "fp8":
-        return values.sum(dim=1)
-    if family == "nf4":
-        flat = torch.zeros(like.numel() * block, dtype=values.dtype, device=values.device)
-        flat[:n * k] = values.reshape(-1)
-        return flat.reshape(-1, block).sum(dim=1)
-    padded = torch.zeros((n, like.shape[1] * block), dtype=values.dtype, device=values.device)
-    padded[:, :k] = values
-    return padded.reshape(n, -1, block).sum(dim=2)
+    if values.dim() == 2 and values.shape == (n, k):
+        return values
+    return values.reshape(-1)[:n * k].reshape(n, k) if values.dim() == 2 else values.reshape(n, -1)[:, :k]
 
 
 def _lsq_gradients(grad: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    codes: torch.Tensor, spec: WeightSpec, family: str,
                    learned_zero: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """LSQ: ``d w_hat / d s = (q - z) - w / s`` inside the clipping range, ``q - z`` (the clipped code) outside;
-    ``d w_hat / d z = -s`` outside, 0 inside; the weight gets the gradient only inside."""
+    ``d w_hat / d z = -s`` outside, 0 inside; the weight gets the gradient only inside. Computed in the block layout
+    of :func:`_in_blocks`, where the padding has a zero gradient and so adds nothing to the sums."""
+    shape = (wt.shape[0], wt.shape[1])
     block = spec.block_for(wt.shape[1])
-    s = _per_value(scale.detach(), tuple(wt.shape), block, family).to(torch.float32)
-    w = wt.detach().to(torch.float32)
-    g = grad.to(torch.float32)
+    s = scale.detach().to(torch.float32)[..., None]
+    w = _in_blocks(wt.detach(), block, family)
+    g = _in_blocks(grad, block, family)
     ratio = w / s
     if family == "grid":
         low, high = numerics.code_limits(spec)
-        z = _per_value(zero.detach(), tuple(wt.shape), block, family).to(torch.float32)
+        z = zero.detach().to(torch.float32)[..., None]
         position = ratio + z
         inside = (position >= low - 0.5) & (position <= high + 0.5)
-        step = codes.to(torch.float32) - z
+        step = _in_blocks(codes, block, family) - z
         top = high - low
     elif family == "nf4":
         inside = ratio.abs() <= 1.0
-        step = numerics.nf4_codebook(wt.device)[codes.long()]
+        step = _in_blocks(numerics.nf4_codebook(wt.device)[codes.long()], block, family)
         top = 1.0
     else:
         inside = ratio.abs() <= numerics.FP8_MAX
         step = codes.view(torch.float8_e4m3fn).to(torch.float32)
         top = numerics.FP8_MAX
-    d_scale = torch.where(inside, step - ratio, step) * g
-    per_scale = wt.numel() / max(scale.numel(), 1)
-    grad_scale = _block_sum(d_scale, scale, block, family) / math.sqrt(per_scale * top)
+    norm = math.sqrt(wt.numel() / max(scale.numel(), 1) * top)
+    grad_scale = (torch.where(inside, step - ratio, step) * g).sum(dim=-1) / norm
     grad_zero = None
     if learned_zero and family == "grid":
-        d_zero = torch.where(inside, torch.zeros_like(g), -s * g)
-        grad_zero = _block_sum(d_zero, zero, block, family) / math.sqrt(per_scale * top)
-    grad_w = torch.where(inside, grad, torch.zeros_like(grad))
+        grad_zero = (torch.where(inside, torch.zeros_like(g), -s * g)).sum(dim=-1) / norm
+    grad_w = _out_of_blocks(torch.where(inside, g, torch.zeros_like(g)), shape).to(grad.dtype)
     return grad_w, grad_scale.to(scale.dtype), None if grad_zero is None else grad_zero.to(zero.dtype)
 
 
@@ -208,6 +209,11 @@ class WeightFakeQuant(nn.Module):
         return scale, straight_through(self.zero, self.zero.detach().round().clamp(0, high))
 
     def forward(self, wt: torch.Tensor) -> torch.Tensor:
+        if not self.learn_scale:  # derived grid: the whole arithmetic in one (compiled on the GPU) function, STE
+            with torch.no_grad():
+                weight = kernels.kernel(_derived_weight, self.spec, self.family, device=wt.device)(
+                    wt.detach().float())
+            return straight_through(wt, weight)
         scale, zero = self.parameters_for(wt)
         return _FakeQuant.apply(wt.float(), scale, zero, self.spec, self.family).to(wt.dtype)
 

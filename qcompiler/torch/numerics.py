@@ -48,12 +48,15 @@ def code_limits(spec: WeightSpec) -> tuple[int, int]:
     return (1, 3) if is_ternary(spec) else (0, (1 << spec.bits) - 1)
 
 
-def _blocks(wt: torch.Tensor, block: int, fill: float) -> torch.Tensor:
-    """``wt[N, K]`` as float64 ``[N, n_blocks, block]``, the padding ``fill``."""
+def _blocks(wt: torch.Tensor, block: int, fill: float, dtype: torch.dtype = _F64) -> torch.Tensor:
+    """``wt[N, K]`` as ``[N, n_blocks, block]`` in ``dtype`` (float64 unless asked), the padding ``fill``; no copy
+    beyond the cast when ``block`` divides K."""
     n, k = wt.shape
     blocks = -(-k // block)
-    padded = torch.full((n, blocks * block), fill, dtype=_F64, device=wt.device)
-    padded[:, :k] = wt.to(_F64)
+    if blocks * block == k:
+        return wt.to(dtype).reshape(n, blocks, block)
+    padded = torch.full((n, blocks * block), fill, dtype=dtype, device=wt.device)
+    padded[:, :k] = wt.to(dtype)
     return padded.reshape(n, blocks, block)
 
 
@@ -71,11 +74,12 @@ def grid(wt: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor
         return scale, torch.full(scale.shape, 2, dtype=torch.uint8, device=wt.device)
     if spec.symmetric:
         middle = 1 << (spec.bits - 1)
-        scale = _blocks(wt, block, 0.0).abs().amax(dim=2) / (middle - 0.5)
+        scale = _blocks(wt, block, 0.0, torch.float32).abs().amax(dim=2).to(_F64) / (middle - 0.5)
         scale = torch.where(scale > 0, scale, 1.0).to(torch.float32)
         return scale, torch.full(scale.shape, middle, dtype=torch.uint8, device=wt.device)
-    low = _blocks(wt, block, float("inf")).amin(dim=2)
-    high = _blocks(wt, block, float("-inf")).amax(dim=2)
+    # min and max are exact in the weight's float32 (widening to float64 afterwards changes nothing)
+    low = _blocks(wt, block, float("inf"), torch.float32).amin(dim=2).to(_F64)
+    high = _blocks(wt, block, float("-inf"), torch.float32).amax(dim=2).to(_F64)
     if not spec.float_zero_point:
         low, high = low.clamp(max=0.0), high.clamp(min=0.0)
     flat = high - low <= 0
@@ -99,10 +103,8 @@ def codes_on_grid(wt: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spe
 def dequantize_grid(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, block: int) -> torch.Tensor:
     """``(q - z) * s`` in float32, ``[N, K]``: :meth:`BlockwiseWeight.dequantize` transposed."""
     n, k = codes.shape
-    blocks = scale.shape[1]
-    padded = torch.zeros((n, blocks * block), dtype=torch.float32, device=codes.device)
-    padded[:, :k] = codes.to(torch.float32)
-    w = (padded.reshape(n, blocks, block) - zero.to(torch.float32)[..., None]) * scale.to(torch.float32)[..., None]
+    w = (_blocks(codes, block, 0.0, torch.float32) - zero.to(torch.float32)[..., None]) \
+        * scale.to(torch.float32)[..., None]
     return w.reshape(n, -1)[:, :k]
 
 
