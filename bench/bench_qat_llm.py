@@ -52,11 +52,12 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _step_times(model: torch.nn.Module, data: torch.Tensor, batch: int, steps: int = 20) -> float:
-    """Median seconds of a training step (cross entropy, AdamW) after 5 warm-up steps."""
+def _step_times(model: torch.nn.Module, data: torch.Tensor, batch: int, steps: int = 20,
+                loss_fn: Any = None) -> float:
+    """Median seconds of a training step (cross entropy unless ``loss_fn``, AdamW) after 5 warm-up steps."""
     from qcompiler.torch.lm import causal_lm_loss
 
-    loss_fn = causal_lm_loss()
+    loss_fn = loss_fn or causal_lm_loss()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     model.train()
     times = []
@@ -152,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     save = lambda: (args.out / "qat_llm.json").write_text(json.dumps(results, indent=2))  # noqa: E731
     save()
     began = time.perf_counter()
-    step_seconds: float | None = None
     for i, variant in enumerate(args.variants):
         settings = VARIANTS[variant]
         steps = args.steps[min(i, len(args.steps) - 1)]
@@ -162,20 +162,24 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"{variant}: skipped ({left:.0f} s of the time budget left)")
                 results["variants"][variant] = {"skipped": "time budget"}
                 continue
-            if step_seconds is not None:
-                steps = max(10, min(steps, int((left - 45) / step_seconds)))
         student = copy.deepcopy(teacher)
         for p in student.parameters():
             p.requires_grad_(True)
         prepare_qat(student, settings["recipe"], block_size=settings["block_size"], symmetric=settings["symmetric"],
                     learn_scale=settings["learn_scale"])
         rtn = torch_perplexity(student, evaluation, device=args.device)
+        if args.time_budget is not None:  # steps that fit: timed on a copy, with this variant's loss and kernels
+            left = args.time_budget - (time.perf_counter() - began)
+            step_seconds = _step_times(copy.deepcopy(student), training, args.batch, steps=8,
+                                       loss_fn=causal_lm_loss(teacher))
+            reserve = 60 + (150 if i == 0 and args.deploy else 0) + (60 if i == 0 and args.overhead else 0)
+            steps = max(10, min(steps, int((left - reserve) / (step_seconds * 1.05))))
+            _log(f"{variant}: {step_seconds * 1e3:.0f} ms a step: {steps} steps fit the time budget")
         _log(f"{variant}: round to nearest {rtn:.3f}; training {steps} steps")
         torch.backends.cuda.matmul.allow_tf32 = True
         config = TrainConfig(steps=steps, batch_size=args.batch, lr=settings["lr"], warmup_steps=steps // 20,
-                             seed=i, progress=False)
+                             seed=i, progress=True)
         done = train(student, training, causal_lm_loss(teacher), config, device=args.device, items_per_sample=256)
-        step_seconds = done.seconds / max(steps, 1)
         torch.backends.cuda.matmul.allow_tf32 = False
         qat = torch_perplexity(student, evaluation, device=args.device)
         record = {"rtn_ppl": rtn, "qat_ppl": qat, "steps": steps, "tokens": done.items, "seconds": round(done.seconds, 1),

@@ -138,20 +138,21 @@ def _lsq_gradients(grad: torch.Tensor, wt: torch.Tensor, scale: torch.Tensor, ze
     s = scale.detach().to(torch.float32)[..., None]
     w = _in_blocks(wt.detach(), block, family)
     g = _in_blocks(grad, block, family)
-    ratio = w / s
+    exact = w.to(torch.float64) / s.to(torch.float64)  # the clipping test divides in float64, as the forward does
+    ratio = exact.to(torch.float32)
     if family == "grid":
         low, high = numerics.code_limits(spec)
         z = zero.detach().to(torch.float32)[..., None]
-        position = ratio + z
+        position = exact + z.to(torch.float64)
         inside = (position >= low - 0.5) & (position <= high + 0.5)
         step = _in_blocks(codes, block, family) - z
         top = high - low
     elif family == "nf4":
-        inside = ratio.abs() <= 1.0
+        inside = exact.abs() <= 1.0
         step = _in_blocks(numerics.nf4_codebook(wt.device)[codes.long()], block, family)
         top = 1.0
     else:
-        inside = ratio.abs() <= numerics.FP8_MAX
+        inside = exact.abs() <= numerics.FP8_MAX
         step = codes.view(torch.float8_e4m3fn).to(torch.float32)
         top = numerics.FP8_MAX
     norm = math.sqrt(wt.numel() / max(scale.numel(), 1) * top)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -78,6 +79,11 @@ def kernel(function: Callable[..., Any], *constants: Any, device: torch.device) 
         def bound(*tensors: torch.Tensor) -> Any:
             return function(*tensors, *constants)
 
+        # a code object of its own: dynamo keeps its compiled graphs (and checks their guards) per code object, so
+        # one shared closure would make every call walk the graphs of every format and shape
+        name = f"{function.__name__}_{len(_compiled)}"
+        bound = types.FunctionType(bound.__code__.replace(co_name=name, co_qualname=name), bound.__globals__, name,
+                                   None, bound.__closure__)
         compiled = _FallingBack(torch.compile(bound, dynamic=False), bound, function.__name__)
         _compiled[key] = compiled
         _log.debug("compiling %s for %s", function.__name__, constants)
