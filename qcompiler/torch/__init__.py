@@ -5,7 +5,9 @@ PyTorch / Hugging Face models to ONNX.
   quantizes; train as usual;
 - :func:`export` writes ONNX carrying the trained codes; ``qcompile`` (or :func:`qcompiler.compile_model`) lowers
   them as they are;
-- :func:`convert` does both and writes the parity report (:func:`parity_report`).
+- :func:`convert` does both and writes the parity report (:func:`parity_report`);
+- :func:`prepare_qlora` freezes a quantized base (NF4) as the codes ``qcompile`` writes and adds float LoRA adapters;
+  :func:`export_qlora` deploys it (adapters baked in, or ONNX Runtime adapter slots plus adapter files).
 
 The only part of qcompiler that imports torch (besides ``qcompiler.runtime.cuda``); install it with
 ``pip install "qcompiler[torch]"``. The compiler and the runtime never import this package.
@@ -22,6 +24,9 @@ from qcompiler.torch.export import export  # noqa: E402
 from qcompiler.torch.fake_quant import WeightFakeQuant  # noqa: E402
 from qcompiler.torch.parity import ParityReport, parity_report  # noqa: E402
 from qcompiler.torch.qat import QATEmbedding, QATLinear, QATPlan, prepare_qat, qat_layers  # noqa: E402
+from qcompiler.torch.qlora import LoRALinear, QLoRAPlan, prepare_qlora  # noqa: E402
+from qcompiler.torch.qlora_export import export_qlora, merged_float_copy  # noqa: E402
 
-__all__ = ["ParityReport", "QATEmbedding", "QATLinear", "QATPlan", "WeightFakeQuant", "convert", "export",
-           "parity_report", "prepare_qat", "qat_layers"]
+__all__ = ["LoRALinear", "ParityReport", "QATEmbedding", "QATLinear", "QATPlan", "QLoRAPlan", "WeightFakeQuant",
+           "convert", "export", "export_qlora", "merged_float_copy", "parity_report", "prepare_qat",
+           "prepare_qlora", "qat_layers"]

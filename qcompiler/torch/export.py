@@ -36,9 +36,8 @@ from qcompiler.formats import WeightSpec
 from qcompiler.io_write import save_model
 from qcompiler.metadata import QAT_KEY
 from qcompiler.passes.import_qat import MARKER_DOMAIN, MARKER_OP
-from qcompiler.torch import numerics
 from qcompiler.torch._int8_markers import freeze_int8_layer, translations
-from qcompiler.torch.fake_quant import family_of
+from qcompiler.torch.frozen import dequantize, weight_source
 from qcompiler.torch.int8_qat import QATConvInt8, QATLinearInt8
 from qcompiler.torch.qat import qat_layers
 
@@ -50,14 +49,7 @@ __all__ = ["MARKER_DOMAIN", "MARKER_OP", "export", "frozen_for_export"]
 def _quantized_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, format: str, bits: int,
                       block_size: int, symmetric: bool, zero_point: str, kernel: str, layer: str) -> torch.Tensor:
     """The dequantized float32 weight ``[N, K]`` of the codes (the marker's meaning)."""
-    spec = WeightSpec(format, bits, block_size, symmetric, zero_point, kernel)
-    family = family_of(spec)
-    block = spec.block_for(codes.shape[1])
-    if family == "grid":
-        return numerics.dequantize_grid(codes, scale, zero, block)
-    if family == "nf4":
-        return numerics.nf4_dequantize(codes, scale, block)
-    return codes.view(torch.float8_e4m3fn).to(torch.float32) * scale[:, None]
+    return dequantize(codes, scale, zero, WeightSpec(format, bits, block_size, symmetric, zero_point, kernel))
 
 
 @_quantized_weight.register_fake
@@ -113,9 +105,10 @@ def frozen_for_export(module: torch.nn.Module) -> Iterator[dict[str, Any]]:
                 added.append((layer, names))
                 continue
             fq = layer.weight_fake_quant
-            key = (id(layer.weight), fq.spec)
+            source = weight_source(layer)
+            key = (id(source), fq.spec)
             if key not in by_weight:
-                by_weight[key] = fq.quantize(layer.weight)
+                by_weight[key] = fq.quantize(source)
             q = by_weight[key]
             quantized[name] = q
             names = [_buffer_name(layer, stem) for stem in ("codes", "scale", "zero")]

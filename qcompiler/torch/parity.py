@@ -30,6 +30,7 @@ import torch
 
 from qcompiler.formats.decode import initializer_arrays, layer_codes
 from qcompiler.metadata import QAT_LAYERS
+from qcompiler.torch.frozen import weight_source
 from qcompiler.torch.int8_qat import QATConvInt8, QATLinearInt8
 from qcompiler.torch.qat import qat_layers
 
@@ -144,7 +145,7 @@ def _compare_layers(module: torch.nn.Module, model: onnx.ModelProto) -> tuple[li
         if isinstance(layer, (QATConvInt8, QATLinearInt8)):
             results.append(_compare_int8(name, layer, model, readers.get(name, []), tensors))
             continue
-        q = layer.weight_fake_quant.quantize(layer.weight)
+        q = layer.weight_fake_quant.quantize(weight_source(layer))
         nodes = readers.get(name, [])
         codes = scales = zeros = bool(nodes)
         differing = 0

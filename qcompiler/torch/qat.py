@@ -35,6 +35,7 @@ from qcompiler.config import Recipe, load_recipe, override
 from qcompiler.errors import ConfigError
 from qcompiler.formats import WeightSpec, get_format
 from qcompiler.torch.fake_quant import WeightFakeQuant, family_of
+from qcompiler.torch.frozen import FrozenEmbedding, FrozenLinear
 from qcompiler.torch.int8_qat import QATConvInt8, QATLinearInt8, fold_batchnorm, int8_layer
 
 __all__ = ["QATEmbedding", "QATLinear", "QATPlan", "prepare_qat", "qat_layers", "resolve_recipe"]
@@ -290,5 +291,5 @@ def _prepare_int8(module: nn.Module, recipe: Recipe, learn: bool, exclude: froze
 
 def qat_layers(module: nn.Module) -> dict[str, nn.Module]:
     """The fake-quantized layers of a prepared module, by name."""
-    kinds = (QATLinear, QATEmbedding, QATConvInt8, QATLinearInt8)
+    kinds = (QATLinear, QATEmbedding, QATConvInt8, QATLinearInt8, FrozenLinear, FrozenEmbedding)
     return {name: m for name, m in module.named_modules() if isinstance(m, kinds)}
