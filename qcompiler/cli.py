@@ -360,9 +360,23 @@ def _finetune(argv: Sequence[str]) -> int:
     parser.add_argument("--eval", action="append", default=[], metavar="TXT",
                         help="UTF-8 evaluation text, never a --data file (repeatable; default: no perplexity)")
     parser.add_argument("-o", "--output", required=True, help="output ONNX model (written atomically, last)")
-    parser.add_argument("--recipe", default="int4", help="compile recipe (default int4; --qat: weight-only ones)")
-    parser.add_argument("--qat", action="store_true",
-                        help="train with the recipe's fake quantization (else fine-tune in float and quantize after)")
+    parser.add_argument("--recipe", help="compile recipe (default int4, nf4 with --qlora; --qat/--qlora: "
+                                         "weight-only ones)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--qat", action="store_true",
+                      help="train with the recipe's fake quantization (else fine-tune in float and quantize after)")
+    mode.add_argument("--qlora", action="store_true",
+                      help="train LoRA adapters over the recipe's frozen quantized base (the bytes it serves)")
+    parser.add_argument("--rank", type=int, default=16, metavar="R", help="--qlora: adapter rank (default 16)")
+    parser.add_argument("--alpha", type=float, metavar="A", help="--qlora: LoRA alpha (scaling alpha/rank; "
+                                                                 "default the rank)")
+    parser.add_argument("--target-modules", metavar="NAMES",
+                        help="--qlora: comma-separated layer names or suffixes to adapt (default: every quantized "
+                             "linear layer but the output projection)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="--qlora: adapter dropout")
+    parser.add_argument("--adapter-form", choices=("baked", "slots"), default="baked",
+                        help="--qlora: adapters inside the model (baked), or ONNX Runtime adapter inputs with the "
+                             "trained adapter in OUTPUT_adapter (slots)")
     parser.add_argument("--learn-scale", action="store_true", help="--qat: learn scales and zero points (LSQ)")
     parser.add_argument("--no-distill", dest="distill", action="store_false",
                         help="--qat: cross entropy instead of distillation from the float model")
@@ -401,20 +415,34 @@ def _finetune(argv: Sequence[str]) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     if not args.qat and (args.learn_scale or not args.distill):
         raise UsageError(f"{'--learn-scale' if args.learn_scale else '--no-distill'} is a --qat option")
+    lora_flags = {"--rank": args.rank != 16, "--alpha": args.alpha is not None,
+                  "--target-modules": args.target_modules is not None, "--lora-dropout": args.lora_dropout != 0.0,
+                  "--adapter-form": args.adapter_form != "baked"}
+    if not args.qlora and any(lora_flags.values()):
+        raise UsageError(f"{next(k for k, v in lora_flags.items() if v)} is a --qlora option")
     from qcompiler._deps import require_torch
 
     require_torch("qcompile finetune")  # before qcompiler.torch, which imports torch
     from qcompiler._wording import cli_wording
     from qcompiler.torch.finetune import finetune
 
+    qlora = None
     with cli_wording():
-        result = finetune(args.model_dir, args.data, args.output, recipe=args.recipe, qat=args.qat, eval=args.eval,
+        if args.qlora:
+            from qcompiler.torch.qlora import QLoRAOptions
+
+            targets = None if args.target_modules is None else \
+                tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+            qlora = QLoRAOptions(rank=args.rank, alpha=args.alpha, target_modules=targets,
+                                 dropout=args.lora_dropout, form=args.adapter_form)
+        recipe = args.recipe or ("nf4" if args.qlora else "int4")
+        result = finetune(args.model_dir, args.data, args.output, recipe=recipe, qat=args.qat, eval=args.eval,
                           seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           seed=args.seed, learn_scale=args.learn_scale, distill=args.distill, kv_cache=args.kv_cache,
                           weight_only=_weight_only_overrides(args), checkpoint=args.checkpoint,
                           checkpoint_every=args.checkpoint_every, keep_checkpoint=args.keep_checkpoint,
                           device=args.device, gguf_file=args.gguf_file, eval_windows=args.eval_windows,
-                          progress=not args.quiet)
+                          progress=not args.quiet, qlora=qlora)
     if result is not None and not args.quiet:
         for line in result.describe():
             print(escape_controls(line))

@@ -5,8 +5,9 @@ A model exported by :func:`qcompiler.torch.qlora_export` computes, for each adap
     Y = base(X) + ((X @ L.lora_A) @ L.lora_B) [* scaling]        L.lora_A [K, r], L.lora_B [r, N]
 
 with ``L.lora_A`` and ``L.lora_B`` initializers (the *baked* form: one file, adapters inside). :func:`to_slots`
-rewrites it into the *slots* form that ONNX Runtime's LoRA adapters feed: ``L.lora_A``, ``L.lora_B`` and a scalar
-``L.lora_scaling`` become graph inputs whose initializers are their defaults, rank 0 and 0.0 (the base alone), and
+rewrites it into the *slots* form that ONNX Runtime's LoRA adapters feed: ``L.lora_A``, ``L.lora_B`` and
+``L.lora_scaling`` (shape [1]) become graph inputs whose initializers are their defaults, rank 0 and 0.0 (the base
+alone), and
 the baked values come back as one adapter's parameters. Model metadata :data:`LORA_KEY` records the slots and
 :func:`base_sha256`, the identity an adapter file carries so that one made for another base is refused.
 """
@@ -141,7 +142,7 @@ def _rename_everywhere(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 def to_slots(model: onnx.ModelProto, layers: Iterable[str]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The slots form of a baked model (a copy) and the baked adapter's parameters (``L.lora_A`` [K, r],
-    ``L.lora_B`` [r, N], ``L.lora_scaling`` [] float32)."""
+    ``L.lora_B`` [r, N], ``L.lora_scaling`` [1] float32)."""
     out = copy.deepcopy(model)
     branches = find_branches(out, layers)
     graph = out.graph
@@ -151,7 +152,7 @@ def to_slots(model: onnx.ModelProto, layers: Iterable[str]) -> tuple[onnx.ModelP
         names = [f"{layer}.{part}" for part in _PARTS]
         params[names[0]] = numpy_helper.to_array(initializers[names[0]]).astype(np.float32)
         params[names[1]] = numpy_helper.to_array(initializers[names[1]]).astype(np.float32)
-        params[names[2]] = np.asarray(branch.scaling, dtype=np.float32)
+        params[names[2]] = np.asarray([branch.scaling], dtype=np.float32)
         for name in names[:2]:
             graph.initializer.remove(initializers[name])
         if names[2] in initializers:  # the exporter may have shared the scaling constant with other nodes (x ** 2)
@@ -159,8 +160,8 @@ def to_slots(model: onnx.ModelProto, layers: Iterable[str]) -> tuple[onnx.ModelP
         rank = f"lora_rank_{layer}"
         defaults = {names[0]: np.zeros((branch.in_features, 0), np.float32),
                     names[1]: np.zeros((0, branch.out_features), np.float32),
-                    names[2]: np.asarray(0.0, np.float32)}
-        shapes = {names[0]: [branch.in_features, rank], names[1]: [rank, branch.out_features], names[2]: []}
+                    names[2]: np.zeros([1], np.float32)}  # [1]: ONNX Runtime's adapters refuse a 0-d parameter
+        shapes = {names[0]: [branch.in_features, rank], names[1]: [rank, branch.out_features], names[2]: [1]}
         for name in names:
             graph.initializer.append(numpy_helper.from_array(defaults[name], name))
             graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name]))

@@ -83,10 +83,12 @@ def _parity(llm: Any, compiled: Path, samples: np.ndarray, kv_cache: bool) -> Pa
 
 @contextlib.contextmanager
 def deployed(llm: Any, target: Path, recipe: Recipe, *, qat: bool, kv_cache: bool, samples: np.ndarray,
-             evaluation: np.ndarray | None, protected: tuple[Path, ...]) -> Iterator[Deployed]:
+             evaluation: np.ndarray | None, protected: tuple[Path, ...],
+             lora_form: str | None = None) -> Iterator[Deployed]:
     """Export ``llm`` (on the CPU, eval mode), compile it with ``recipe`` and measure it; yield the
-    :class:`Deployed` to commit. ``samples``: token windows for the parity report (QAT); ``evaluation``: windows
-    for the perplexity (None: not measured)."""
+    :class:`Deployed` to commit. ``samples``: token windows for the parity report (QAT and QLoRA); ``evaluation``:
+    windows for the perplexity (None: not measured). ``lora_form`` (QLoRA): parity and perplexity are measured on
+    the baked model, which then becomes that form (``"slots"``: plus its ``.onnx_adapter`` file beside it)."""
     from qcompiler.api import compile_model
     from qcompiler.torch.lm import onnx_perplexity
 
@@ -102,4 +104,9 @@ def deployed(llm: Any, target: Path, recipe: Recipe, *, qat: bool, kv_cache: boo
         compile_model(exported, staged, recipe=recipe)
         parity = _parity(llm, staged, samples, kv_cache) if qat else None
         ppl = onnx_perplexity(staged, evaluation) if evaluation is not None else None
+        if lora_form is not None:
+            from qcompiler.torch.qlora_export import adapter_path_for, apply_form
+
+            # the adapter file goes straight to its place (atomically): the model, committed last, names the run done
+            apply_form(staged, llm, lora_form, adapter=adapter_path_for(target))
         yield Deployed(staged, target, protected, parity, ppl)

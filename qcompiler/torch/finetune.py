@@ -46,6 +46,8 @@ from qcompiler.torch import _finetune_deploy as deploy
 from qcompiler.torch import hf_export
 from qcompiler.torch.lm import causal_lm_loss, read_texts, text_windows, torch_perplexity
 from qcompiler.torch.qat import prepare_qat, resolve_recipe
+from qcompiler.torch.qlora import QLoRAOptions, prepare_qlora
+from qcompiler.torch.qlora_export import adapter_path_for
 from qcompiler.torch.train import TrainConfig, init_distributed, train
 
 __all__ = ["FinetuneResult", "finetune"]
@@ -79,6 +81,7 @@ class FinetuneResult:
     seconds: float
     parity: dict[str, Any] | None  # QAT: the parity report's figures
     files: tuple[Path, ...]
+    qlora: dict[str, Any] | None = None  # QLoRA: the adapter settings, count and sizes
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -88,13 +91,14 @@ class FinetuneResult:
 
     def describe(self) -> list[str]:
         """A few lines for the command line."""
-        kind = "QAT" if self.qat else "fine-tuning + post-training quantization"
+        kind = "QLoRA" if self.qlora else "QAT" if self.qat else "fine-tuning + post-training quantization"
         lines = [f"wrote {self.output} ({self.recipe}, {kind}{', KV cache' if self.kv_cache else ''}) in "
                  f"{self.seconds:.1f} s",
                  f"training: {self.steps} steps from step {self.start_step}, {self.training_tokens:,} tokens, "
                  f"loss {self.loss_first:.4f} -> {self.loss_last:.4f}, {self.train_seconds:.1f} s on {self.device}"]
         if self.ppl_float is not None:
-            rtn = f", round to nearest {self.ppl_rtn:.3f}" if self.ppl_rtn is not None else ""
+            before = "quantized base" if self.qlora else "round to nearest"
+            rtn = f", {before} {self.ppl_rtn:.3f}" if self.ppl_rtn is not None else ""
             lines.append(f"perplexity on {self.eval_windows} eval windows: float {self.ppl_float:.3f}{rtn}, trained "
                          f"(torch) {self.ppl_trained:.3f}, compiled (ONNX Runtime) {self.ppl_compiled:.3f}")
         if self.parity is not None:
@@ -194,7 +198,8 @@ def finetune(model_dir: str | os.PathLike[str], data: Sequence[str | os.PathLike
              distill: bool = True, kv_cache: bool = False, weight_only: Mapping[str, Any] | None = None,
              checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int = 50,
              keep_checkpoint: bool = False, device: str = "auto", gguf_file: str | None = None,
-             eval_windows: int | None = None, progress: bool = True) -> FinetuneResult | None:
+             eval_windows: int | None = None, progress: bool = True,
+             qlora: QLoRAOptions | None = None) -> FinetuneResult | None:
     """Fine-tune the causal LM of ``model_dir`` on the ``data`` text files and write the compiled model to
     ``output`` (see the module docstring).
 
@@ -203,6 +208,9 @@ def finetune(model_dir: str | os.PathLike[str], data: Sequence[str | os.PathLike
             overrides (``block_size``, ``symmetric``, ``zero_point``, ``format``, ``lm_head``, ``embedding``,
             ``accuracy_level``), used for training and compiling alike.
         qat: train with the recipe's fake quantization (else fine-tune in float and quantize after).
+        qlora: train LoRA adapters over the recipe's frozen quantized base instead (:func:`prepare_qlora`; the
+            recipe is usually ``nf4``); the compiled model carries the adapters baked in, or as ONNX Runtime
+            adapter slots with the trained adapter in ``<output>`` + ``_adapter`` (``qlora.form``).
         eval: evaluation text files (never a ``data`` file); ``eval_windows``: use at most that many windows.
         lr: default 2e-5 with ``qat``, 1e-5 without. ``learn_scale``: LSQ scales (QAT).
         distill: QAT loss: KL from the frozen float model (else cross entropy).
@@ -226,16 +234,21 @@ def finetune(model_dir: str | os.PathLike[str], data: Sequence[str | os.PathLike
         raise UsageError(f"--eval-windows {eval_windows}: must be at least 1")
     if learn_scale and not qat:
         raise UsageError("learn_scale (--learn-scale) is a QAT option: pass qat=True (--qat)")
+    if qat and qlora is not None:
+        raise UsageError("--qat and --qlora are two ways to train: choose one")
     data_paths, eval_paths = [Path(p) for p in data], [Path(p) for p in eval]
     if not data_paths:
         raise UsageError("no training text: pass --data FILE")
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr if lr is not None else 2e-5 if qat else 1e-5,
+    default_lr = 2e-4 if qlora is not None else 2e-5 if qat else 1e-5
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr if lr is not None else default_lr,
                          warmup_steps=steps // 20 if isinstance(steps, int) else 0, seed=seed,
                          checkpoint_every=checkpoint_every, progress=progress)
-    active = _resolve(recipe, qat, weight_only or {})
+    active = _resolve(recipe, qat or qlora is not None, weight_only or {})
     target = Path(output).absolute()
     written = [target.with_name(target.name + suffix) for suffix in
-               ((".parity.md", ".parity.json") if qat else ()) + (".finetune.json",)]
+               ((".parity.md", ".parity.json") if qat or qlora is not None else ()) + (".finetune.json",)]
+    if qlora is not None and qlora.form == "slots":
+        written.append(adapter_path_for(target))
     ckpt = Path(checkpoint).absolute() if checkpoint is not None else target.with_name(target.name + ".ckpt")
     source = hf_export._model_source(model_dir, gguf_file)
     _check_paths(target, written, ckpt, source, data_paths, eval_paths)
@@ -251,7 +264,8 @@ def finetune(model_dir: str | os.PathLike[str], data: Sequence[str | os.PathLike
     if evaluation is not None and eval_windows is not None:
         evaluation = evaluation[:eval_windows]
     settings = {"recipe": [active.name, list(active.passes), repr(active.weight_only)], "qat": qat,
-                "learn_scale": learn_scale, "distill": distill, "seq_len": seq_len}
+                "learn_scale": learn_scale, "distill": distill, "seq_len": seq_len,
+                "qlora": None if qlora is None else dataclasses.asdict(qlora)}
     config = dataclasses.replace(config, checkpoint=str(ckpt), progress=progress and rank == 0,
                                  fingerprint=_fingerprint(settings, windows, source))
     logger.info("%d training windows of %d tokens%s", windows.shape[0], seq_len,
@@ -269,7 +283,12 @@ def finetune(model_dir: str | os.PathLike[str], data: Sequence[str | os.PathLike
         plan = prepare_qat(model, active, learn_scale=learn_scale)
         logger.info("%s", plan.summary())
         ppl_rtn = torch_perplexity(model, evaluation, device=where) if measure else None
-    model.requires_grad_(True)
+    if qlora is not None:
+        qlora_plan = prepare_qlora(model, active, **qlora.prepare_kwargs())
+        logger.info("%s", qlora_plan.summary())
+        ppl_rtn = torch_perplexity(model, evaluation, device=where) if measure else None
+    else:
+        model.requires_grad_(True)
     done = train(model, torch.from_numpy(windows), causal_lm_loss(teacher), config, device=where,
                  items_per_sample=seq_len)
     del teacher
@@ -278,8 +297,9 @@ def finetune(model_dir: str | os.PathLike[str], data: Sequence[str | os.PathLike
     ppl_trained = torch_perplexity(model, evaluation, device=where) if measure else None
     model.cpu().eval()
     samples = (evaluation if evaluation is not None else windows)[:2]
-    with deploy.deployed(model, target, active, qat=qat, kv_cache=kv_cache, samples=samples,
-                         evaluation=evaluation, protected=source.files) as staged:
+    with deploy.deployed(model, target, active, qat=qat or qlora is not None, kv_cache=kv_cache, samples=samples,
+                         evaluation=evaluation, protected=source.files,
+                         lora_form=None if qlora is None else qlora.form) as staged:
         result = FinetuneResult(
             output=target, recipe=active.name, qat=qat, kv_cache=kv_cache, device=str(where), steps=config.steps,
             start_step=done.start_step, batch_size=config.batch_size, seq_len=seq_len,
@@ -288,7 +308,10 @@ def finetune(model_dir: str | os.PathLike[str], data: Sequence[str | os.PathLike
             ppl_rtn=ppl_rtn, ppl_trained=ppl_trained, ppl_compiled=staged.ppl_compiled,
             loss_first=done.losses[0], loss_last=done.losses[-1], train_seconds=round(done.seconds, 3),
             seconds=round(time.perf_counter() - started, 3),
-            parity=_parity_figures(staged.parity), files=(target, *written))
+            parity=_parity_figures(staged.parity), files=(target, *written),
+            qlora=None if qlora is None else {**dataclasses.asdict(qlora), "adapters": len(qlora_plan.adapters),
+                                              "trainable_parameters": qlora_plan.trainable_parameters,
+                                              "frozen_mib": round(qlora_plan.frozen_bytes / 2**20, 2)})
         staged.commit(result.to_dict())
     if not keep_checkpoint:
         ckpt.unlink(missing_ok=True)

@@ -40,7 +40,7 @@ from qcompiler.torch.qat import (
     resolve_recipe,
 )
 
-__all__ = ["LoRALinear", "QLoRAPlan", "adapter_parameters", "lora_layers", "prepare_qlora"]
+__all__ = ["LoRALinear", "QLoRAOptions", "QLoRAPlan", "adapter_parameters", "lora_layers", "prepare_qlora"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -89,6 +89,25 @@ class QLoRAPlan:
         return (f"{len(self.layers)} layer(s) frozen in {self.recipe.name!r} ({self.frozen_bytes / 2**20:.1f} MiB of "
                 f"codes and scales), {len(self.adapters)} adapter(s), {self.trainable_parameters:,} trainable "
                 f"parameters, {len(self.float_layers)} layer(s) left float")
+
+
+@dataclasses.dataclass(frozen=True)
+class QLoRAOptions:
+    """The adapter settings of a QLoRA run (:func:`prepare_qlora`'s keywords, and the export ``form``)."""
+
+    rank: int = 16
+    alpha: float | None = None
+    target_modules: tuple[str, ...] | None = None
+    dropout: float = 0.0
+    form: str = "baked"
+
+    def __post_init__(self) -> None:
+        if self.form not in ("baked", "slots"):
+            raise ConfigError(f"QLoRA: the adapter form must be 'baked' or 'slots', not {self.form!r}")
+
+    def prepare_kwargs(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha, "target_modules": self.target_modules,
+                "dropout": self.dropout}
 
 
 def _targets(names: Sequence[str], target_modules: Iterable[str] | str | None, head_name: str | None) -> set[str]:

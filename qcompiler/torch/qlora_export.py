@@ -35,7 +35,7 @@ from qcompiler.torch.frozen import FrozenEmbedding, FrozenLinear
 from qcompiler.torch.parity import ParityReport
 from qcompiler.torch.qlora import LoRALinear, lora_layers
 
-__all__ = ["export_qlora", "merged_float_copy", "write_adapter_file"]
+__all__ = ["adapter_path_for", "apply_form", "export_qlora", "merged_float_copy", "write_adapter_file"]
 
 
 def _save_proto(model: onnx.ModelProto, target: Path) -> None:
@@ -80,6 +80,15 @@ def export_qlora(module: nn.Module, example_inputs: tuple[Any, ...], output: str
     _, parity = convert(module, example_inputs, target, recipe=recipe, sample_inputs=sample_inputs,
                         input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
                         weight_only=weight_only)
+    apply_form(target, module, form, adapter=adapter, layer_prefix=layer_prefix)
+    return target, parity
+
+
+def apply_form(target: Path, module: nn.Module, form: str, *, adapter: str | os.PathLike[str] | None = None,
+               layer_prefix: str = "") -> Path | None:
+    """Finish the compiled baked model at ``target`` in place: check each adapter branch against ``module``'s
+    layers, record the ``qcompiler.lora`` metadata, and for ``form="slots"`` turn the adapters into inputs and
+    write the trained one to ``adapter`` (default ``<target>`` with suffix ``.onnx_adapter``; returned)."""
     model = onnx.load(str(target))
     layers = _find_layers(model, module, layer_prefix)
     branches = find_branches(model, layers)
@@ -91,11 +100,15 @@ def export_qlora(module: nn.Module, example_inputs: tuple[Any, ...], output: str
     if form == "baked":
         _set_lora_metadata(model, lora_metadata("baked", base_sha256(model), branches))
         _save_proto(model, target)
-        return target, parity
+        return None
     slots, params = to_slots(model, layers)
     _save_proto(slots, target)
-    write_adapter_file(adapter or target.with_suffix(".onnx_adapter"), params, target)
-    return target, parity
+    return write_adapter_file(adapter or adapter_path_for(target), params, target)
+
+
+def adapter_path_for(model: Path) -> Path:
+    """Where a slots model's trained adapter goes by default: ``model.q.onnx`` -> ``model.q.onnx_adapter``."""
+    return model.with_suffix(".onnx_adapter")
 
 
 def _find_layers(model: onnx.ModelProto, module: nn.Module, prefix: str) -> list[str]:
@@ -122,7 +135,7 @@ def _set_lora_metadata(model: onnx.ModelProto, value: str) -> None:
 
 def write_adapter_file(path: str | os.PathLike[str], params: Mapping[str, np.ndarray],
                        base: str | os.PathLike[str]) -> Path:
-    """Write ``params`` (``L.lora_A`` [K, r], ``L.lora_B`` [r, N], ``L.lora_scaling`` []) as an ONNX Runtime LoRA
+    """Write ``params`` (``L.lora_A`` [K, r], ``L.lora_B`` [r, N], ``L.lora_scaling`` [1]) as an ONNX Runtime LoRA
     adapter for the slots model ``base`` (its identity recorded, checked when a session loads the adapter)."""
     from qcompiler.runtime import lora
 
