@@ -7,6 +7,8 @@ live in ``qcompiler.runtime.cuda`` (torch and triton are imported there only, wh
 
 from __future__ import annotations
 
+from qcompiler.runtime.lora import AdapterError, read_adapter, write_adapter
 from qcompiler.runtime.session import InvalidFeedError, Session, SessionError, TensorInfo
 
-__all__ = ["Session", "TensorInfo", "SessionError", "InvalidFeedError"]
+__all__ = ["Session", "TensorInfo", "SessionError", "InvalidFeedError", "AdapterError", "read_adapter",
+           "write_adapter"]

@@ -62,6 +62,8 @@ class OrtBackend:
         intra_op_threads: threads inside one operator (None: ORT's default).
         inter_op_threads: threads across operators (None: ORT's default).
         custom: the ``ai.qcompiler`` ops the model uses (already checked), registered for this session.
+        quiet_slots: keep ORT's session log to errors: a model with LoRA slots would log one warning per slot input
+            ("initializer appears in graph inputs"), which is what the slots are meant to be.
 
     Raises:
         SessionError: a provider is not available, onnxruntime-extensions is missing for custom ops, a checked
@@ -70,7 +72,7 @@ class OrtBackend:
 
     def __init__(self, model: ModelFile, providers: Sequence[str] | str | None = None, *,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 custom: tuple[str, ...] = ()) -> None:
+                 custom: tuple[str, ...] = (), quiet_slots: bool = False) -> None:
         self.path: Path = model.path
         self._custom = custom
         wanted = _wanted_providers(providers, custom)
@@ -79,6 +81,8 @@ class OrtBackend:
             options.intra_op_num_threads = intra_op_threads
         if inter_op_threads is not None:
             options.inter_op_num_threads = inter_op_threads
+        if quiet_slots:
+            options.log_severity_level = 3
         if custom:
             try:
                 custom_ops.register(options)
@@ -96,6 +100,7 @@ class OrtBackend:
             raise SessionError(f"{self.path}: onnxruntime cannot load the model: {message[:500]}") from exc
         self._inputs = [_info(a) for a in self.session.get_inputs()]
         self._outputs = [_info(a) for a in self.session.get_outputs()]
+        self._overridable = {a.name: _info(a) for a in self.session.get_overridable_initializers()}
         logger.debug("session on %s with %s", self.path, self.session.get_providers())
 
     @property
@@ -113,6 +118,15 @@ class OrtBackend:
     @property
     def metadata(self) -> dict[str, str]:
         return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    @property
+    def overridable(self) -> dict[str, TensorInfo]:
+        """The initializers a feed may override (graph inputs with a default: the LoRA slots), by name."""
+        return dict(self._overridable)
+
+    def bind_adapter(self, params: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """A LoRA adapter's parameters as ``OrtValue`` objects, made once and fed on every run that chooses it."""
+        return {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in params.items()}
 
     def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
         mark = custom_ops.failure_count() if self._custom else 0

@@ -22,6 +22,12 @@ ported from ``onnxruntime.InferenceSession`` runs unchanged. Feeds are checked b
 or missing names, wrong element types and wrong ranks or fixed dimensions raise :class:`InvalidFeedError` with one
 clear line. Feeds are never cast silently. Limits: tensor inputs only (no sequence, map or optional inputs); ORT's
 ``run_options`` argument is not taken.
+
+LoRA adapters (:mod:`.lora`): a model exported with LoRA slots (``qcompiler.lora`` metadata, form "slots") takes
+``adapters={"name": "file.onnx_adapter", ...}`` (or :meth:`Session.load_adapter` later); each file is read, checked
+against the model (base hash, layer names, shapes) and handed to the engine once, and ``run(feeds, adapter="name")``
+feeds its parameters as the slots' inputs for that run only (``adapter=None``: the base alone, the slots' zero
+defaults). Switching adapters never reloads the base.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from qcompiler.runtime._model_file import ModelFile, ModelFileError, open_model_
 from qcompiler.runtime._onnx_scan import ModelScan, scan_blob
 from qcompiler.runtime._ort_backend import AUTO_PROVIDERS, OrtBackend
 from qcompiler.runtime.backend import Backend, InvalidFeedError, SessionError, TensorInfo
+from qcompiler.runtime.lora import AdapterError, check_adapter, check_slot_inputs, lora_slots, read_adapter
 
 __all__ = ["AUTO_PROVIDERS", "Session", "TensorInfo", "SessionError", "InvalidFeedError"]
 
@@ -95,17 +102,20 @@ class Session:
             or ``"torch-cpu"`` (the same executor on the CPU with torch ops: checks a model's GPU path on a machine
             without a GPU).
         cuda_graphs: on CUDA, replay each input signature from a CUDA graph after its first run.
+        adapters: LoRA adapter files by the name ``run(..., adapter=name)`` chooses them with (see
+            :meth:`load_adapter`).
 
     Raises:
         SessionError: the file is missing or not a regular file, an external-data reference is refused (outside the
             folder, through a symlink, a hard link, a FIFO, out of bounds), it uses ``ai.qcompiler`` ops this
             runtime cannot run (a newer opset, an unknown op, onnxruntime-extensions not installed), a provider is
             not available, or ORT cannot load it.
+        AdapterError: an adapter is refused (see :meth:`load_adapter`).
     """
 
     def __init__(self, path: str | os.PathLike[str], providers: Sequence[str] | str | None = None, *,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None, device: str = "cpu",
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, adapters: Mapping[str, str | os.PathLike[str]] | None = None) -> None:
         self.path = Path(path)
         try:
             model = open_model_file(self.path)
@@ -115,15 +125,57 @@ class Session:
         self._opsets = dict(scan.opsets) if scan is not None else {}
         self._custom_ops = self._check_custom_ops(scan) if scan is not None else ()
         self.device = device
+        self._lora_metadata = dict(scan.metadata) if scan is not None else {}
+        self._adapters: dict[str, Mapping[str, Any]] = {}
         if device == "cpu":
             self._backend: Backend = OrtBackend(model, providers, intra_op_threads=intra_op_threads,
-                                                inter_op_threads=inter_op_threads, custom=self._custom_ops)
+                                                inter_op_threads=inter_op_threads, custom=self._custom_ops,
+                                                quiet_slots=self._has_slots())
         else:
             if providers is not None:
                 raise SessionError(f"providers are ONNX Runtime's: they go with device='cpu', not {device!r}")
             self._backend = self._gpu_backend(model, device, cuda_graphs)
         self._inputs = tuple(self._backend.inputs)
         self._outputs = tuple(self._backend.outputs)
+        for name, adapter_path in (adapters or {}).items():
+            self.load_adapter(name, adapter_path)
+
+    def _has_slots(self) -> bool:
+        """Whether the model has LoRA slots (ORT warns once per slot input otherwise: the log is kept to errors)."""
+        try:
+            lora = lora_slots(self._lora_metadata)
+        except AdapterError:
+            return False
+        return lora is not None and lora.form == "slots"
+
+    def load_adapter(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Read a LoRA adapter file once, check it against the model and hand it to the engine under ``name``.
+
+        Raises:
+            AdapterError: the name is taken or empty, the file is refused (missing, a folder or FIFO, not an ONNX
+                Runtime adapter, no base identity, NaN/Inf or malformed parameters), the model has no LoRA slots,
+                or the adapter is for another base, names layers the model has no slot for, or has other K/N.
+        """
+        if not isinstance(name, str) or not name:
+            raise AdapterError(f"an adapter's name must be a non-empty str, got {name!r}")
+        if name in self._adapters:
+            raise AdapterError(f"an adapter named {name!r} is already loaded in this session")
+        where = f"the model {self.path}"
+        lora = lora_slots(self._lora_metadata, where)
+        adapter = read_adapter(path)
+        check_adapter(adapter, lora, where)
+        overridable = getattr(self._backend, "overridable", None)
+        bind = getattr(self._backend, "bind_adapter", None)
+        if overridable is None or bind is None:
+            raise AdapterError(f"the {self.device!r} engine of this session takes no LoRA adapters")
+        check_slot_inputs(lora, overridable, where)
+        self._adapters[name] = bind(adapter.params)
+        logger.debug("adapter %r from %s: %d layers", name, adapter.path, len(adapter.layers))
+
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the loaded LoRA adapters (what ``run(..., adapter=name)`` takes)."""
+        return list(self._adapters)
 
     def _gpu_backend(self, model: ModelFile, device: str, cuda_graphs: bool) -> Backend:
         """The GPU executor (imported only here: torch and onnx are never loaded for a CPU session)."""
@@ -206,10 +258,20 @@ class Session:
             raise SessionError(f"a device={self.device!r} session runs no onnxruntime.InferenceSession")
         return self._backend.session
 
-    def run_torch(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+    def run_torch(self, feeds: Mapping[str, Any], *, adapter: str | None = None) -> dict[str, Any]:
         """GPU executor only: run on torch tensors and get the device tensors back (no host copies; with CUDA
-        graphs they are the graph's buffers, valid until the next run). Feeds are not checked here."""
-        return self._backend.run_torch(feeds)
+        graphs they are the graph's buffers, valid until the next run). Feeds are not checked here; ``adapter``
+        as in :meth:`run`."""
+        return self._backend.run_torch(feeds if adapter is None else {**feeds, **self._adapter_feeds(adapter)})
+
+    def _adapter_feeds(self, adapter: str | None) -> Mapping[str, Any]:
+        """The engine's bound parameters of a loaded adapter (nothing for None)."""
+        if adapter is None:
+            return {}
+        if adapter not in self._adapters:
+            raise InvalidFeedError(f"unknown adapter {adapter!r}; this session's adapters are "
+                                   f"{', '.join(map(repr, self._adapters)) or 'none'}")
+        return self._adapters[adapter]
 
     def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         expected = {i.name: i for i in self._inputs}
@@ -240,17 +302,19 @@ class Session:
         return checked
 
     @overload
-    def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]: ...
+    def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None, *,
+            adapter: str | None = None) -> dict[str, np.ndarray]: ...
 
     @overload
-    def run(self, feeds: Sequence[str] | None, output_names: Mapping[str, Any]) -> list[np.ndarray]: ...
+    def run(self, feeds: Sequence[str] | None, output_names: Mapping[str, Any], *,
+            adapter: str | None = None) -> list[np.ndarray]: ...
 
     @overload
     def run(self, feeds: Sequence[str] | None = None, output_names: Sequence[str] | None = None, *,
-            input_feed: Mapping[str, Any]) -> list[np.ndarray]: ...
+            input_feed: Mapping[str, Any], adapter: str | None = None) -> list[np.ndarray]: ...
 
-    def run(self, feeds: Any = None, output_names: Any = None, *,
-            input_feed: Mapping[str, Any] | None = None) -> dict[str, np.ndarray] | list[np.ndarray]:
+    def run(self, feeds: Any = None, output_names: Any = None, *, input_feed: Mapping[str, Any] | None = None,
+            adapter: str | None = None) -> dict[str, np.ndarray] | list[np.ndarray]:
         """Run the model once: ``run(feeds, output_names=None)``, or ONNX Runtime's ``run(output_names,
         input_feed)``.
 
@@ -258,6 +322,7 @@ class Session:
             feeds: one array per model input, keyed by input name. In ORT's order: the output names (or None).
             output_names: the outputs to compute (default: all of them). In ORT's order: the feeds.
             input_feed: the feeds by ORT's keyword (then the names come first, or as ``output_names=``).
+            adapter: the name of a loaded LoRA adapter to apply in this run (None: the base model alone).
 
         Returns:
             Called with the feeds first: the outputs keyed by name, in the order asked for (or the model's order).
@@ -265,7 +330,7 @@ class Session:
 
         Raises:
             InvalidFeedError: a call that is neither form (two mappings, no mapping, a str as the names), wrong
-                input names, element types or shapes, or an unknown output name.
+                input names, element types or shapes, an unknown output name or adapter name.
             SessionError: the engine (ONNX Runtime, one of our custom ops, the GPU executor) failed while running.
         """
         feeds, names, ort_order = _call_form(feeds, output_names, input_feed)
@@ -276,6 +341,7 @@ class Session:
         if unknown:
             raise InvalidFeedError(f"unknown output name(s) {', '.join(map(repr, unknown))}; the model's outputs "
                                    f"are {', '.join(repr(o.name) for o in self._outputs)}")
+        checked.update(self._adapter_feeds(adapter))
         results = self._backend.run(checked, wanted)
         return [results[n] for n in wanted] if ort_order else results
 

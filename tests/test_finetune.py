@@ -219,6 +219,37 @@ def test_settings_refused_before_loading(corpus: dict[str, Path], bad: dict[str,
     _refused(corpus, _small(corpus, out, "--device", "tpu"), out, capfd, "--device")
 
 
+def test_qlora_settings_refused(corpus: dict[str, Path], bad: dict[str, Path], capfd: Cap) -> None:
+    out = bad["out"]
+    _refused(corpus, _small(corpus, out, "--rank", "4"), out, capfd, "--qlora option")
+    _refused(corpus, _small(corpus, out, "--qlora", "--qat"), out, capfd, "not allowed with")
+    _refused(corpus, _small(corpus, out, "--qlora", "--recipe", "int8-dynamic"), out, capfd, "cannot be trained")
+    _refused(corpus, _small(corpus, out, "--qlora", "--rank", "0"), out, capfd, "rank must be a positive")
+    _refused(corpus, _small(corpus, out, "--qlora", "--target-modules", "nope"), out, capfd, "matches no")
+
+
+def test_qlora_run_with_adapter_slots(corpus: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "m.q.onnx"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(_args(corpus, out, "--qlora", "--rank", "4", "--alpha", "8", "--adapter-form", "slots",
+                          "--accuracy-level", "0", "--lr", "1e-2", *RUN)) == 0
+    assert sorted(os.listdir(tmp_path)) == ["m.q.onnx", "m.q.onnx.finetune.json", "m.q.onnx.parity.json",
+                                            "m.q.onnx.parity.md", "m.q.onnx_adapter"]
+    assert stdout.getvalue().startswith(f"wrote {out} (nf4, QLoRA)")
+    summary = _summary(out)
+    assert summary["qlora"]["adapters"] == 14 and summary["qlora"]["form"] == "slots"
+    assert summary["qlora"]["trainable_parameters"] > 0 and summary["ppl_rtn"] != summary["ppl_trained"]
+    # measured on the baked model before it became slots: ONNX Runtime computes what the torch training forward did
+    assert summary["ppl_compiled"] == pytest.approx(summary["ppl_trained"], rel=1e-4)
+    assert summary["parity"]["codes_identical"] and summary["parity"]["max_rel_error"] < 1e-4
+    session = Session(str(out), adapters={"trained": out.with_name("m.q.onnx_adapter")})
+    ids = np.random.default_rng(1).integers(0, 61, (1, 12), dtype=np.int64)
+    with_adapter = session.run({"input_ids": ids}, adapter="trained")["logits"]
+    alone = session.run({"input_ids": ids})["logits"]
+    assert np.isfinite(with_adapter).all() and np.abs(with_adapter - alone).max() > 1e-3
+
+
 def test_eval_text_that_is_training_text(corpus: dict[str, Path], bad: dict[str, Path], capfd: Cap) -> None:
     linked = bad["root"] / "same.txt"
     os.link(corpus["train"], linked)  # another name, the same inode

@@ -23,10 +23,11 @@ from qcompiler.torch.convert import convert  # noqa: E402
 from qcompiler.torch.export import export  # noqa: E402
 from qcompiler.torch.fake_quant import WeightFakeQuant  # noqa: E402
 from qcompiler.torch.parity import ParityReport, parity_report  # noqa: E402
+from qcompiler.torch.peft_adapter import load_peft_adapter, save_peft_adapter  # noqa: E402
 from qcompiler.torch.qat import QATEmbedding, QATLinear, QATPlan, prepare_qat, qat_layers  # noqa: E402
 from qcompiler.torch.qlora import LoRALinear, QLoRAPlan, prepare_qlora  # noqa: E402
 from qcompiler.torch.qlora_export import export_qlora, merged_float_copy  # noqa: E402
 
 __all__ = ["LoRALinear", "ParityReport", "QATEmbedding", "QATLinear", "QATPlan", "QLoRAPlan", "WeightFakeQuant",
-           "convert", "export", "export_qlora", "merged_float_copy", "parity_report", "prepare_qat",
-           "prepare_qlora", "qat_layers"]
+           "convert", "export", "export_qlora", "load_peft_adapter", "merged_float_copy", "parity_report",
+           "prepare_qat", "prepare_qlora", "qat_layers", "save_peft_adapter"]

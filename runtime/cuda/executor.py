@@ -19,6 +19,12 @@ for the whole step, which is what makes small-batch decoding fast (a decode step
 
 Outputs are torch tensors on the device. With CUDA graphs they are the graph's own buffers: valid until the next
 run (clone them to keep them). Plans are kept for the last ``max_plans`` signatures.
+
+A graph input that also has an initializer (a LoRA slot) is a constant unless a run feeds it; a run that does
+(a LoRA adapter's parameters) makes it dynamic for that run, and the names and shapes of such feeds are part of
+the signature, so the base's plan and each adapter rank's plan are kept apart. With CUDA graphs the fed tensors'
+addresses are part of it too: each adapter gets its own graph, which reads the adapter's tensors in place (they
+must stay alive and unchanged, as those of ``GpuSession.bind_adapter`` do), so a switch copies nothing.
 """
 
 from __future__ import annotations
@@ -110,6 +116,8 @@ class GraphExecutor:
             raise UnsupportedOpError(f"the GPU executor does not implement {', '.join(missing)}")
         self._cache: dict[Any, Any] = {}
         self._constants: dict[str, _Static | torch.Tensor] = dict(self._graph.initializers)
+        self._input_names = {spec.name for spec in self._graph.inputs}
+        self._overridable = {spec.name for spec in self._graph.overridable}
         self._last_use = self._last_uses()
         self._plans: collections.OrderedDict[Signature, _Plan] = collections.OrderedDict()
         self.traces = 0  # how many runs were traces (tests and benchmarks read it)
@@ -122,6 +130,11 @@ class GraphExecutor:
     @property
     def outputs(self) -> list[TensorSpec]:
         return list(self._graph.outputs)
+
+    @property
+    def overridable(self) -> list[TensorSpec]:
+        """Graph inputs with an initializer: constants unless a run feeds them (LoRA slots)."""
+        return list(self._graph.overridable)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -155,9 +168,15 @@ class GraphExecutor:
         missing = [spec.name for spec in self._graph.inputs if spec.name not in feeds]
         if missing:
             raise ValueError(f"missing input(s) {', '.join(map(repr, missing))}")
+        overrides = sorted(name for name in feeds if name in self._overridable)
+        unknown = [name for name in feeds if name not in self._input_names and name not in self._overridable]
+        if unknown:
+            raise ValueError(f"unknown input(s) {', '.join(map(repr, unknown))}")
         feeds = {name: t if t.device == self.device else t.to(self.device) for name, t in feeds.items()}
-        signature = tuple((spec.name, tuple(feeds[spec.name].shape), feeds[spec.name].dtype)
-                          for spec in self._graph.inputs)
+        signature = tuple((name, tuple(feeds[name].shape), feeds[name].dtype)
+                          for name in [spec.name for spec in self._graph.inputs] + overrides)
+        if self.cuda_graphs:  # a CUDA graph reads fed initializers (an adapter's tensors) in place: one per adapter
+            signature += tuple((f"{name}@", (feeds[name].data_ptr(),), feeds[name].dtype) for name in overrides)
         plan = self._plans.get(signature)
         if plan is None:
             plan, outputs = self._trace(feeds)
@@ -197,7 +216,8 @@ class GraphExecutor:
 
     def _capture(self, plan: _Plan, feeds: dict[str, torch.Tensor], static_feeds: bool) -> None:
         """Warm the plan up on a side stream (allocations, kernel compiles), then capture it in a CUDA graph."""
-        inputs = dict(feeds) if static_feeds else {name: t.clone() for name, t in feeds.items()}
+        inputs = dict(feeds) if static_feeds else {
+            name: t if name in self._overridable else t.clone() for name, t in feeds.items()}
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):

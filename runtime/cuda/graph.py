@@ -82,6 +82,7 @@ class LoadedGraph:
     outputs: list[TensorSpec]
     opsets: dict[str, int]
     metadata: dict[str, str]
+    overridable: list[TensorSpec] = dataclasses.field(default_factory=list)  # graph inputs with an initializer
 
 
 def _attribute(attr: onnx.AttributeProto) -> Any:
@@ -195,7 +196,8 @@ def load_graph(path: str | os.PathLike[str] | ModelFile, device: torch.device | 
     nodes = [Node(n.op_type, "" if n.domain == "ai.onnx" else n.domain, n.name, tuple(n.input), tuple(n.output),
                   {a.name: _attribute(a) for a in n.attribute}) for n in graph.node]
     inputs = [_spec(i) for i in graph.input if i.name not in initializers]
+    overridable = [_spec(i) for i in graph.input if i.name in initializers]
     outputs = [_spec(o) for o in graph.output]
     opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
     metadata = {p.key: p.value for p in model.metadata_props}
-    return LoadedGraph(nodes, initializers, inputs, outputs, opsets, metadata)
+    return LoadedGraph(nodes, initializers, inputs, outputs, opsets, metadata, overridable)

@@ -75,6 +75,15 @@ class GpuSession:
         return [f"qcompiler.GraphExecutor({self.executor.device})"]
 
     @property
+    def overridable(self) -> dict[str, TensorInfo]:
+        """Graph inputs with a default (the LoRA slots) that a run may feed, by name."""
+        return {spec.name: tensor_info(*self.describe(spec)) for spec in self.executor.overridable}
+
+    def bind_adapter(self, params: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """A LoRA adapter's parameters as tensors on the executor's device, moved there once."""
+        return {name: torch.from_numpy(np.array(array)).to(self.executor.device) for name, array in params.items()}
+
+    @property
     def metadata(self) -> dict[str, str]:
         return dict(self.executor.metadata)
 
@@ -83,8 +92,10 @@ class GpuSession:
         return self.executor.opsets
 
     def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Run on numpy feeds (already checked by Session) and return numpy copies of ``names``."""
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in feeds.items()}
+        """Run on numpy feeds (already checked by Session; a chosen adapter's tensors from :meth:`bind_adapter`
+        among them) and return numpy copies of ``names``."""
+        tensors = {name: array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+                   for name, array in feeds.items()}
         try:
             results = self.executor.run(tensors)
             return {name: results[name].detach().cpu().numpy() for name in names}
