@@ -21,7 +21,7 @@ from qcompiler.passes.algorithms.weight_only_rtn import WeightOnlyRTNPass
 from qcompiler.passes.annotate_weight_only import AnnotateWeightOnlyPass
 from qcompiler.passes.lower.weight_only import LowerWeightOnlyPass
 
-BUILTIN = ["int2", "int3", "int4", "int8", "ternary", "nf4", "fp8"]
+BUILTIN = ["int2", "int3", "int4", "int8", "ternary", "nf4", "nf4-dq", "fp8"]
 
 
 def test_registry_lists_and_loads_every_builtin_format():
@@ -53,9 +53,10 @@ def test_compatibility_follows_the_declared_capabilities():
     table = {name: sorted(a for a in ALGORITHM_NEEDS if get_format(name).supports(a)) for name in BUILTIN}
     assert table == {"int2": ["awq", "gptq", "hqq", "rtn"], "int3": ["awq", "gptq", "hqq", "rtn"],
                      "int4": ["awq", "gptq", "hqq", "rtn"], "int8": ["awq", "gptq", "hqq", "rtn"],
-                     "ternary": ["awq", "gptq", "hqq", "rtn"], "nf4": ["awq", "rtn"], "fp8": ["awq", "rtn"]}
+                     "ternary": ["awq", "gptq", "hqq", "rtn"], "nf4": ["awq", "rtn"], "nf4-dq": ["awq", "rtn"],
+                     "fp8": ["awq", "rtn"]}
     for name, algorithms in table.items():  # the recipe check says the same
-        recipe = load_recipe("fp8-weight" if name == "fp8" else "nf4" if name == "nf4" else "int4")
+        recipe = load_recipe("fp8-weight" if name == "fp8" else "nf4" if name.startswith("nf4") else "int4")
         for algorithm in ALGORITHM_NEEDS:
             options = {"algorithm": algorithm} if name in ("nf4", "fp8") else {"format": name, "algorithm": algorithm}
             if algorithm in algorithms:

@@ -81,7 +81,34 @@ def layer_codes(node: onnx.NodeProto, tensors: dict[str, np.ndarray]) -> Decoded
     return None
 
 
+def _fold(node: onnx.NodeProto, inputs: list[np.ndarray]) -> np.ndarray | None:
+    """numpy's value of a constant node of the few kinds a lowering computes a weight parameter with (nf4-dq's
+    absmax: Cast, Mul, Add, Reshape, Slice), float32 arithmetic as ONNX Runtime's; None for another node."""
+    if node.op_type == "Cast":
+        to = int(_attrs(node)["to"])  # type: ignore[call-overload]
+        return inputs[0].astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+    if node.op_type in ("Mul", "Add") and inputs[0].dtype == inputs[1].dtype:
+        return (inputs[0] * inputs[1]) if node.op_type == "Mul" else (inputs[0] + inputs[1])
+    if node.op_type == "Reshape":
+        return inputs[0].reshape([int(d) for d in inputs[1]])
+    if node.op_type == "Slice" and len(inputs) == 3 and inputs[1].size == 1:
+        return inputs[0][int(inputs[1][0]):int(inputs[2][0])]
+    return None
+
+
 def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Every initializer of the main graph as a numpy array (external data must be loaded)."""
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    """Every initializer of the main graph as a numpy array (external data must be loaded), and the outputs of the
+    constant Cast/Mul/Add/Reshape/Slice nodes computed from them (a weight parameter built at load time)."""
+    tensors = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or len(node.output) != 1 or not node.input or \
+                any(name not in tensors for name in node.input):
+            continue
+        try:
+            value = _fold(node, [tensors[name] for name in node.input])
+        except (ValueError, TypeError, IndexError, KeyError):  # not one of the forms a lowering writes
+            continue
+        if value is not None:
+            tensors[node.output[0]] = value
+    return tensors
 

@@ -22,7 +22,7 @@ import onnx_ir as ir
 from qcompiler.formats.base import EmitContext, Emitted, WeightFormat, WeightSpec, copy_output_type
 from qcompiler.runtime import packing
 
-__all__ = ["NF4", "Nf4Format", "Nf4Weight", "quantize_nf4"]
+__all__ = ["NF4", "Nf4Format", "Nf4Weight", "nearest_nf4_codes", "nf4_absmax", "quantize_nf4"]
 
 CONTRIB = "com.microsoft"
 
@@ -49,24 +49,38 @@ class Nf4Weight:
         return float(np.vdot(w, w)), float(np.vdot(diff, diff))
 
 
+def _blocks_of(weight: np.ndarray, block_size: int) -> np.ndarray:
+    """``W^T`` flattened into float64 blocks ``[n_blocks, block_size]`` (the last one zero-padded)."""
+    flat = np.ascontiguousarray(weight.T, dtype=np.float64).reshape(-1)
+    blocks = -(-flat.size // block_size)
+    padded = np.zeros(blocks * block_size)
+    padded[:flat.size] = flat
+    return padded.reshape(blocks, block_size)
+
+
+def nf4_absmax(weight: np.ndarray, block_size: int) -> np.ndarray:
+    """float32 ``absmax`` per block of ``W^T`` flattened (an all-zero block: 1)."""
+    absmax = np.abs(_blocks_of(weight, block_size)).max(axis=1)
+    return np.where(absmax > 0, absmax, 1.0).astype(np.float32)
+
+
+def nearest_nf4_codes(weight: np.ndarray, absmax: np.ndarray, block_size: int) -> np.ndarray:
+    """NF4 codes ``[N, K]`` of ``W[K, N]`` for the given float32 absmax per block: ``w / absmax`` (float64) to the
+    nearest codebook value by the midpoints."""
+    k, n = weight.shape
+    normed = (_blocks_of(weight, block_size) / np.asarray(absmax, np.float32).astype(np.float64)[:, None])
+    book = packing.NF4_CODEBOOK.astype(np.float64)
+    edges = (book[1:] + book[:-1]) / 2  # nearest codebook value by its midpoints
+    return np.searchsorted(edges, normed.reshape(-1)[:k * n]).astype(np.uint8).reshape(n, k)
+
+
 def quantize_nf4(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """NF4 codes ``[N, K]`` and ``absmax`` per block of ``W^T`` flattened (MatMulBnb4's layout, see packing).
 
     Each value is divided by its block's largest magnitude and rounded to the nearest of the 16 NF4 values; an
     all-zero block gets ``absmax = 1`` (its values are the codebook's exact 0)."""
-    k, n = weight.shape
-    flat = np.ascontiguousarray(weight.T, dtype=np.float64).reshape(-1)
-    blocks = -(-flat.size // block_size)
-    padded = np.zeros(blocks * block_size)
-    padded[:flat.size] = flat
-    padded = padded.reshape(blocks, block_size)
-    absmax = np.abs(padded).max(axis=1)
-    absmax = np.where(absmax > 0, absmax, 1.0)
-    normed = (padded / absmax[:, None]).reshape(-1)[:flat.size]
-    book = packing.NF4_CODEBOOK.astype(np.float64)
-    edges = (book[1:] + book[:-1]) / 2  # nearest codebook value by its midpoints
-    codes = np.searchsorted(edges, normed).astype(np.uint8)
-    return codes.reshape(n, k), absmax.astype(np.float32)
+    absmax = nf4_absmax(weight, block_size)
+    return nearest_nf4_codes(weight, absmax, block_size), absmax
 
 
 class Nf4Format(WeightFormat):

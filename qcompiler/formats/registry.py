@@ -16,7 +16,7 @@ from qcompiler.plugins import FORMAT_GROUP, discover, load_entry
 __all__ = ["format_names", "get_format", "spec_at_bits"]
 
 #: the order formats are listed in (the built-in ones, by family); others follow sorted
-_ORDER = ("int2", "int3", "int4", "int8", "ternary", "nf4", "fp8")
+_ORDER = ("int2", "int3", "int4", "int8", "ternary", "nf4", "nf4-dq", "fp8")
 
 
 def format_names() -> list[str]:
