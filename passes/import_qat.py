@@ -32,6 +32,7 @@ from qcompiler.formats import WeightSpec, get_format
 from qcompiler.formats.channelwise import QuantizedWeight
 from qcompiler.formats.fp8 import Fp8Weight
 from qcompiler.formats.nf4 import Nf4Weight
+from qcompiler.formats.nf4_dq import Nf4DqWeight, double_quantize_absmax
 from qcompiler.metadata import QAT_LAYERS, TRAINED_KEY, WEIGHT_CODES_KEY, WEIGHT_SPEC_KEY
 from qcompiler.pass_manager import QPass
 from qcompiler.passes._common import NameScope, const_array, drop_unused_initializers
@@ -63,7 +64,7 @@ def _spec(node: ir.Node) -> WeightSpec:
         get_format(spec.format).check(spec)
     except (ConfigError, TypeError, ValueError) as exc:
         raise InvalidModelError(f"QAT marker {node.name!r}: {exc}") from None
-    if spec.format not in ("nf4", "fp8", "ternary") and not (spec.format.startswith("int") and
+    if spec.format not in ("nf4", "nf4-dq", "fp8", "ternary") and not (spec.format.startswith("int") and
                                                              spec.format[3:].isdigit()):
         raise InvalidModelError(f"QAT marker {node.name!r}: format {spec.format!r} has no trained form")
     return spec
@@ -97,6 +98,15 @@ def quantized_from_marker(node: ir.Node) -> tuple[WeightSpec, Any]:
         if scale.shape != (-(-n * k // block),) or codes.max() > 15:
             raise _refuse(node, "NF4 codes above 15 or absmax not one per block")
         return spec, Nf4Weight(codes, scale, block)
+    if spec.format == "nf4-dq":  # scale: the served absmax; zero: the exact ones, double-quantized again here
+        blocks = -(-n * k // block)
+        if scale.shape != (blocks,) or zero.dtype != np.float32 or zero.shape != (blocks,) or codes.max() > 15 \
+                or not np.all(np.isfinite(zero)) or not np.all(zero > 0):
+            raise _refuse(node, "NF4 codes above 15, or served/exact absmax not one finite positive value per block")
+        absmax_codes, step, offset, served = double_quantize_absmax(zero)
+        if not np.array_equal(served, scale):
+            raise _refuse(node, "its served absmax are not the double quantization of its exact absmax")
+        return spec, Nf4DqWeight(codes, scale, block, absmax_codes=absmax_codes, step=step, offset=offset)
     if spec.format == "fp8":
         values = codes.view(ml_dtypes.float8_e4m3fn)
         if scale.shape != (n,) or not np.all(np.isfinite(values.astype(np.float32))):

@@ -233,10 +233,11 @@ def test_qlora_run_with_adapter_slots(corpus: dict[str, Path], tmp_path: Path) -
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main(_args(corpus, out, "--qlora", "--rank", "4", "--alpha", "8", "--adapter-form", "slots",
-                          "--accuracy-level", "0", "--lr", "1e-2", *RUN)) == 0
+                          "--format", "nf4-dq", "--accuracy-level", "0", "--lr", "1e-2", *RUN)) == 0
     assert sorted(os.listdir(tmp_path)) == ["m.q.onnx", "m.q.onnx.finetune.json", "m.q.onnx.parity.json",
                                             "m.q.onnx.parity.md", "m.q.onnx_adapter"]
     assert stdout.getvalue().startswith(f"wrote {out} (nf4, QLoRA)")
+    assert "Cast" in {n.op_type for n in onnx.load(str(out)).graph.node}  # nf4-dq: the absmax rebuilt from bytes
     summary = _summary(out)
     assert summary["qlora"]["adapters"] == 14 and summary["qlora"]["form"] == "slots"
     assert summary["qlora"]["trainable_parameters"] > 0 and summary["ppl_rtn"] != summary["ppl_trained"]

@@ -22,6 +22,7 @@ import qcompiler.torch as qt  # noqa: E402
 from qcompiler.api import compile_model  # noqa: E402
 from qcompiler.errors import ConfigError  # noqa: E402
 from qcompiler.formats import get_format  # noqa: E402
+from qcompiler.formats.decode import initializer_arrays  # noqa: E402
 from qcompiler.formats.nf4 import quantize_nf4  # noqa: E402
 from qcompiler.lora_graph import find_branches, to_slots  # noqa: E402
 from qcompiler.torch.frozen import FrozenEmbedding, FrozenLinear, FrozenWeight  # noqa: E402
@@ -54,9 +55,9 @@ def _train_adapters(model: nn.Module, ids: torch.Tensor, steps: int = 4) -> None
 
 
 def _quantized_bytes(path) -> list[tuple[str, tuple[bytes, ...]]]:
-    """(op, bytes of its constant inputs) of every quantized weight node, sorted."""
+    """(op, bytes of its constant inputs, nf4-dq's computed absmax included) of every quantized weight node."""
     model = onnx.load(str(path))
-    inits = {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
+    inits = {name: array.tobytes() for name, array in initializer_arrays(model).items()}
     found = [(n.op_type, tuple(inits[x] for x in n.input[1:] if x in inits)) for n in model.graph.node
              if n.op_type in ("MatMulBnb4", "MatMulNBits", "GatherBlockQuantized")]
     return sorted(found)
@@ -81,14 +82,16 @@ def test_frozen_nf4_codes_are_the_compilers(n, k, block, seed):
     assert torch.equal(frozen.dequantize(), fq(torch.from_numpy(wt)))  # what QAT's fake quantization computes
 
 
-def test_base_bytes_equal_qcompile_nf4_of_the_float_model(tmp_path):
+@pytest.mark.parametrize("fmt", ["nf4", "nf4-dq"])
+def test_base_bytes_equal_qcompile_nf4_of_the_float_model(tmp_path, fmt):
     base = _llama()
     ids = torch.randint(0, 96, (2, 12))
     torch.onnx.export(Logits(base), (ids,), tmp_path / "float.onnx", dynamo=True, input_names=["input_ids"],
                       output_names=["logits"])
-    compile_model(tmp_path / "float.onnx", tmp_path / "float.nf4.onnx", recipe="nf4")
+    compile_model(tmp_path / "float.onnx", tmp_path / "float.nf4.onnx", recipe="nf4", weight_only={"format": fmt})
     model = copy.deepcopy(base)
-    plan = qt.prepare_qlora(model, "nf4", rank=4, alpha=8)
+    plan = qt.prepare_qlora(model, "nf4", rank=4, alpha=8, format=fmt)
+    assert sum(label.startswith(f"{fmt} ") for label in plan.layers.values()) == 14
     assert len(plan.adapters) == 14 and "lm_head" not in plan.adapters  # all-linear but the output projection
     assert plan.trainable_parameters == sum(p.numel() for layer in lora_layers(model).values()
                                             for p in (layer.lora_A, layer.lora_B))

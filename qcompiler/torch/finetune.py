@@ -46,7 +46,7 @@ from qcompiler.torch import _finetune_deploy as deploy
 from qcompiler.torch import hf_export
 from qcompiler.torch.lm import causal_lm_loss, read_texts, text_windows, torch_perplexity
 from qcompiler.torch.qat import prepare_qat, resolve_recipe
-from qcompiler.torch.qlora import QLoRAOptions, prepare_qlora
+from qcompiler.torch.qlora import QLoRAOptions, prepare_qlora, resolve_qlora_recipe
 from qcompiler.torch.qlora_export import adapter_path_for
 from qcompiler.torch.train import TrainConfig, init_distributed, train
 
@@ -130,7 +130,7 @@ def _device(name: str, world: int) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0)
 
 
-def _resolve(recipe: str | Recipe, qat: bool, weight_only: Mapping[str, Any]) -> Recipe:
+def _resolve(recipe: str | Recipe, qat: bool, weight_only: Mapping[str, Any], *, qlora: bool = False) -> Recipe:
     """The recipe with its overrides, checked before the slow part: trainable (QAT), needing no calibration data,
     every override read by its pipeline."""
     from qcompiler import _api_args, _checks
@@ -141,6 +141,8 @@ def _resolve(recipe: str | Recipe, qat: bool, weight_only: Mapping[str, Any]) ->
         _checks.check_options(base, active, {"weight_only": dict(weight_only)}, calib_given=False)
     if qat:
         resolve_recipe(active)
+    if qlora:
+        resolve_qlora_recipe(active)
     if active.needs_calibration:
         raise UsageError(f"recipe '{active.name}' needs calibration data, which finetune does not pass to the "
                          "compiler; compile the fine-tuned model with qcompile --calib instead")
@@ -243,7 +245,7 @@ def finetune(model_dir: str | os.PathLike[str], data: Sequence[str | os.PathLike
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr if lr is not None else default_lr,
                          warmup_steps=steps // 20 if isinstance(steps, int) else 0, seed=seed,
                          checkpoint_every=checkpoint_every, progress=progress)
-    active = _resolve(recipe, qat or qlora is not None, weight_only or {})
+    active = _resolve(recipe, qat, weight_only or {}, qlora=qlora is not None)
     target = Path(output).absolute()
     written = [target.with_name(target.name + suffix) for suffix in
                ((".parity.md", ".parity.json") if qat or qlora is not None else ()) + (".finetune.json",)]

@@ -29,9 +29,15 @@ from qcompiler.torch.fake_quant import QuantizedTensor, family_of
 __all__ = ["FrozenEmbedding", "FrozenLinear", "FrozenWeight", "dequantize", "is_frozen_layer", "weight_source"]
 
 
+def _family(spec: WeightSpec) -> str:
+    """:func:`~qcompiler.torch.fake_quant.family_of`, and ``nf4`` for ``nf4-dq`` (frozen only: its ``scale`` holds
+    the served absmax, which dequantize like NF4's)."""
+    return "nf4" if spec.format == "nf4-dq" else family_of(spec)
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     """The float32 ``[N, K]`` weight of ``codes`` (uint8 ``[N, K]``; FP8 bit patterns) under ``spec``."""
-    family = family_of(spec)
+    family = _family(spec)
     block = spec.block_for(codes.shape[1])
     if family == "grid":
         return numerics.dequantize_grid(codes, scale, zero, block)
@@ -42,7 +48,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spe
 
 def _packs(spec: WeightSpec) -> bool:
     """Whether codes of ``spec`` fit in 4 bits (two a byte)."""
-    return family_of(spec) != "fp8" and spec.bits <= 4
+    return _family(spec) != "fp8" and spec.bits <= 4
 
 
 def _pack(codes: torch.Tensor) -> torch.Tensor:
@@ -166,7 +172,7 @@ class FrozenEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         fw = self.weight_fake_quant
-        if getattr(self, "_qat_export", None) is not None or family_of(fw.spec) != "grid" or fw.packs:
+        if getattr(self, "_qat_export", None) is not None or _family(fw.spec) != "grid" or fw.packs:
             return F.embedding(ids, self.quantized_weight(), self.padding_idx)
         flat = ids.reshape(-1)
         rows = dequantize(fw.codes[flat], fw.scale[flat], fw.zero[flat], fw.spec)

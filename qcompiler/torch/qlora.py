@@ -23,11 +23,16 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from qcompiler.config import Recipe
+from qcompiler.config import Recipe, load_recipe, override
 from qcompiler.errors import ConfigError
+from qcompiler.formats.base import WeightSpec
+from qcompiler.formats.nf4 import nf4_absmax
+from qcompiler.formats.nf4_dq import quantize_nf4_dq
+from qcompiler.torch.fake_quant import QuantizedTensor
 from qcompiler.torch.frozen import FrozenEmbedding, FrozenLinear, FrozenWeight, weight_source
 from qcompiler.torch.qat import (
     QATEmbedding,
@@ -40,9 +45,12 @@ from qcompiler.torch.qat import (
     resolve_recipe,
 )
 
-__all__ = ["LoRALinear", "QLoRAOptions", "QLoRAPlan", "adapter_parameters", "lora_layers", "prepare_qlora"]
+__all__ = ["LoRALinear", "QLoRAOptions", "QLoRAPlan", "adapter_parameters", "lora_layers", "prepare_qlora",
+           "resolve_qlora_recipe"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: the base format whose absmax are double-quantized (``format="nf4-dq"``)
+DOUBLE_QUANT = "nf4-dq"
 
 
 class LoRALinear(FrozenLinear):
@@ -129,6 +137,20 @@ def _targets(names: Sequence[str], target_modules: Iterable[str] | str | None, h
     return chosen
 
 
+def resolve_qlora_recipe(recipe: str | Recipe, **weight_only: Any) -> tuple[Recipe, bool]:
+    """(the recipe that plans the base's layers, whether their NF4 absmax are double-quantized): a weight-only
+    recipe with its overrides; ``format="nf4-dq"`` plans as ``nf4`` (its absmax are quantized once, by
+    :func:`prepare_qlora`, so it needs no fake quantization). ConfigError for a recipe QLoRA cannot use."""
+    requested = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    requested = override(requested, weight_only=weight_only) if weight_only else requested
+    double_quant = requested.weight_only.format == DOUBLE_QUANT
+    if is_static_int8(requested):
+        raise ConfigError(f"prepare_qlora: recipe {requested.name!r} quantizes activations; QLoRA trains adapters "
+                          "over a weight-only base (nf4, int4, ...)")
+    resolved = resolve_recipe(override(requested, weight_only={"format": "nf4"}) if double_quant else requested)
+    return resolved, double_quant
+
+
 def prepare_qlora(module: nn.Module, recipe: str | Recipe = "nf4", *, rank: int = 16, alpha: float | None = None,
                   target_modules: Iterable[str] | str | None = None, dropout: float = 0.0,
                   adapter_dtype: str = "float32", lm_head: str | None = None, exclude: Iterable[str] = (),
@@ -159,10 +181,7 @@ def prepare_qlora(module: nn.Module, recipe: str | Recipe = "nf4", *, rank: int 
         raise ConfigError(f"prepare_qlora: dropout must be in [0, 1), got {dropout!r}")
     if adapter_dtype not in _DTYPES:
         raise ConfigError(f"prepare_qlora: adapter_dtype must be one of {', '.join(_DTYPES)}, got {adapter_dtype!r}")
-    resolved = resolve_recipe(recipe, **weight_only)
-    if is_static_int8(resolved):
-        raise ConfigError(f"prepare_qlora: recipe {resolved.name!r} quantizes activations; QLoRA trains adapters "
-                          "over a weight-only base (nf4, int4, ...)")
+    resolved, double_quant = resolve_qlora_recipe(recipe, **weight_only)
     if any(isinstance(m, (FrozenLinear, FrozenEmbedding)) for m in module.modules()):
         raise ConfigError("prepare_qlora: the module is already prepared")
     head = _output_projection(module, lm_head)
@@ -180,7 +199,10 @@ def prepare_qlora(module: nn.Module, recipe: str | Recipe = "nf4", *, rank: int 
         key = (id(weight_source(layer)), fq.spec)
         if key not in frozen:
             with torch.no_grad():
-                frozen[key] = FrozenWeight(fq.quantize(layer.weight.detach().float()), resolved.name)
+                weight = layer.weight.detach().float()
+                quantized = _double_quantized(weight, fq.spec) if double_quant and fq.spec.format == "nf4" \
+                    else fq.quantize(weight)
+                frozen[key] = FrozenWeight(quantized, resolved.name)
         weight = frozen[key]
         if isinstance(layer, QATEmbedding):
             replacement: nn.Module = FrozenEmbedding(weight, layer)
@@ -191,12 +213,27 @@ def prepare_qlora(module: nn.Module, recipe: str | Recipe = "nf4", *, rank: int 
             replacement = FrozenLinear(weight, layer.bias)
         replacement.train(layer.training)
         _set_submodule(module, name, replacement)
-        plan.layers[name] = fq.spec.label()
+        plan.layers[name] = weight.spec.label()
     for name, parameter in module.named_parameters():
         parameter.requires_grad_(".lora_A" in f".{name}" or ".lora_B" in f".{name}")
     plan.trainable_parameters = sum(p.numel() for p in module.parameters() if p.requires_grad)
     plan.frozen_bytes = sum(b.numel() * b.element_size() for w in frozen.values() for b in w.buffers())
     return plan
+
+
+def _double_quantized(weight: torch.Tensor, spec: WeightSpec) -> QuantizedTensor:
+    """``nf4-dq`` codes of a ``[N, K]`` weight, by the compiler's own function (they are computed once, so numpy's
+    result is used as it is): ``scale`` the served absmax, ``zero`` the exact ones (export carries them to the
+    compiler, which double-quantizes them again and checks it gets the served values)."""
+    dq_spec = dataclasses.replace(spec, format=DOUBLE_QUANT)
+    w_kn = weight.detach().cpu().numpy().T
+    block = dq_spec.block_for(w_kn.shape[0])
+    quantized = quantize_nf4_dq(w_kn, block)
+    device = weight.device
+    return QuantizedTensor(dq_spec, torch.from_numpy(quantized.codes).to(device),
+                           torch.from_numpy(quantized.absmax).to(device),
+                           torch.from_numpy(nf4_absmax(w_kn, block)).to(device),
+                           torch.from_numpy(np.ascontiguousarray(quantized.dequantize().T)).to(device))
 
 
 def lora_layers(module: nn.Module) -> dict[str, LoRALinear]:
