@@ -210,3 +210,23 @@ def test_preparing_twice_is_refused():
     qt.prepare_qlora(model, rank=2)
     with pytest.raises(ConfigError, match="already prepared"):
         qt.prepare_qlora(model, rank=2)
+
+
+def test_chunked_cross_entropy_is_the_same_loss():
+    from qcompiler.torch.lm import causal_lm_loss
+
+    model = _llama(7)
+    qt.prepare_qlora(model, rank=4)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_()
+    ids = torch.randint(0, 96, (3, 40))
+    results = []
+    for chunk in (None, 16):
+        model.zero_grad()
+        loss = causal_lm_loss(chunk_tokens=chunk)(model, ids)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for whole, chunked in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(whole, chunked, rtol=1e-5, atol=1e-6)

@@ -291,7 +291,9 @@ def finetune(model_dir: str | os.PathLike[str], data: Sequence[str | os.PathLike
         ppl_rtn = torch_perplexity(model, evaluation, device=where) if measure else None
     else:
         model.requires_grad_(True)
-    done = train(model, torch.from_numpy(windows), causal_lm_loss(teacher), config, device=where,
+    # cross entropy a chunk of tokens at a time: the same loss, without the whole batch's logits in memory
+    loss_fn = causal_lm_loss(teacher, chunk_tokens=None if teacher is not None else 1024)
+    done = train(model, torch.from_numpy(windows), loss_fn, config, device=where,
                  items_per_sample=seq_len)
     del teacher
     if rank != 0:

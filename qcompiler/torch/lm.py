@@ -64,12 +64,44 @@ def _takes_keywords(model: nn.Module) -> bool:
     return hasattr(inner, "config") and hasattr(inner, "get_output_embeddings")
 
 
-def causal_lm_loss(teacher: nn.Module | None = None, *, temperature: float = 1.0, ce_weight: float = 0.0) -> Any:
+def _head_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The summed cross entropy of one chunk of hidden states through the output projection."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _chunked_cross_entropy(model: nn.Module, ids: torch.Tensor, chunk_tokens: int) -> torch.Tensor | None:
+    """Next-token cross entropy with the output projection and the loss computed ``chunk_tokens`` rows at a time,
+    each chunk recomputed in the backward pass (the ``[tokens, vocab]`` logits never exist whole: most of a small
+    LM's activation memory). None where the model has no decoder / output-projection pair to split (or runs under
+    DistributedDataParallel, whose gradient hooks need its own forward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    decoder = getattr(model, "get_decoder", None)
+    head = getattr(model, "get_output_embeddings", None)
+    if not (callable(decoder) and callable(head)) or isinstance(model, nn.parallel.DistributedDataParallel):
+        return None
+    hidden = decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = ids[:, 1:].reshape(-1)
+    projection = head()
+    total = sum(checkpoint(_head_cross_entropy, projection, hidden[i:i + chunk_tokens], targets[i:i + chunk_tokens],
+                           use_reentrant=False) for i in range(0, targets.numel(), chunk_tokens))
+    return total / targets.numel()
+
+
+def causal_lm_loss(teacher: nn.Module | None = None, *, temperature: float = 1.0, ce_weight: float = 0.0,
+                   chunk_tokens: int | None = None) -> Any:
     """The loss of a batch of token windows: next-token cross entropy; with ``teacher`` (the frozen float model),
     the KL divergence from the teacher's next-token distribution (knowledge distillation, which QAT recovers best
-    with), plus ``ce_weight`` times the cross entropy."""
+    with), plus ``ce_weight`` times the cross entropy. ``chunk_tokens`` (cross entropy only): the output
+    projection and the loss a chunk of that many tokens at a time, recomputed in the backward pass (the same loss to
+    float rounding, much less memory; a Hugging Face causal LM in one process, else the plain computation)."""
 
     def loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        if teacher is None and chunk_tokens:
+            chunked = _chunked_cross_entropy(model, ids, chunk_tokens)
+            if chunked is not None:
+                return chunked
         logits = _logits(model, ids)[:, :-1].float()
         if teacher is None:
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
