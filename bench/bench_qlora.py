@@ -301,7 +301,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of the adapters")
     parser.add_argument("--full-lr", type=float, default=5e-5, help="peak learning rate of the full fine-tune")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-mode", choices=["plain", "lean"], default="plain")
+    parser.add_argument("--train-mode", choices=["plain", "chunked", "lean"], default="plain")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run: the steps are "
                         "cut to what fits at the measured step times")
     parser.add_argument("--export-reserve", type=float, default=240.0, help="seconds kept for the export stages")
@@ -310,7 +310,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-mb", type=float, default=16.0, help="training text cap")
     parser.add_argument("--split-level", type=int, default=1, help="folders that name a package (1: top level)")
     parser.add_argument("--memory-only", action="store_true", help="only the memory / step-time rows")
-    parser.add_argument("--memory-modes", nargs="*", choices=["plain", "lean"], default=["plain", "lean"])
+    parser.add_argument("--memory-modes", nargs="*", choices=["plain", "chunked", "lean"],
+                        default=["plain", "chunked", "lean"])
     parser.add_argument("--memory-steps", type=int, default=4, help="timed steps per memory row (after 2 warm-up)")
     parser.add_argument("--no-export", action="store_true")
     return parser.parse_args(argv)

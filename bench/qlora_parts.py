@@ -114,24 +114,26 @@ def state_bytes(model: nn.Module) -> int:
 
 def loss_function(mode: str) -> Any:
     """The training loss of ``mode`` (``plain`` or ``lean``, see the module docstring): the library's cross entropy,
-    whole or in checkpointed chunks of :data:`CHUNK_TOKENS`."""
+    whole (``plain``) or in checkpointed chunks of :data:`CHUNK_TOKENS` (``chunked``: without the decoder layers'
+    gradient checkpointing, as ``qcompile finetune`` trains; ``lean``: with it)."""
     from qcompiler.torch.lm import causal_lm_loss
 
-    return causal_lm_loss(chunk_tokens=CHUNK_TOKENS if mode == "lean" else None)
+    return causal_lm_loss(chunk_tokens=CHUNK_TOKENS if mode in ("chunked", "lean") else None)
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
     """Gradient checkpointing on for ``lean``."""
-    if mode == "lean" and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    elif mode == "lean":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from qcompiler.torch.lm import set_activation_checkpointing
+
+    if mode == "lean":
+        set_activation_checkpointing(model, True)
 
 
 def unset_mode(model: nn.Module) -> None:
     """Gradient checkpointing off again."""
-    off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-    off()
+    from qcompiler.torch.lm import set_activation_checkpointing
+
+    set_activation_checkpointing(model, False)
 
 
 def timed_steps(model: nn.Module, windows: torch.Tensor, batch: int, steps: int, warmup: int, lr: float, mode: str,

@@ -212,8 +212,8 @@ def test_preparing_twice_is_refused():
         qt.prepare_qlora(model, rank=2)
 
 
-def test_chunked_cross_entropy_is_the_same_loss():
-    from qcompiler.torch.lm import causal_lm_loss
+def test_chunked_loss_and_activation_checkpointing_change_nothing():
+    from qcompiler.torch.lm import causal_lm_loss, set_activation_checkpointing
 
     model = _llama(7)
     qt.prepare_qlora(model, rank=4)
@@ -222,8 +222,9 @@ def test_chunked_cross_entropy_is_the_same_loss():
             layer.lora_B.normal_()
     ids = torch.randint(0, 96, (3, 40))
     results = []
-    for chunk in (None, 16):
-        model.zero_grad()
+    for chunk in (None, 16):  # the second also recomputes every decoder layer in the backward pass
+        assert set_activation_checkpointing(model, chunk is not None)
+        model.train().zero_grad()
         loss = causal_lm_loss(chunk_tokens=chunk)(model, ids)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))

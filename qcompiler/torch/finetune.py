@@ -44,7 +44,7 @@ from qcompiler.config import Recipe, load_recipe, override
 from qcompiler.errors import InputError, UsageError
 from qcompiler.torch import _finetune_deploy as deploy
 from qcompiler.torch import hf_export
-from qcompiler.torch.lm import causal_lm_loss, read_texts, text_windows, torch_perplexity
+from qcompiler.torch.lm import causal_lm_loss, read_texts, set_activation_checkpointing, text_windows, torch_perplexity
 from qcompiler.torch.qat import prepare_qat, resolve_recipe
 from qcompiler.torch.qlora import QLoRAOptions, prepare_qlora, resolve_qlora_recipe
 from qcompiler.torch.qlora_export import adapter_path_for
@@ -288,6 +288,7 @@ def finetune(model_dir: str | os.PathLike[str], data: Sequence[str | os.PathLike
     if qlora is not None:
         qlora_plan = prepare_qlora(model, active, **qlora.prepare_kwargs())
         logger.info("%s", qlora_plan.summary())
+        checkpointing = set_activation_checkpointing(model, True)  # QLoRA's memory: activations recomputed
         ppl_rtn = torch_perplexity(model, evaluation, device=where) if measure else None
     else:
         model.requires_grad_(True)
@@ -296,6 +297,8 @@ def finetune(model_dir: str | os.PathLike[str], data: Sequence[str | os.PathLike
     done = train(model, torch.from_numpy(windows), loss_fn, config, device=where,
                  items_per_sample=seq_len)
     del teacher
+    if qlora is not None and checkpointing:
+        set_activation_checkpointing(model, False)
     if rank != 0:
         return None
     ppl_trained = torch_perplexity(model, evaluation, device=where) if measure else None

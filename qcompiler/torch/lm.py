@@ -21,7 +21,8 @@ from torch.nn import functional as F  # noqa: N812
 from qcompiler.errors import InputError
 from qcompiler.runtime._safe_files import opened_regular
 
-__all__ = ["causal_lm_loss", "onnx_perplexity", "read_texts", "text_windows", "torch_perplexity"]
+__all__ = ["causal_lm_loss", "onnx_perplexity", "read_texts", "set_activation_checkpointing", "text_windows",
+           "torch_perplexity"]
 
 #: bytes of training or evaluation text read at most per file (a larger file is an error, not a silent cut)
 MAX_TEXT_BYTES = 256 << 20
@@ -87,6 +88,29 @@ def _chunked_cross_entropy(model: nn.Module, ids: torch.Tensor, chunk_tokens: in
     total = sum(checkpoint(_head_cross_entropy, projection, hidden[i:i + chunk_tokens], targets[i:i + chunk_tokens],
                            use_reentrant=False) for i in range(0, targets.numel(), chunk_tokens))
     return total / targets.numel()
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> bool:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (transformers'
+    gradient checkpointing, non-reentrant): most of a fine-tune's activation memory for about one more forward
+    pass. Returns whether the model supports it (a transformers model does; another module is left as it is)."""
+    inner = getattr(model, "module", model)
+    if enabled:
+        on = getattr(inner, "activation_checkpointing_enable", None)  # transformers >= 5
+        if callable(on):
+            on(activation_checkpointing_kwargs={"use_reentrant": False})
+            return True
+        on = getattr(inner, "gradient_checkpointing_enable", None)
+        if callable(on):
+            on(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return True
+        return False
+    off = getattr(inner, "activation_checkpointing_disable", None) or getattr(inner, "gradient_checkpointing_disable",
+                                                                             None)
+    if callable(off):
+        off()
+        return True
+    return False
 
 
 def causal_lm_loss(teacher: nn.Module | None = None, *, temperature: float = 1.0, ce_weight: float = 0.0,
