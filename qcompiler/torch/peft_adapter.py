@@ -35,7 +35,7 @@ __all__ = ["PeftAdapter", "load_peft_adapter", "read_peft_adapter", "save_peft_a
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_MAX_CONFIG_BYTES, _MAX_WEIGHTS_BYTES = 1 << 20, 8 << 30
+_MAX_CONFIG_BYTES, _MAX_WEIGHTS_BYTES = 1 << 20, 2 << 30  # a LoRA adapter is small; a larger file is refused
 #: config fields whose non-default value means another forward or another base: (field, accepted values, why)
 _REFUSED: tuple[tuple[str, tuple[Any, ...], str], ...] = (
     ("use_dora", (False, None), "DoRA renormalizes by the base weight's norm (another forward)"),
