@@ -74,3 +74,20 @@ def test_compiled_nf4_dq_serves_the_double_quantized_absmax(tmp_path):
 def test_nf4_dq_is_a_registered_format():
     fmt = get_format("nf4-dq")
     assert fmt.bits == 4 and fmt.kernels(fmt.spec(block_size=64)) == ("com.microsoft.MatMulBnb4",)
+
+
+def test_gpu_executor_runs_nf4_dq_on_its_cpu_path(tmp_path):
+    import pytest
+
+    pytest.importorskip("torch")
+    from qcompiler.runtime import Session
+
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((256, 96)).astype(np.float32)
+    onnx.save(_matmul_model(weight), tmp_path / "m.onnx")
+    compile_model(tmp_path / "m.onnx", tmp_path / "dq.onnx", recipe="nf4",
+                  weight_only={"format": "nf4-dq", "lm_head": "same"})
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    expected = Session(str(tmp_path / "dq.onnx")).run({"x": x})["y"]
+    got = Session(str(tmp_path / "dq.onnx"), device="torch-cpu").run({"x": x})["y"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
