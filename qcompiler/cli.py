@@ -446,6 +446,10 @@ def _finetune(argv: Sequence[str]) -> int:
     if result is not None and not args.quiet:
         for line in result.describe():
             print(escape_controls(line))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker, its files written: see exit_now
+        from qcompiler.torch.train import exit_now
+
+        exit_now(0)
     return 0
 
 

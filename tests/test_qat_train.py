@@ -1,5 +1,5 @@
-"""The QAT training loop: two processes under torchrun (DDP, Gloo) give the single-process result for the same
-global batch; a killed run resumes from its checkpoint and ends where an uninterrupted run ends."""
+"""The QAT and QLoRA training loop: two processes under torchrun (DDP, Gloo) give the single-process result for
+the same global batch; a killed run resumes from its checkpoint and ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
@@ -25,15 +25,16 @@ def _close(a: dict, b: dict) -> None:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    initial = {k: v.clone() for k, v in job.build()[0].state_dict().items()}
-    single, result = job.run()
-    assert not torch.equal(single.state_dict()["0.weight"], initial["0.weight"])  # it trained
+@pytest.mark.parametrize("mode, trained", [("qat", "0.weight"), ("qlora", "0.lora_A")])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, mode, trained):
+    initial = {k: v.clone() for k, v in job.build(mode)[0].state_dict().items()}
+    single, result = job.run(mode=mode)
+    assert not torch.equal(single.state_dict()[trained], initial[trained])  # it trained
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "QCOMPILER_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(job.__file__).parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           job.__file__, str(out)], env=env, capture_output=True, text=True, timeout=240)
+                           job.__file__, str(out), mode], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = torch.load(out, weights_only=True)
     assert saved["world"] == 2
@@ -41,8 +42,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     assert saved["losses"] == pytest.approx(result.losses, rel=1e-5)
 
 
-def test_a_killed_run_resumes_from_its_checkpoint(tmp_path):
-    uninterrupted, _ = job.run()
+@pytest.mark.parametrize("mode", ["qat", "qlora"])
+def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, mode):
+    uninterrupted, _ = job.run(mode=mode)
     checkpoint = tmp_path / "run.pt"
     calls = 0
 
@@ -54,9 +56,9 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path):
         return job.loss_fn(model, batch)
 
     with pytest.raises(KeyboardInterrupt):
-        job.run(checkpoint=str(checkpoint), loss=dies_at_step_five)
+        job.run(checkpoint=str(checkpoint), loss=dies_at_step_five, mode=mode)
     assert torch.load(checkpoint, weights_only=True)["step"] == 3
-    resumed, result = job.run(checkpoint=str(checkpoint))
+    resumed, result = job.run(checkpoint=str(checkpoint), mode=mode)
     assert result.start_step == 3 and len(result.losses) == 6
     _close(resumed.state_dict(), uninterrupted.state_dict())
     assert not list(tmp_path.glob(".*.tmp"))

@@ -48,7 +48,7 @@ from qcompiler.torch.lm import causal_lm_loss, read_texts, set_activation_checkp
 from qcompiler.torch.qat import prepare_qat, resolve_recipe
 from qcompiler.torch.qlora import QLoRAOptions, prepare_qlora, resolve_qlora_recipe
 from qcompiler.torch.qlora_export import adapter_path_for
-from qcompiler.torch.train import TrainConfig, init_distributed, train
+from qcompiler.torch.train import TrainConfig, finish_distributed, init_distributed, train
 
 __all__ = ["FinetuneResult", "finetune"]
 
@@ -299,6 +299,7 @@ def finetune(model_dir: str | os.PathLike[str], data: Sequence[str | os.PathLike
     del teacher
     if qlora is not None and checkpointing:
         set_activation_checkpointing(model, False)
+    finish_distributed()  # every process leaves the group here; process 0 goes on alone to deploy
     if rank != 0:
         return None
     ppl_trained = torch_perplexity(model, evaluation, device=where) if measure else None
