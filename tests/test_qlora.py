@@ -231,3 +231,17 @@ def test_chunked_loss_and_activation_checkpointing_change_nothing():
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
     for whole, chunked in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(whole, chunked, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_adapters_train_and_export_in_float32(tmp_path):
+    model = _llama(8)
+    qt.prepare_qlora(model, rank=4, adapter_dtype="bfloat16")
+    assert all(layer.lora_A.dtype == torch.bfloat16 for layer in lora_layers(model).values())
+    ids = torch.randint(0, 96, (2, 10))
+    _train_adapters(model, ids, steps=2)
+    _, parity = qt.export_qlora(Logits(model), (ids,), tmp_path / "bf16.onnx", input_names=["input_ids"],
+                                output_names=["logits"], weight_only={"accuracy_level": 0})
+    assert parity.codes_identical and parity.max_rel_error < 1e-4, parity.to_markdown()
+    assert all(layer.lora_A.dtype == torch.bfloat16 for layer in lora_layers(model).values())  # restored
+    adapters = [t for t in onnx.load(str(tmp_path / "bf16.onnx")).graph.initializer if ".lora_" in t.name]
+    assert adapters and all(t.data_type == onnx.TensorProto.FLOAT for t in adapters)

@@ -5,6 +5,7 @@
   ``MatMulNBits`` / ``GatherBlockQuantized`` bytes are those ``qcompile --recipe nf4`` writes for the float model;
   each adapter stays a float branch ``(X @ lora_A) @ lora_B * scaling`` added to its layer's output (untrained
   MatMuls are never quantized in QAT mode). A parity report compares codes and outputs with the torch forward.
+  bf16 adapters are exported with their values in float32 (exact) and float32 arithmetic.
 - **slots** (``form="slots"``): the same model with the adapters turned into ONNX Runtime LoRA inputs
   (:func:`qcompiler.lora_graph.to_slots`) and the trained adapter written as an ``.onnx_adapter`` file beside it;
   more adapters for the same base come from :func:`write_adapter_file`.
@@ -15,11 +16,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +79,29 @@ def export_qlora(module: nn.Module, example_inputs: tuple[Any, ...], output: str
     if not lora_layers(module):
         raise ConfigError("export_qlora: the module has no LoRA layer (call prepare_qlora first)")
     target = Path(output)
-    _, parity = convert(module, example_inputs, target, recipe=recipe, sample_inputs=sample_inputs,
-                        input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
-                        weight_only=weight_only)
+    with float32_adapters(module):
+        _, parity = convert(module, example_inputs, target, recipe=recipe, sample_inputs=sample_inputs,
+                            input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
+                            weight_only=weight_only)
     apply_form(target, module, form, adapter=adapter, layer_prefix=layer_prefix)
     return target, parity
+
+
+@contextlib.contextmanager
+def float32_adapters(module: nn.Module) -> Iterator[None]:
+    """Within the block, bf16 adapters hold their values in float32 (exactly: every bf16 value is a float32 one) and
+    compute in float32, as the exported graph does (ONNX Runtime's CPU MatMul has no bf16 kernel); restored after."""
+    changed = []
+    for layer in lora_layers(module).values():
+        if layer.lora_A.dtype != torch.float32 or layer.lora_B.dtype != torch.float32:
+            changed.append((layer, layer.lora_A, layer.lora_B))  # the trained Parameter objects, put back after
+            layer.lora_A = nn.Parameter(layer.lora_A.detach().to(torch.float32), requires_grad=False)
+            layer.lora_B = nn.Parameter(layer.lora_B.detach().to(torch.float32), requires_grad=False)
+    try:
+        yield
+    finally:
+        for layer, a, b in changed:
+            layer.lora_A, layer.lora_B = a, b
 
 
 def apply_form(target: Path, module: nn.Module, form: str, *, adapter: str | os.PathLike[str] | None = None,
