@@ -197,12 +197,16 @@ def test_find_branches_refuses_a_graph_without_them(tmp_path):
     ({"rank": 4, "dropout": 1.0}, "dropout must be in"),
     ({"rank": 4, "adapter_dtype": "float16"}, "adapter_dtype must be one of"),
     ({"rank": 4, "target_modules": ["q_projection"]}, "matches no quantized linear layer"),
+    ({"rank": 10**9}, "exceeds layer"),
     ({"recipe": "int8", "rank": 4}, "quantizes activations"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
     model = _llama(5)
+    before = {name: type(m) for name, m in model.named_modules()}
     with pytest.raises(ConfigError, match=message):
         qt.prepare_qlora(model, **kwargs)
+    assert {name: type(m) for name, m in model.named_modules()} == before  # the model left as it came
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_preparing_twice_is_refused():

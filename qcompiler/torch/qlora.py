@@ -185,13 +185,15 @@ def prepare_qlora(module: nn.Module, recipe: str | Recipe = "nf4", *, rank: int 
     if any(isinstance(m, (FrozenLinear, FrozenEmbedding)) for m in module.modules()):
         raise ConfigError("prepare_qlora: the module is already prepared")
     head = _output_projection(module, lm_head)
+    originals = {name: m for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     qat = prepare_qat(module, resolved, lm_head=lm_head, exclude=exclude)
+    try:
+        targets = _checked_targets(qat_layers(module), target_modules, head, rank)
+    except ConfigError:  # leave the model as it came: its layers back (prepare_qat kept their parameters)
+        for name, original in originals.items():
+            _set_submodule(module, name, original)
+        raise
     layers = qat_layers(module)
-    head_weight = getattr(head, "weight", None)
-    head_name = next((n for n, m in layers.items() if head_weight is not None and m.weight is head_weight and
-                      isinstance(m, QATLinear)), None)
-    linear_names = [n for n, m in layers.items() if isinstance(m, QATLinear)]
-    targets = _targets(linear_names, target_modules, head_name)
     plan = QLoRAPlan(resolved, float_layers=dict(qat.float_layers))
     frozen: dict[tuple[int, Any], FrozenWeight] = {}
     for name, layer in layers.items():
@@ -219,6 +221,22 @@ def prepare_qlora(module: nn.Module, recipe: str | Recipe = "nf4", *, rank: int 
     plan.trainable_parameters = sum(p.numel() for p in module.parameters() if p.requires_grad)
     plan.frozen_bytes = sum(b.numel() * b.element_size() for w in frozen.values() for b in w.buffers())
     return plan
+
+
+def _checked_targets(layers: dict[str, nn.Module], target_modules: Iterable[str] | str | None, head: nn.Module | None,
+                     rank: int) -> set[str]:
+    """The names of the layers to adapt, checked: they exist, and ``rank`` fits each."""
+    head_weight = getattr(head, "weight", None)
+    head_name = next((n for n, m in layers.items() if head_weight is not None and m.weight is head_weight and
+                      isinstance(m, QATLinear)), None)
+    linear_names = [n for n, m in layers.items() if isinstance(m, QATLinear)]
+    targets = _targets(linear_names, target_modules, head_name)
+    for name in sorted(targets):
+        smallest = min(layers[name].in_features, layers[name].out_features)
+        if rank > smallest:
+            raise ConfigError(f"prepare_qlora: rank {rank} exceeds layer {name!r}'s smaller dimension {smallest} (an "
+                              "adapter of that rank adds nothing over a full update)")
+    return targets
 
 
 def _double_quantized(weight: torch.Tensor, spec: WeightSpec) -> QuantizedTensor:
