@@ -129,6 +129,14 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         load_peft_adapter(_base(), _edited(tmp_path, tensors=tensors))
 
 
+def test_an_adapted_layer_the_recipe_leaves_float_is_refused_before_any_change(tmp_path):
+    model = _base()
+    before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(QCompileError, match="leaves float"):
+        load_peft_adapter(model, DATA / "rslora_qv", exclude_nodes=["model.layers.0.self_attn.q_proj"])
+    assert {name: type(m) for name, m in model.named_modules()} == before
+
+
 def test_missing_or_corrupt_files_are_refused(tmp_path):
     with pytest.raises(QCompileError, match="adapter_config.json"):
         read_peft_adapter(tmp_path)

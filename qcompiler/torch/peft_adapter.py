@@ -29,7 +29,8 @@ from torch import nn
 from qcompiler.config import Recipe
 from qcompiler.errors import ConfigError, InputError
 from qcompiler.runtime._safe_files import SafeOpenError, opened_regular
-from qcompiler.torch.qlora import QLoRAPlan, lora_layers, prepare_qlora
+from qcompiler.torch.qat import _output_projection
+from qcompiler.torch.qlora import QLoRAPlan, lora_layers, prepare_qlora, resolve_qlora_recipe
 
 __all__ = ["PeftAdapter", "load_peft_adapter", "read_peft_adapter", "save_peft_adapter"]
 
@@ -170,12 +171,17 @@ def load_peft_adapter(module: nn.Module, folder: str | os.PathLike[str], recipe:
         if (layer.in_features, layer.out_features) != (a.shape[1], b.shape[0]):
             raise ConfigError(f"{where}: {name!r} is {layer.in_features} -> {layer.out_features} here, the adapter's "
                               f"{a.shape[1]} -> {b.shape[0]} (an adapter for another base)")
+    resolved, _ = resolve_qlora_recipe(recipe, **weight_only)
+    head = _output_projection(module, None)
+    left_float = set(resolved.weight_only.exclude_nodes)
+    if resolved.weight_only.lm_head == "float":
+        left_float |= {name for name, m in module.named_modules() if head is not None and m is head}
+    refused = sorted(set(adapter.weights) & left_float)  # checked before the model is changed
+    if refused:
+        raise ConfigError(f"{where} adapts {refused[0]!r}, which recipe {resolved.name!r} leaves float")
     plan = prepare_qlora(module, recipe, rank=adapter.rank, alpha=adapter.scaling * adapter.rank,
                          target_modules=list(adapter.weights), **weight_only)
     adapted = lora_layers(module)
-    missing = sorted(set(adapter.weights) - set(adapted))
-    if missing:
-        raise ConfigError(f"{where} adapts {missing[0]!r}, which recipe {plan.recipe.name!r} leaves float")
     with torch.no_grad():
         for name, (a, b) in adapter.weights.items():
             layer = adapted[name]
