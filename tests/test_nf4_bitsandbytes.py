@@ -1,6 +1,6 @@
 """qcompiler's NF4 (``quantize_nf4`` + ``pack_bnb4``, MatMulBnb4's layout) against bitsandbytes' NF4 on CPU.
 
-Findings pinned here (details and the CUDA path in /work/notes/nf4_bnb.md):
+Findings pinned here (summary in bench/RESULTS.md, section QLoRA):
 
 - Same 16 codebook values (float32 bit for bit), same absmax per block, same block order: bnb quantizes a
   tensor flattened in memory order, and an ``nn.Linear`` weight ``[N, K]`` flattened *is* ``W^T`` flattened,

@@ -1,6 +1,6 @@
 """tests/data/peft_tiny: two LoRA adapters saved by PEFT 0.21.2 over a seeded tiny Llama, with the logits PEFT gave.
 
-Checks, without PEFT, that the data still means what /work/notes/peft_format.md says: the seeded base rebuilds
+Checks, without PEFT, that the data still means what qcompiler/torch/peft_adapter.py's docstring says (the data: tests/data/peft_tiny/make_tiny.py): the seeded base rebuilds
 (same logits), and each adapter applied by the spec's forward, ``y = base(x) + (x @ A^T @ B^T) * scaling`` with
 ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rslora), gives PEFT's logits.
 """

@@ -1,7 +1,7 @@
 """Hugging Face PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``) in and out of QLoRA.
 
-PEFT's layout (peft 0.21; /work notes in the module's tests): keys ``base_model.model.<module>.lora_A.weight``
-``[r, K]`` and ``….lora_B.weight`` ``[N, r]`` (float32, or bf16/fp16 when saved so), the branch ``(x @ A^T) @ B^T *
+PEFT's layout (peft 0.21, checked against adapters PEFT saved: tests/data/peft_tiny, made by its make_tiny.py):
+keys ``base_model.model.<module>.lora_A.weight`` ``[r, K]`` and ``….lora_B.weight`` ``[N, r]`` (float32, or bf16/fp16 when saved so), the branch ``(x @ A^T) @ B^T *
 scaling`` with ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``) applied in float32: the same
 arithmetic as :class:`~qcompiler.torch.qlora.LoRALinear`, whose ``lora_A`` / ``lora_B`` are these transposed.
 

@@ -10,7 +10,7 @@ backward) and adds a LoRA branch to the targeted linear layers::
     y = base(x) + ((dropout(x) @ lora_A) @ lora_B) * lora_scaling        lora_A [K, r], lora_B [r, N]
 
 The adapter matrices are stored in the layout the ONNX graph multiplies with (``lora_A`` is PEFT's
-``lora_A.weight`` transposed; :mod:`.peft` converts), so the exported file carries them bit for bit;
+``lora_A.weight`` transposed; :mod:`.peft_adapter` converts), so the exported file carries them bit for bit;
 ``lora_scaling`` is ``alpha / r``. ``lora_A`` starts as PEFT initializes it (Kaiming-uniform), ``lora_B`` at zero:
 the prepared model computes exactly the quantized base. Every other parameter (norms, biases, float layers) is
 frozen: the adapters are the only trainable parameters.
