@@ -1,7 +1,8 @@
 """LoRA adapters on a base in the "slots" form (qcompiler.runtime.lora, Session(adapters=...), run(adapter=...)).
 
 Toy models built in code per the slots contract of qcompiler/lora_graph.py and runtime/lora.py: each layer
-``y = x @ W + ((x @ A_t) @ B_t) * s`` with A_t, B_t, s graph inputs whose initializers are the rank-0 "no adapter" defaults. Outputs are checked against numpy.
+``y = x @ W + ((x @ A_t) @ B_t) * s`` with A_t, B_t, s graph inputs whose initializers are the rank-0 "no
+adapter" defaults. Outputs are checked against numpy.
 """
 
 from __future__ import annotations
