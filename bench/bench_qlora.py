@@ -50,15 +50,6 @@ ROWS = {"fp32": "(a) fp32, no training", "nf4": "(b) NF4 base, no adapter", "qlo
         "lora": "(d) float LoRA on fp32", "full": "(e) full fp32 fine-tune"}
 
 
-class Logits(nn.Module):
-    """ids -> logits of a causal LM (the exported graph's interface)."""
-
-    def __init__(self, llm: nn.Module) -> None:
-        super().__init__()
-        self.llm = llm
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.llm(input_ids=ids, use_cache=False).logits
 
 
 def _log(message: str) -> None:
@@ -230,7 +221,7 @@ def _export(model: nn.Module, fp32: nn.Module, domain: np.ndarray, report: Repor
     """Baked export + parity + ORT perplexity, base bytes vs ``qcompile --recipe nf4``, the merged form."""
     from qcompiler.api import compile_model
     from qcompiler.torch import export_qlora, merged_float_copy
-    from qcompiler.torch.lm import onnx_perplexity, torch_perplexity
+    from qcompiler.torch.lm import LogitsOnly, onnx_perplexity, torch_perplexity
 
     record: dict[str, Any] = report.results.setdefault("export", {})
     model = model.cpu().eval()
@@ -242,7 +233,7 @@ def _export(model: nn.Module, fp32: nn.Module, domain: np.ndarray, report: Repor
 
     def bake() -> dict[str, Any]:
         samples = [(torch.from_numpy(domain[i:i + 1]),) for i in range(min(2, len(domain)))]
-        _, parity = export_qlora(Logits(model).eval(), (sample,), baked, form="baked", input_names=names["input_ids"],
+        _, parity = export_qlora(LogitsOnly(model).eval(), (sample,), baked, form="baked", input_names=names["input_ids"],
                                  output_names=names["logits"], dynamic_shapes=dims, sample_inputs=samples,
                                  weight_only={"accuracy_level": 0})
         parity.save(report.out / "qlora_parity.md")
@@ -257,7 +248,7 @@ def _export(model: nn.Module, fp32: nn.Module, domain: np.ndarray, report: Repor
                 "ort_vs_torch_rel": ort / torch_ppl - 1 if torch_ppl else None}
 
     def float_onnx(module: nn.Module, path: Path) -> None:
-        torch.onnx.export(Logits(module.cpu().eval()).eval(), (sample,), str(path), dynamo=True, dynamic_shapes=dims,
+        torch.onnx.export(LogitsOnly(module.cpu().eval()).eval(), (sample,), str(path), dynamo=True, dynamic_shapes=dims,
                           input_names=names["input_ids"], output_names=names["logits"])
 
     def base_bytes() -> dict[str, Any]:

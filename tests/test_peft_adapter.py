@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,27 +19,12 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 import qcompiler.torch as qt  # noqa: E402
 from qcompiler.errors import QCompileError  # noqa: E402
 from qcompiler.runtime import Session  # noqa: E402
+from qcompiler.torch.lm import LogitsOnly  # noqa: E402
 from qcompiler.torch.peft_adapter import load_peft_adapter, read_peft_adapter, save_peft_adapter  # noqa: E402
 from qcompiler.torch.qlora import lora_layers  # noqa: E402
 
-DATA = Path(__file__).parent / "data" / "peft_tiny"
-CONFIG = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-          "tie_word_embeddings": True, "initializer_range": 0.2, "rms_norm_eps": 1e-5}
-
-
-def _base(**changes) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**CONFIG, **changes})).eval()
-
-
-class Logits(torch.nn.Module):
-    def __init__(self, llm: torch.nn.Module) -> None:
-        super().__init__()
-        self.llm = llm
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.llm(input_ids=ids, use_cache=False).logits
+sys.path.insert(0, str(Path(__file__).parent))
+from test_peft_reference_data import DATA, _base  # noqa: E402  (the seeded base the reference adapters fit)
 
 
 @pytest.mark.parametrize("name, modules, scaling", [("lora_all", 14, 2.0), ("rslora_qv", 4, 4 / 2 ** 0.5)])
@@ -63,7 +49,7 @@ def test_peft_adapter_exports_baked_and_as_slots(tmp_path):
     model = _base()
     load_peft_adapter(model, DATA / "lora_all")
     ids = torch.from_numpy(np.load(DATA / "logits.npz")["input_ids"])
-    wrapper = Logits(model)
+    wrapper = LogitsOnly(model)
     baked, parity = qt.export_qlora(wrapper, (ids,), tmp_path / "baked.onnx", input_names=["input_ids"],
                                     output_names=["logits"], weight_only={"accuracy_level": 0})
     assert parity.codes_identical and parity.max_rel_error < 1e-4, parity.to_markdown()

@@ -25,9 +25,10 @@ CONFIG = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hid
 PREFIX = "base_model.model."
 
 
-def _base() -> torch.nn.Module:
+def _base(**changes: object) -> torch.nn.Module:
+    """The seeded base the adapters were made over (``changes``: config fields of another base)."""
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**CONFIG, **changes})).eval()
 
 
 def _apply(model: torch.nn.Module, folder: Path) -> None:

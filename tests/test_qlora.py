@@ -26,19 +26,13 @@ from qcompiler.formats.decode import initializer_arrays  # noqa: E402
 from qcompiler.formats.nf4 import quantize_nf4  # noqa: E402
 from qcompiler.lora_graph import find_branches, to_slots  # noqa: E402
 from qcompiler.torch.frozen import FrozenEmbedding, FrozenLinear, FrozenWeight  # noqa: E402
+from qcompiler.torch.lm import LogitsOnly  # noqa: E402
 from qcompiler.torch.qlora import LoRALinear, adapter_parameters, lora_layers  # noqa: E402
 
 CONFIG = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
 
 
-class Logits(nn.Module):
-    def __init__(self, llm: nn.Module) -> None:
-        super().__init__()
-        self.llm = llm
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.llm(input_ids=ids, use_cache=False).logits
 
 
 def _llama(seed: int = 0) -> nn.Module:
@@ -86,7 +80,7 @@ def test_frozen_nf4_codes_are_the_compilers(n, k, block, seed):
 def test_base_bytes_equal_qcompile_nf4_of_the_float_model(tmp_path, fmt):
     base = _llama()
     ids = torch.randint(0, 96, (2, 12))
-    torch.onnx.export(Logits(base), (ids,), tmp_path / "float.onnx", dynamo=True, input_names=["input_ids"],
+    torch.onnx.export(LogitsOnly(base), (ids,), tmp_path / "float.onnx", dynamo=True, input_names=["input_ids"],
                       output_names=["logits"])
     compile_model(tmp_path / "float.onnx", tmp_path / "float.nf4.onnx", recipe="nf4", weight_only={"format": fmt})
     model = copy.deepcopy(base)
@@ -98,7 +92,7 @@ def test_base_bytes_equal_qcompile_nf4_of_the_float_model(tmp_path, fmt):
     assert not any(isinstance(p, nn.Parameter) and p.dim() == 2 and p.requires_grad and "lora" not in name
                    for name, p in model.named_parameters())
     _train_adapters(model, ids)
-    path, parity = qt.export_qlora(Logits(model), (ids,), tmp_path / "qlora.onnx", input_names=["input_ids"],
+    path, parity = qt.export_qlora(LogitsOnly(model), (ids,), tmp_path / "qlora.onnx", input_names=["input_ids"],
                                    output_names=["logits"], weight_only={"accuracy_level": 0})
     assert parity.codes_identical and parity.max_rel_error < 1e-4, parity.to_markdown()
     assert _quantized_bytes(path) == _quantized_bytes(tmp_path / "float.nf4.onnx")
@@ -146,7 +140,7 @@ def test_slots_export_serves_adapters_per_run_and_matches_baked(tmp_path):
     assert len(lora_layers(model)) == 4
     ids = torch.randint(0, 96, (2, 11))
     _train_adapters(model, ids)
-    wrapper = Logits(model)
+    wrapper = LogitsOnly(model)
     baked, _ = qt.export_qlora(wrapper, (ids,), tmp_path / "baked.onnx", input_names=["input_ids"],
                                output_names=["logits"], weight_only={"accuracy_level": 0})
     layers = ["llm." + n for n in lora_layers(model)]
@@ -243,7 +237,7 @@ def test_bfloat16_adapters_train_and_export_in_float32(tmp_path):
     assert all(layer.lora_A.dtype == torch.bfloat16 for layer in lora_layers(model).values())
     ids = torch.randint(0, 96, (2, 10))
     _train_adapters(model, ids, steps=2)
-    _, parity = qt.export_qlora(Logits(model), (ids,), tmp_path / "bf16.onnx", input_names=["input_ids"],
+    _, parity = qt.export_qlora(LogitsOnly(model), (ids,), tmp_path / "bf16.onnx", input_names=["input_ids"],
                                 output_names=["logits"], weight_only={"accuracy_level": 0})
     assert parity.codes_identical and parity.max_rel_error < 1e-4, parity.to_markdown()
     assert all(layer.lora_A.dtype == torch.bfloat16 for layer in lora_layers(model).values())  # restored

@@ -27,6 +27,7 @@ import torch
 
 from qcompiler.config import Recipe
 from qcompiler.torch import _hf_graphs, hf_export
+from qcompiler.torch.lm import LogitsOnly
 from qcompiler.torch.parity import ParityReport, parity_report
 
 __all__ = ["Deployed", "deployed"]
@@ -73,7 +74,7 @@ def _export_qat(llm: Any, path: Path, kv_cache: bool) -> None:
 def _parity(llm: Any, compiled: Path, samples: np.ndarray, kv_cache: bool) -> ParityReport:
     windows = [torch.from_numpy(np.ascontiguousarray(w[None])) for w in samples]
     if not kv_cache:
-        return parity_report(_hf_graphs._Logits(llm).eval(), compiled, [(w,) for w in windows],
+        return parity_report(LogitsOnly(llm).eval(), compiled, [(w,) for w in windows],
                              input_names=["input_ids"])
     layers, kv_heads, head_dim = _hf_graphs.kv_shape(llm.config)
     empty = [torch.zeros(1, kv_heads, 0, head_dim) for _ in range(2 * layers)]

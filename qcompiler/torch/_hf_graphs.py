@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qcompiler.torch.lm import LogitsOnly
+
 __all__ = ["input_names", "output_names", "kv_shape", "trace_logits", "trace_kv_decoder", "check_logits",
            "check_kv_decoder", "logits_export_args", "kv_decoder_export_args"]
 
@@ -62,17 +64,6 @@ def kv_shape(config: Any) -> tuple[int, int, int]:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers, kv_heads, head_dim
-
-
-class _Logits(torch.nn.Module):
-    """``input_ids -> logits`` without a cache."""
-
-    def __init__(self, llm: Any) -> None:
-        super().__init__()
-        self.llm = llm
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.llm(input_ids=input_ids, use_cache=False).logits
 
 
 class _KVDecoder(torch.nn.Module):
@@ -112,7 +103,7 @@ def logits_export_args(llm: Any) -> tuple[torch.nn.Module, tuple[Any, ...], dict
     sample = (torch.randint(0, llm.config.vocab_size, (2, 16), generator=generator),)
     batch = torch.export.Dim("batch", max=_MAX_BATCH)
     seq = torch.export.Dim("sequence", max=_MAX_SEQUENCE)
-    return _Logits(llm).eval(), sample, {"input_names": ["input_ids"], "output_names": ["logits"],
+    return LogitsOnly(llm).eval(), sample, {"input_names": ["input_ids"], "output_names": ["logits"],
                                          "dynamic_shapes": ({0: batch, 1: seq},)}
 
 
@@ -148,7 +139,7 @@ def check_logits(session: Any, llm: Any) -> float:
     """Max |ORT - torch| of the logits on 2 x 12 seeded random tokens."""
     ids = np.random.default_rng(0).integers(0, llm.config.vocab_size, (2, 12), dtype=np.int64)
     with torch.no_grad():
-        expected = _Logits(llm)(torch.from_numpy(ids)).numpy()
+        expected = LogitsOnly(llm)(torch.from_numpy(ids)).numpy()
     actual = session.run(None, {"input_ids": ids})[0]
     return float(np.abs(actual - expected).max())
 

@@ -123,7 +123,25 @@ class _FrozenMatMul(torch.autograd.Function):
         return grad @ ctx.frozen.dequantize().to(grad.dtype), None
 
 
-class FrozenLinear(nn.Module):
+class _FrozenLayer(nn.Module):
+    """What frozen layers share: the weight read back from the codes (or, while exporting, from the marker)."""
+
+    weight_fake_quant: FrozenWeight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float32 weight the layer computes with (rebuilt from the codes; for readers such as ``.dtype``)."""
+        return self.weight_fake_quant.dequantize()
+
+    def exporting(self) -> bool:
+        return getattr(self, "_qat_export", None) is not None
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses (the exported graph's weight when frozen for export)."""
+        return self._qat_export() if self.exporting() else self.weight_fake_quant.dequantize()
+
+
+class FrozenLinear(_FrozenLayer):
     """``nn.Linear`` over a :class:`FrozenWeight` (its bias a frozen buffer)."""
 
     def __init__(self, frozen: FrozenWeight, bias: torch.Tensor | None) -> None:
@@ -132,19 +150,9 @@ class FrozenLinear(nn.Module):
         self.weight_fake_quant = frozen
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The float32 weight the layer computes with (rebuilt from the codes; for readers such as ``.dtype``)."""
-        return self.weight_fake_quant.dequantize()
-
-    def quantized_weight(self) -> torch.Tensor:
-        frozen = getattr(self, "_qat_export", None)
-        return frozen() if frozen is not None else self.weight_fake_quant.dequantize()
-
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen layer's output."""
-        exporting = getattr(self, "_qat_export", None)
-        y = F.linear(x, exporting().to(x.dtype)) if exporting is not None else \
+        y = F.linear(x, self.quantized_weight().to(x.dtype)) if self.exporting() else \
             _FrozenMatMul.apply(x, self.weight_fake_quant)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -152,7 +160,7 @@ class FrozenLinear(nn.Module):
         return self.base(x)
 
 
-class FrozenEmbedding(nn.Module):
+class FrozenEmbedding(_FrozenLayer):
     """``nn.Embedding`` over a :class:`FrozenWeight`: grid formats (blocks along each row) rebuild only the rows
     looked up."""
 
@@ -162,17 +170,9 @@ class FrozenEmbedding(nn.Module):
         self.padding_idx = embedding.padding_idx
         self.weight_fake_quant = frozen
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_fake_quant.dequantize()
-
-    def quantized_weight(self) -> torch.Tensor:
-        frozen = getattr(self, "_qat_export", None)
-        return frozen() if frozen is not None else self.weight_fake_quant.dequantize()
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         fw = self.weight_fake_quant
-        if getattr(self, "_qat_export", None) is not None or _family(fw.spec) != "grid" or fw.packs:
+        if self.exporting() or _family(fw.spec) != "grid" or fw.packs:
             return F.embedding(ids, self.quantized_weight(), self.padding_idx)
         flat = ids.reshape(-1)
         rows = dequantize(fw.codes[flat], fw.scale[flat], fw.zero[flat], fw.spec)

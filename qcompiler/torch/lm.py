@@ -21,11 +21,23 @@ from torch.nn import functional as F  # noqa: N812
 from qcompiler.errors import InputError
 from qcompiler.runtime._safe_files import opened_regular
 
-__all__ = ["causal_lm_loss", "onnx_perplexity", "read_texts", "set_activation_checkpointing", "text_windows",
-           "torch_perplexity"]
+__all__ = ["LogitsOnly", "causal_lm_loss", "onnx_perplexity", "read_texts", "set_activation_checkpointing",
+           "text_windows", "torch_perplexity"]
 
 #: bytes of training or evaluation text read at most per file (a larger file is an error, not a silent cut)
 MAX_TEXT_BYTES = 256 << 20
+
+
+class LogitsOnly(nn.Module):
+    """A causal LM as ``input_ids -> logits`` without a cache (the exported graph's interface; the LM is the
+    submodule ``llm``, so its layers are named ``llm.<name>`` in the export)."""
+
+    def __init__(self, llm: nn.Module) -> None:
+        super().__init__()
+        self.llm = llm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.llm(input_ids=input_ids, use_cache=False).logits
 
 
 def read_texts(paths: Sequence[str | os.PathLike[str]]) -> str:
