@@ -14,7 +14,7 @@ from qcompiler.api import compile_model
 from qcompiler.formats import get_format
 from qcompiler.formats.decode import initializer_arrays, layer_codes
 from qcompiler.formats.nf4 import nf4_absmax, quantize_nf4
-from qcompiler.formats.nf4_dq import GROUP, double_quantize_absmax, quantize_nf4_dq
+from qcompiler.formats.nf4_dq import GROUP, double_quantize_absmax, quantize_nf4_dq, served_absmax
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
@@ -31,11 +31,17 @@ def test_second_level_bounds(n, seed, kind):
     group = np.arange(n) // GROUP
     assert np.all(served >= offset[group])  # never below the group's smallest absmax
     error = np.abs(served.astype(np.float64) - absmax.astype(np.float64))
-    assert np.all(error <= step[group] * 0.5 * (1 + 1e-6) + np.spacing(served) * 2)
+    gap = (2 * codes[:n].astype(np.float64) + 1) * step[group]  # the quadratic grid's gap around the chosen code
+    assert np.all(error <= gap * 0.5 * (1 + 1e-6) + np.spacing(served) * 4)
+    if kind == "spread":  # dense near the smallest: relative error at most sqrt(R - 1) / 510 for a spread of R
+        spread = float(absmax.max()) / float(absmax.min()) - 1
+        assert np.all(error / absmax <= spread ** 0.5 / 510 + spread / 255**2 / 2 + 1e-6)
     if kind == "equal":
         assert np.array_equal(served, absmax)
-    rebuilt = (codes.reshape(groups, GROUP).astype(np.float32) * step[:, None] + offset[:, None]).reshape(-1)[:n]
+    squared = codes.reshape(groups, GROUP).astype(np.float32) ** 2
+    rebuilt = (squared * step[:, None] + offset[:, None]).reshape(-1)[:n]
     assert np.array_equal(rebuilt, served)  # what the ONNX graph computes
+    assert np.array_equal(served_absmax(codes.reshape(groups, GROUP), step, offset).reshape(-1)[:n], served)
 
 
 def _matmul_model(weight: np.ndarray) -> onnx.ModelProto:
