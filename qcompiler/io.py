@@ -517,6 +517,9 @@ def ort_session(model: ir.Model, *, extra_outputs: Iterable[ir.Value] = (), intr
 
     if custom_ops.DOMAIN in clone.opset_imports:  # int3 / fused FP8 nodes: register our ops (as Session does)
         custom_ops.register(options)
+    for name, value in list(clone.graph.initializers.items()):
+        if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
+            del clone.graph.initializers[name]  # ORT drops it, then fails to find it among the handed-over ones
     names: list[str] = []
     arrays: list[np.ndarray] = []
     for value in clone.graph.initializers.values():

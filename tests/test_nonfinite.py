@@ -250,19 +250,21 @@ def test_huge_calibration_values_give_a_correct_model_or_one_line(tmp_path, capf
 
 @pytest.mark.parametrize("kind", ["1e19", "1e38"])
 def test_gptq_with_huge_features_is_as_good_as_rounding_on_normal_data(tmp_path, capfd, kind):
-    """Before: GPTQ's float32 Hessian overflowed (LinAlgError at 1e19, a model 60x off at 1e38). Weight-only GPTQ
-    changes no activation, so on ordinary inputs it must stay as close to float as round-to-nearest."""
+    """Before: GPTQ's float32 Hessian overflowed (LinAlgError at 1e19, a model 60x off at 1e38). On the data it was
+    calibrated for, GPTQ must beat round to nearest; on ordinary inputs it may trade a little (its grids and codes
+    weigh the inputs by their calibration energy, which these inputs do not have) but stay of the same order."""
     model = _save(tmp_path, _mlp())
     (tmp_path / "out").mkdir()
     outs = {}
-    for name, extra in (("gptq", ["--algorithm", "gptq", "--calib", str(_calib(tmp_path, kind))]), ("rtn", [])):
+    calib = _calib(tmp_path, kind)
+    for name, extra in (("gptq", ["--algorithm", "gptq", "--calib", str(calib)]), ("rtn", [])):
         extra += _LEVEL0
         outs[name] = tmp_path / "out" / f"{name}.onnx"
         code, err = _compile([str(model), "-o", str(outs[name]), "--recipe", "int4", *extra], capfd)
         assert code == 0, err
-    x = np.random.default_rng(7).normal(size=(64, D)).astype(np.float32)
-    expected = _run(model, x)
-    assert _rel(_run(outs["gptq"], x), expected) <= 1.5 * _rel(_run(outs["rtn"], x), expected)
+    for x, bound in ((np.load(calib)["x"], 1.0), (np.random.default_rng(7).normal(size=(64, D)).astype(np.float32), 2.5)):
+        expected = _run(model, x)
+        assert _rel(_run(outs["gptq"], x), expected) <= bound * _rel(_run(outs["rtn"], x), expected)
 
 
 def test_smoothquant_compares_activations_beyond_float32():

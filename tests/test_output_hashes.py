@@ -63,19 +63,19 @@ EXPECTED: dict[str, str] = {
     "llama/int8-dynamic": "da5c0c298f606d57b206cc4d0060599b6c25e049a2a092102aa8e26b85cebb82",
     "llama/int4-rtn": "7b97b914b882d1bd0c1c5e72219dc4dec469267dbb145454355ea514af6a9cb9",
     "llama/int4-rtn-asym-b64": "a2088792c96775de01b31e0d05f49722c91120ef7c22f8ea1e9c35add7787df5",
-    "llama/int4-gptq": "116895a24b45239baa767f60c38f211633e30e3edb21264640be48b9176907c1",
+    "llama/int4-gptq": "403c5c6c787601e92aeef8ec0d18ad2c773723cfaf935cf48d08f24ab4f36c40",
     "llama/int4-awq": "2d289ad67bfeaa421657869b45ecbae30b59bf4bc48467ab07cffd6521bb983e",
     "llama/int4-hqq": "5557d188869baceca70add55689d8f0f81ce8e6bd312414c4d62cedb8ffa7d2b",
     "llama/int4-lm-head-int8-embedding-int4": "4cf9529fef6cfdac3a2320ac5f5b7bc11d5bd887b6d6be6af6940c308c514230",
     "llama/int2": "729123a9f77073f4fcb98ce689f214f44d5628f39274f2bcb5c10072a6de93c9",
-    "llama/int3-gptq": "68fda956868876ff26e9469b15de1aa8a38d0da8cbcf38f1566dde768a9f4c8b",
+    "llama/int3-gptq": "21a4633512d3b77ad00c51cd1e3c4fe19ec32675109b90f012d42cfdcc83a0ed",
     "llama/int8-weight": "73ff30579c702e52c0eddc33b1c82b8186c6ad55e8bcba4d8d2bfd3a04f77a4a",
     "llama/nf4": "f6aefa1aeefd002f9c0c24c613cff0b887f3d8485e32343d9724cf3ae7ae3e0d",
     "llama/ternary": "1dc343c0632928c7953edd78ac9a5aef4ac8388ebfeb3cbd0264f8ad1ec0d8bf",
     "llama/fp8-weight": "1acb2dc0c0232ec95846e92e35cf994a4fa17a9d1d61f8732788742c9729023d",
     "llama/fp8-fused": "c640eb92ca3a66824758860778ef372c503bf54e226680b02eb07ddaa7746e7f",
     "llama/mixed-3.5": "ac49c50fc7a0ee24e0adbdb4534398b8d96179d1f3c52b50b2bbb140b3f6737f",
-    "llama/mixed-4.5-gptq": "f6e05747e5a2c188e3a974467ca2a4eac5f0fbc6119bc33d55518d24d82fbb12",
+    "llama/mixed-4.5-gptq": "8a0dfa7a521bd7e66e76821a9c3c585b763114b31e63e09dc9476fe46329772d",
 }
 
 

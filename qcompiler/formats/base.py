@@ -251,6 +251,12 @@ class GridFormat(WeightFormat):
         """Scales ``[N, n_blocks]`` and zero points ``[N, n_blocks]`` of ``W[K, N]``."""
         raise NotImplementedError
 
+    def weighted_grid(self, weight: np.ndarray, spec: WeightSpec,
+                      importance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A grid like :meth:`grid` chosen for the error weighted by ``importance[K]`` (``E[x_k^2]`` of the
+        layer's inputs); a format without such a search returns :meth:`grid`."""
+        return self.grid(weight, spec)
+
     def code_limits(self, spec: WeightSpec) -> tuple[int, int]:
         """The smallest and the largest code."""
         raise NotImplementedError

@@ -27,6 +27,7 @@ import onnx_ir as ir
 from qcompiler.errors import ConfigError
 from qcompiler.formats.base import EmitContext, Emitted, GridFormat, WeightSpec, copy_output_type
 from qcompiler.formats.blockwise import BlockwiseWeight, code_limits, codes_on_grid, grid, quantize_rtn
+from qcompiler.formats.weighted_grid import weighted_grid
 from qcompiler.runtime import custom_ops, packing
 
 __all__ = ["NBITS", "IntFormat", "int_format"]
@@ -70,6 +71,11 @@ class IntFormat(GridFormat):
     def grid(self, weight: np.ndarray, spec: WeightSpec) -> tuple[np.ndarray, np.ndarray]:
         return grid(weight, spec.bits, spec.block_for(weight.shape[0]), spec.symmetric, spec.float_zero_point,
                     ternary=self._ternary())
+
+    def weighted_grid(self, weight: np.ndarray, spec: WeightSpec,
+                      importance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return weighted_grid(weight, importance, spec.bits, spec.block_for(weight.shape[0]), spec.symmetric,
+                             spec.float_zero_point, ternary=self._ternary())
 
     def code_limits(self, spec: WeightSpec) -> tuple[int, int]:
         return code_limits(spec.bits, self._ternary())
