@@ -50,6 +50,9 @@ examples:
   qcompile finetune MODEL_DIR --data corpus.txt --recipe int4 --qat -o model.q.onnx --eval held-out.txt
                                                            quantization-aware fine-tuning on text, then export,
                                                            compile, parity report and perplexity before/after
+  qcompile eval model.onnx model.q.onnx --text held-out.txt --tokenizer tokenizer.json
+                                                           perplexity of both, KL divergence and top-1 agreement
+                                                           against the float model, latency side by side
 
 calibration data (--calib): an .npz whose keys are the model's input names and whose first axis indexes
 samples, or a folder of such files. Loaded without pickle.
@@ -453,6 +456,71 @@ def _finetune(argv: Sequence[str]) -> int:
     return 0
 
 
+def _eval(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="qcompile eval",
+                     description="Compare a quantized causal LM with its float model on your text: perplexity of "
+                                 "each, mean KL divergence of the next-token distribution (float || quantized, "
+                                 "nats), share of identical top-1 tokens, and the latency of one window's forward "
+                                 "side by side. Reads only; writes nothing but --json.")
+    parser.add_argument("float_model", metavar="FLOAT.onnx", help="the float model (read only)")
+    parser.add_argument("quant_model", metavar="QUANT.onnx", help="the quantized model (read only)")
+    parser.add_argument("--text", metavar="FILE", help="UTF-8 evaluation text, cut into windows (needs --tokenizer)")
+    parser.add_argument("--tokenizer", metavar="JSON", help="a tokenizer.json (or its folder) for --text")
+    parser.add_argument("--token-ids", metavar="FILE",
+                        help="token ids instead of text: .npy [windows, tokens], or .npz holding only input_ids")
+    parser.add_argument("--windows", type=int, metavar="N", help="evaluate at most N windows (default: all)")
+    parser.add_argument("--window-tokens", type=int, metavar="T", help="tokens per window of --text (default 256)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="intra-op threads of both sessions (default: ONNX Runtime's)")
+    parser.add_argument("--latency-runs", type=int, default=10, metavar="N",
+                        help="timed forwards of one window per model (default 10; 0: no latency)")
+    parser.add_argument("--json", metavar="OUT", help="also write the figures to OUT as JSON (atomically)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    if args.token_ids is not None and (args.text is not None or args.tokenizer is not None):
+        raise UsageError("--token-ids replaces --text and --tokenizer; give one or the other")
+    if args.token_ids is None and (args.text is None or args.tokenizer is None):
+        raise UsageError("qcompile eval needs --text FILE with --tokenizer JSON, or --token-ids FILE")
+    if args.token_ids is not None and args.window_tokens is not None:
+        raise UsageError("--window-tokens is for --text; the rows of --token-ids are the windows")
+    for flag, value, least in (("--windows", args.windows, 1), ("--window-tokens", args.window_tokens, 2),
+                               ("--threads", args.threads, 1), ("--latency-runs", args.latency_runs, 0)):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
+    from qcompiler import quality
+
+    sources = [Path(p) for p in (args.float_model, args.quant_model, args.text, args.tokenizer, args.token_ids) if p]
+    if args.json:
+        from qcompiler.io_write import check_output_path
+
+        for source in sources:
+            if os.path.realpath(source) == os.path.realpath(args.json) or (
+                    source.exists() and Path(args.json).exists() and os.path.samefile(source, args.json)):
+                raise UsageError(f"--json {args.json} is the input {source}; choose another path")
+        for model in sources[:2]:
+            check_output_path(model, args.json, what="--json", data_file=False)
+    if args.token_ids is not None:
+        windows = quality.token_id_windows(args.token_ids, args.windows)
+    else:
+        windows = quality.text_windows(args.text, args.tokenizer, args.window_tokens or 256, args.windows)
+    report = quality.compare_models(args.float_model, args.quant_model, windows, threads=args.threads,
+                                    latency_runs=args.latency_runs)
+    if args.json:
+        import json
+
+        from qcompiler.io_write import write_bytes_atomic
+
+        write_bytes_atomic(args.json, (json.dumps(report.to_dict(), indent=2) + "\n").encode("utf-8",
+                                                                                             "surrogateescape"),
+                           what="--json")
+    for line in report.to_table().splitlines():
+        print(escape_controls(line))
+    return 0
+
+
 def _one_line(text: str) -> str:
     """Join a possibly multi-line message into one line (the CLI prints exactly one line per error)."""
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
@@ -504,6 +572,10 @@ def _main(argv: Sequence[str] | None) -> int:
             _setup_logging("-q" in argv or "--quiet" in argv, 0)
             require_compiler()
             return _finetune(argv[1:])
+        if argv and argv[0] == "eval":
+            _setup_logging(False, 0)
+            require_compiler()
+            return _eval(argv[1:])
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # --help / --version: return the code instead of exiting the caller's process

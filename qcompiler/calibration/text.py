@@ -25,17 +25,22 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx_ir as ir
 
 from qcompiler import _wording
 from qcompiler.calibration._numpy_files import open_numpy
 from qcompiler.errors import CalibrationError
 from qcompiler.runtime._safe_files import SafeOpenError, open_regular
 
-__all__ = ["MAX_TEXT_BYTES", "TEXT_SUFFIXES", "complete_decoder_inputs", "prepare_calibration", "tokenize_text"]
+if TYPE_CHECKING:  # only annotations: the module runs without onnx_ir (qcompiler.quality uses it beside the runtime)
+    import onnx_ir as ir
+
+__all__ = ["MAX_TEXT_BYTES", "TEXT_SUFFIXES", "complete_decoder_inputs", "fill_decoder_inputs", "prepare_calibration",
+           "tokenize_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,25 +102,33 @@ def _dtype(value: ir.Value) -> np.dtype:
 
 def complete_decoder_inputs(model: ir.Model, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``arrays`` (holding ``input_ids`` ``[N, S]``) plus a prefill's mask, positions and empty KV cache."""
+    inputs = [(v.name, None if v.shape is None else tuple(v.shape), _dtype(v)) for v in model.graph.inputs
+              if v.name not in model.graph.initializers]
+    return fill_decoder_inputs(inputs, arrays)
+
+
+def fill_decoder_inputs(inputs: Iterable[tuple[str, Sequence[object] | None, np.dtype]],
+                        arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`complete_decoder_inputs` from input descriptions ``(name, dims or None, dtype)``: a dim is an int
+    when fixed, anything else when dynamic (an IR symbolic dim, ONNX Runtime's str or None)."""
     ids = arrays["input_ids"]
     n, s = ids.shape
     out = dict(arrays)
-    for value in model.graph.inputs:
-        name = value.name
-        if name in out or name in model.graph.initializers:
+    for name, shape, dtype in inputs:
+        if name in out:
             continue
         if name == "attention_mask":
-            out[name] = np.ones((n, s), _dtype(value))
+            out[name] = np.ones((n, s), dtype)
         elif name == "position_ids":
-            out[name] = np.broadcast_to(np.arange(s, dtype=_dtype(value)), (n, s)).copy()
-        elif _PAST.match(name) and value.shape is not None and value.shape.rank() >= 3:
-            dims = list(value.shape)
+            out[name] = np.broadcast_to(np.arange(s, dtype=dtype), (n, s)).copy()
+        elif _PAST.match(name) and shape is not None and len(shape) >= 3:
+            dims = list(shape)
             dynamic = [i for i, d in enumerate(dims[1:], start=1) if not isinstance(d, int)]
             if len(dynamic) != 1:
                 raise CalibrationError(f"decoder input '{name}' {dims}: cannot tell its past-sequence axis (one "
                                        "dynamic axis besides the batch expected)")
             dims = [n if i == 0 else (0 if i == dynamic[0] else d) for i, d in enumerate(dims)]
-            out[name] = np.zeros(dims, _dtype(value))
+            out[name] = np.zeros(dims, dtype)
     return out
 
 
