@@ -277,7 +277,8 @@ def _export(model: nn.Module, fp32: nn.Module, domain: np.ndarray, report: Repor
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gguf", type=Path, required=True)
+    parser.add_argument("--gguf", type=Path, default=None, help="SmolLM2-135M-Instruct.Q4_1.gguf (all but "
+                        "--random-init)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=None, help="corpus folder (train.txt, eval.txt, split.json): "
                         "read when present, else built from the installed packages and written (default OUT/data)")
@@ -305,7 +306,39 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                         default=["plain", "chunked", "lean"])
     parser.add_argument("--memory-steps", type=int, default=4, help="timed steps per memory row (after 2 warm-up)")
     parser.add_argument("--no-export", action="store_true")
-    return parser.parse_args(argv)
+    parser.add_argument("--random-init", action="store_true", help="memory / step-time rows only, on a randomly "
+                        "initialised model of SmolLM2-135M's shape (no GGUF file needed: same sizes, same costs)")
+    args = parser.parse_args(argv)
+    if args.gguf is None and not args.random_init:
+        parser.error("--gguf is needed (or --random-init for the memory rows alone)")
+    return args
+
+
+#: SmolLM2-135M's shape (its config.json), for --random-init
+SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+                "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_theta": 100000.0}
+
+
+def _random_init_memory(args: argparse.Namespace, began: float) -> int:
+    """The memory / step-time rows on a random model of SmolLM2-135M's shape (token ids drawn at random)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import qcompiler
+
+    fp32 = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval()
+    for p in fp32.parameters():
+        p.requires_grad_(False)
+    windows = np.random.default_rng(args.seed).integers(0, SMOLLM2_135M["vocab_size"], (256, args.seq))
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    report = Report(args.out, {"device": device_name, "torch": torch.__version__, "qcompiler": qcompiler.__version__,
+                               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                               "model": "random init, SmolLM2-135M shape", "rows": {}})
+    _memory(args, fp32, windows.astype(np.int64), report)
+    report.save()
+    print(json.dumps(report.results.get("memory"), indent=2))
+    _log(f"done in {time.perf_counter() - began:.0f} s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
+    if args.random_init:
+        return _random_init_memory(args, began)
     folder, name = str(args.gguf.parent), args.gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     fp32 = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
