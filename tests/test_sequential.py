@@ -104,3 +104,43 @@ def test_gptq_pass_beats_rtn_on_every_layer_output(sequential) -> None:
     assert result.stats.counters["layers"] == len(layers) == len(list(annotated_layers(model)))
     for name, record in layers.items():
         assert record["gptq_output_error_db"] <= record["rtn_output_error_db"] + 1e-9, (name, record)
+
+
+def test_constant_subgraphs_are_not_carried_between_segments() -> None:
+    """A tied lm_head reads ``Transpose(E)``: computed from initializers alone, never carried per batch (it is
+    113 MB a batch for SmolLM2), yet the segment that needs it still gets it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qcompiler.passes.algorithms.sequential import _Liveness
+
+    rng = np.random.default_rng(0)
+    w1, table = rng.standard_normal((32, 32)).astype(np.float32), rng.standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc"), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Transpose", ["table"], ["t"], perm=[1, 0]),
+         helper.make_node("MatMul", ["r", "t"], ["y"], name="head")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(table, "table")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    annotate_weight_only(model, bits=4, block_size=16, symmetric=False)
+    specs = dict(annotated_layers(model))
+    assert len(specs) == 2
+    groups = layer_groups(model, list(specs))
+    liveness = _Liveness(model)
+    assert [v.name for v in liveness.live_at(groups[1].position)] == ["r"]  # not "t"
+    feeds = [{"x": rng.standard_normal((3, 32)).astype(np.float32)} for _ in range(2)]
+    seen = []
+    quantized = {}
+
+    def quantize(group):
+        out = {n: get_format(specs[n].format).quantize(layer_weight(model, n)[0], specs[n]).dequantize()
+               for n in group.nodes}
+        quantized.update((n.name, w) for n, w in out.items())
+        return out
+
+    run_sequentially(model, groups, feeds, lambda g, a: seen.append((g.source.name, a)), quantize)
+    expected = [np.maximum(f["x"] @ quantized["fc"], 0) for f in feeds]
+    got = [a for name, a in seen if name == "r"]
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)

@@ -77,30 +77,64 @@ def _subgraph_reads(node: ir.Node) -> Iterable[ir.Value]:
 
 
 class _Liveness:
-    """Where each non-constant value of the main graph is made and last read (graph order)."""
+    """Where each non-constant value of the main graph is made and last read (graph order).
+
+    Nodes that compute from initializers alone (a tied lm_head's ``Transpose`` of the embedding table, say) are
+    *constant nodes*: their outputs are never carried between segments (113 MB a batch for SmolLM2's table); a
+    segment that reads one holds the constant nodes it needs, which ONNX Runtime folds once at session creation."""
 
     def __init__(self, model: ir.Model) -> None:
         self.order = list(model.graph)
         self.made: dict[int, int] = {id(v): -1 for v in model.graph.inputs}
         self.last: dict[int, int] = {}
         self.values: dict[int, ir.Value] = {id(v): v for v in model.graph.inputs}
+        self.constant_producer: dict[int, int] = {}  # constant value -> index of the constant node making it
         constants = set(map(id, model.graph.initializers.values()))
         for i, node in enumerate(self.order):
+            reads = [v for v in [*node.inputs, *_subgraph_reads(node)] if v is not None]
+            if _is_constant_node(node, reads, constants):
+                constants.update(id(v) for v in node.outputs)
+                self.constant_producer.update((id(v), i) for v in node.outputs)
+                continue
             for value in node.outputs:
                 self.made[id(value)] = i
                 self.values[id(value)] = value
-            for value in [*node.inputs, *_subgraph_reads(node)]:
-                if value is not None and id(value) not in constants and id(value) in self.made:
+            for value in reads:
+                if id(value) not in constants and id(value) in self.made:
                     self.last[id(value)] = i
 
     def live_at(self, cut: int) -> list[ir.Value]:
         """Values made before node ``cut`` and read at or after it."""
         return [self.values[k] for k, made in self.made.items() if made < cut <= self.last.get(k, -2)]
 
+    def segment_nodes(self, start: int, end: int) -> list[int]:
+        """Indices of the nodes that run in segment ``[start, end)``: its own non-constant nodes and every constant
+        node they need (from anywhere before), in graph order."""
+        own = [i for i in range(start, end)
+               if not self.order[i].outputs or id(self.order[i].outputs[0]) not in self.constant_producer]
+        needed: set[int] = set()
+        pending = [v for i in own for v in [*self.order[i].inputs, *_subgraph_reads(self.order[i])] if v is not None]
+        while pending:
+            value = pending.pop()
+            index = self.constant_producer.get(id(value))
+            if index is not None and index not in needed:
+                needed.add(index)
+                pending.extend(v for v in self.order[index].inputs if v is not None)
+        return sorted(set(own) | needed)
 
-def _segment_model(model: ir.Model, start: int, end: int, inputs: list[ir.Value], outputs: list[ir.Value],
+
+def _is_constant_node(node: ir.Node, reads: list[ir.Value], constants: set[int]) -> bool:
+    """A node whose value depends on initializers alone (never a random generator, never one with a subgraph)."""
+    if not node.outputs or node.op_type.startswith("Random") or node.op_type == "Multinomial":
+        return False
+    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+        return False
+    return all(id(v) in constants for v in reads)
+
+
+def _segment_model(model: ir.Model, keep: list[int], inputs: list[ir.Value], outputs: list[ir.Value],
                    replaced: Mapping[int, np.ndarray], dtypes: Mapping[int, np.dtype]) -> ir.Model:
-    """A copy of ``model`` holding only nodes ``[start, end)``, reading ``inputs`` (of the element types
+    """A copy of ``model`` holding only the nodes at indices ``keep`` (graph order), reading ``inputs`` (of the element types
     ``dtypes``, by ``id``) and returning ``outputs`` (values of ``model``), the weights of the nodes in ``replaced``
     (by ``id``) swapped for the given ``W[K, N]``."""
     clone = model.clone()
@@ -118,9 +152,10 @@ def _segment_model(model: ir.Model, start: int, end: int, inputs: list[ir.Value]
     clone.graph.outputs.extend(counterpart[id(v)] for v in outputs)
     clone.graph.inputs.clear()
     clone.graph.inputs.extend(new_inputs)
-    kept = copied[start:end]
-    clone.graph.remove([n for i, n in enumerate(copied) if not start <= i < end], safe=False)
-    for node, source in zip(kept, original[start:end], strict=True):
+    chosen = set(keep)
+    kept = [copied[i] for i in keep]
+    clone.graph.remove([n for i, n in enumerate(copied) if i not in chosen], safe=False)
+    for node, source in zip(kept, (original[i] for i in keep), strict=True):
         weight = replaced.get(id(source))
         if weight is None:
             continue
@@ -177,12 +212,13 @@ def _advance(model: ir.Model, liveness: _Liveness, states: list[dict[int, np.nda
     live_end = liveness.live_at(end)
     if end > start:
         produced = [v for v in live_end if start <= liveness.made[id(v)] < end]
-        reads = {id(v) for node in liveness.order[start:end] for v in [*node.inputs, *_subgraph_reads(node)]
+        keep = liveness.segment_nodes(start, end)
+        reads = {id(v) for i in keep for v in [*liveness.order[i].inputs, *_subgraph_reads(liveness.order[i])]
                  if v is not None}
         inputs = [v for v in liveness.live_at(start) if id(v) in reads]
         if produced:
             dtypes = {id(v): states[0][id(v)].dtype for v in inputs}
-            segment = _segment_model(model, start, end, inputs, produced, replaced, dtypes)
+            segment = _segment_model(model, keep, inputs, produced, replaced, dtypes)
             session = io.ort_session(segment)
             names = [v.name for v in segment.graph.inputs]
             for state in states:
