@@ -248,23 +248,31 @@ class WeightOnlyGPTQPass(QPass):
         block = spec.block_for(k)
         importance = np.diag(hessian) / max(rows, 1) if self.weighted_grid else None
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        dequantized = np.empty(weight.shape, np.float32)
+        energy = {"gptq": 0.0, "rtn": 0.0, "signal": 0.0}
         for cols in column_chunks(weight.shape):
             part = weight[:, cols]
             scale, zero = fmt.grid(part, spec) if importance is None else fmt.weighted_grid(part, spec, importance)
             per_column_scale = np.repeat(scale, block, axis=1)[:, :k]  # [n, K]: each column's block grid
             per_column_zero = np.repeat(zero, block, axis=1)[:, :k].astype(np.float64)
             q = gptq_round(part.T, hessian, per_column_scale, *fmt.code_limits(spec), per_column_zero,
-                           damp=self.damp, act_order=self.act_order)
-            parts.append((q.astype(np.uint8), scale, zero))
+                           damp=self.damp, act_order=self.act_order).astype(np.uint8)
+            parts.append((q, scale, zero))
+            dequantized[:, cols] = fmt.from_codes(q, scale, zero, spec, k).dequantize()
+            rtn = fmt.from_codes(fmt.codes_on_grid(part, scale, zero, spec), scale, zero, spec, k).dequantize()
+            for name, error in (("gptq", part - dequantized[:, cols]), ("rtn", part - rtn), ("signal", part)):
+                e = error.astype(np.float64)
+                energy[name] += float(np.sum(e * (hessian @ e)))  # tr(E^T H E), one BLAS product
         codes, scale, zero = (np.concatenate(x, axis=0) for x in zip(*parts, strict=True))
-        chosen = fmt.from_codes(codes, scale, zero, spec, k)
-        rtn = fmt.from_codes(fmt.codes_on_grid(weight, scale, zero, spec), scale, zero, spec, k)
-        node.meta[WEIGHT_CODES_KEY] = chosen
-        dequantized = chosen.dequantize()
-        self.record_layer(node, gptq_output_error_db=round(output_error_db(weight, dequantized, hessian), 3),
-                          rtn_output_error_db=round(output_error_db(weight, rtn.dequantize(), hessian), 3),
-                          gptq_rows=rows)
+        node.meta[WEIGHT_CODES_KEY] = fmt.from_codes(codes, scale, zero, spec, k)
+        self.record_layer(node, gptq_output_error_db=_db(energy["gptq"], energy["signal"]),
+                          rtn_output_error_db=_db(energy["rtn"], energy["signal"]), gptq_rows=rows)
         return dequantized
+
+
+def _db(noise: float, signal: float) -> float:
+    """``10 log10(noise / signal)`` rounded to 0.001 dB (0 for a silent layer)."""
+    return round(10 * math.log10(max(noise, 1e-300) / signal), 3) if signal > 0 else 0.0
 
 
 def _rounded(weight: np.ndarray, spec: WeightSpec) -> np.ndarray:
