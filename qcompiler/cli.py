@@ -23,9 +23,13 @@ import traceback
 from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qcompiler._deps import require_compiler
 from qcompiler.errors import QCompileError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["main", "build_parser"]
 
@@ -146,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="append", default=[], metavar="FILE",
                    help="write a report: .json or .md (per-pass stats, per-layer SQNR), or .png (the per-layer SQNR "
                         "plot, needs matplotlib); repeatable")
+    p.add_argument("--eval", metavar="FILE", help="held-out text (.txt, with --tokenizer) or token ids (.npy/.npz) "
+                   "of a causal LM: after compiling, print perplexity, mean KL divergence and top-1 agreement "
+                   "against the input model (and put them in --report)")
+    p.add_argument("--eval-windows", type=int, default=16, metavar="N",
+                   help="windows of 256 tokens --eval uses (default 16)")
     p.add_argument("--list-passes", action="store_true", help="list built-in and plugin passes, then exit")
     p.add_argument("--list-recipes", action="store_true", help="list built-in recipes, then exit")
     p.add_argument("--progress", dest="progress", action="store_true", default=None, help="force progress bars")
@@ -230,6 +239,22 @@ def _weight_only_overrides(args: argparse.Namespace) -> dict[str, object]:
     return {key: getattr(args, key) for key in _WEIGHT_ONLY_FLAGS if getattr(args, key, None) is not None}
 
 
+def _eval_windows(args: argparse.Namespace) -> np.ndarray | None:
+    """The ``--eval`` token windows (None without ``--eval``), after checking that the model is a causal LM."""
+    if args.eval is None:
+        return None
+    if args.eval_windows < 1:
+        raise UsageError(f"--eval-windows must be at least 1, got {args.eval_windows}")
+    from qcompiler import quality
+
+    quality.CausalLM(args.model, what="model")
+    if Path(args.eval).suffix.lower() in (".npy", ".npz"):
+        return quality.token_id_windows(args.eval, args.eval_windows)
+    if args.tokenizer is None:
+        raise UsageError("--eval with text needs --tokenizer (or give token ids: .npy / .npz)")
+    return quality.text_windows(args.eval, args.tokenizer, 256, args.eval_windows)
+
+
 def _compile(args: argparse.Namespace) -> int:
     from qcompiler.api import DEFAULT_RECIPE, compile_model
 
@@ -274,6 +299,7 @@ def _compile(args: argparse.Namespace) -> int:
 
         io.check_output_path(args.model, report_path, what="--report", data_file=False)
 
+    eval_windows = _eval_windows(args)  # bad evaluation data or a model that is no causal LM: refused before compiling
     start = time.perf_counter()
     from qcompiler._wording import cli_wording
 
@@ -287,6 +313,11 @@ def _compile(args: argparse.Namespace) -> int:
             dump_dir=args.dump_dir, verify_each=args.verify_each, progress=progress,
         )
     seconds = time.perf_counter() - start
+    measured = None
+    if eval_windows is not None:
+        from qcompiler import quality
+
+        measured = quality.compare_models(args.model, args.output, eval_windows, latency_runs=0)
     for report_path in report_paths:
         from qcompiler.report import report_dict, write_report
 
@@ -295,7 +326,11 @@ def _compile(args: argparse.Namespace) -> int:
 
             plot_layers(report_dict(result, seconds=seconds), report_path)
         else:
-            write_report(result, report_path, seconds=seconds)
+            write_report(result, report_path, seconds=seconds, quality=measured and measured.to_dict())
+    if measured is not None and not args.quiet:
+        print(escape_controls(f"on {measured.windows} held-out window(s): perplexity {measured.ppl_float:.4f} -> "
+                              f"{measured.ppl_quant:.4f} ({measured.ppl_increase * 100:+.2f}%), mean KL "
+                              f"{measured.kl_mean:.6f} nats, top-1 agreement {measured.top1_agreement * 100:.2f}%"))
     if not args.quiet:
         schemes = result.quantized_layers  # as the lowering passes recorded them
         layers = sum(schemes.values()) if schemes else 0

@@ -15,11 +15,15 @@ from typing import Any
 __all__ = ["report_dict", "render_markdown", "write_report"]
 
 
-def report_dict(result: Any, *, seconds: float | None = None) -> dict[str, Any]:
-    """The report as plain data (what the JSON file holds)."""
+def report_dict(result: Any, *, seconds: float | None = None,
+                quality: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report as plain data (what the JSON file holds); ``quality``: the figures of
+    :func:`qcompiler.quality.compare_models` on held-out text (``--eval``), if measured."""
     data = result.to_dict()
     if seconds is not None:
         data["wall_seconds"] = round(seconds, 4)
+    if quality is not None:
+        data["quality"] = quality
     layers: dict[str, dict[str, Any]] = {}
     for record in result.report.passes:
         for layer, figures in record.stats.layers.items():
@@ -42,6 +46,15 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"({data['output_bytes'] / max(data['input_bytes'], 1):.3f}x)"]
     if "wall_seconds" in data:
         lines.append(f"- wall time: {data['wall_seconds']:.2f} s")
+    quality = data.get("quality")
+    if quality:
+        lines += ["", "## Against the float model (held-out text)", "",
+                  f"{quality['windows']} window(s) of {quality['window_tokens']} tokens, "
+                  f"{quality['positions']} predicted positions", "",
+                  "| perplexity float | perplexity quantized | increase | mean KL (nats) | p99 KL | top-1 agreement |",
+                  "|---:|---:|---:|---:|---:|---:|",
+                  f"| {quality['ppl_float']:.4f} | {quality['ppl_quant']:.4f} | {quality['ppl_increase'] * 100:+.2f}% "
+                  f"| {quality['kl_mean']:.6f} | {_fmt(quality['kl_p99'])} | {quality['top1_agreement'] * 100:.2f}% |"]
     lines += ["", "## Passes", "", "| pass | stage | seconds | modified | counters | skipped (reason: count) |",
               "|---|---|---:|---|---|---|"]
     for p in data["passes"]:
@@ -63,7 +76,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(result: Any, path: str | os.PathLike[str], *, seconds: float | None = None) -> None:
+def write_report(result: Any, path: str | os.PathLike[str], *, seconds: float | None = None,
+                 quality: dict[str, Any] | None = None) -> None:
     """Write the report as JSON or markdown, chosen by the file's suffix, atomically.
 
     Raises:
@@ -73,6 +87,6 @@ def write_report(result: Any, path: str | os.PathLike[str], *, seconds: float | 
     from qcompiler.io_write import write_bytes_atomic
 
     path = Path(path)
-    data = report_dict(result, seconds=seconds)
+    data = report_dict(result, seconds=seconds, quality=quality)
     text = json.dumps(data, indent=2, sort_keys=False, default=str) if path.suffix == ".json" else render_markdown(data)
     write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"), what="--report")

@@ -280,3 +280,35 @@ def test_cli_bad_inputs(case: str, files: dict[str, Path], tmp_path: Path, capfd
     models = models or [str(files["float"]), str(files["quant"])]
     watched = [*watched, files["float"], files["quant"], files["text"], files["tokenizer"]]
     _expect_rejected(["eval", *models, *rest], files["out"], watched, capfd, needle)
+
+
+def test_compile_eval_puts_the_quality_in_the_report(tmp_path, capfd):
+    from qcompiler.cli import main
+
+    ids = np.random.default_rng(3).integers(0, 128, (3, 24))
+    np.save(tmp_path / "ids.npy", ids)
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    code = main([str(TINY_LLAMA), "-o", str(out), "--recipe", "int4", "--eval", str(tmp_path / "ids.npy"),
+                 "--report", str(report)])
+    assert code == 0, capfd.readouterr().err
+    assert "held-out window(s)" in capfd.readouterr().out
+    quality = json.loads(report.read_text())["quality"]
+    expected = compare_models(TINY_LLAMA, out, ids, latency_runs=0)
+    assert quality["windows"] == 3 and quality["kl_mean"] == pytest.approx(expected.kl_mean, rel=1e-9)
+    assert quality["kl_mean"] > 0 and 0 < quality["top1_agreement"] < 1
+
+
+def test_compile_eval_refused_before_compiling(tmp_path, capfd):
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.zeros((2, 8), np.int64))
+    digits = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    _expect_rejected([str(digits), "-o", str(out), "--eval", str(ids)], out, [digits, ids], capfd,
+                     needle="not a causal LM")
+    text = tmp_path / "held.txt"
+    text.write_text("some held-out text " * 50)
+    _expect_rejected([str(TINY_LLAMA), "-o", str(out), "--eval", str(text)], out, [TINY_LLAMA, text], capfd,
+                     needle="--tokenizer")
+    _expect_rejected([str(TINY_LLAMA), "-o", str(out), "--eval", str(ids), "--eval-windows", "0"], out,
+                     [TINY_LLAMA, ids], capfd, needle="--eval-windows")
