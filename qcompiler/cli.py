@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-only recipes: the weight format (int2, int3, int4, int8, ternary, nf4, fp8, or an "
                         "installed plugin's; default: the recipe's)")
     p.add_argument("--algorithm", metavar="NAME",
-                   help="weight-only recipes: how codes are chosen: rtn, hqq (data-free), gptq, awq (need --calib), or "
-                        "an installed plugin's")
+                   help="weight-only recipes: how codes are chosen: rtn, hqq (data-free; with --calib, grids weighted "
+                        "by the activations), gptq, awq (need --calib), or an installed plugin's")
     p.add_argument("--block-size", type=int, metavar="N",
                    help="weight-only recipes: values per scale along K (16-256, a power of two; 0: per channel)")
     sym = p.add_mutually_exclusive_group()

@@ -158,7 +158,8 @@ class WeightOnlyOptions:
             "fp8" (FP8 E4M3 weights with one scale per output column and a ``DequantizeLinear``; RTN only).
         fp8_kernel: with "fp8", "dequantize" (``DequantizeLinear`` + float MatMul: plain ONNX) or "fused" (our
             ``ai.qcompiler.MatMulFp8``, which dequantizes inside the op; needs qcompiler's runtime Session).
-        algorithm: how the codes are chosen: "rtn" (round to nearest on the block's grid) or "gptq" (the same grid,
+        algorithm: how the codes are chosen: "rtn" (round to nearest on the block's grid; with calibration data,
+            on the grid searched for the error weighted by the inputs' ``E[x^2]``) or "gptq" (the same grid,
             codes that minimise each layer's output error on the calibration data; needs ``--calib``) or "awq"
             (activation-aware per-channel scales searched on the calibration data, then round to nearest) or "hqq"
             (data-free half-quadratic optimisation of each block's zero point, or of its scale when symmetric).

@@ -114,7 +114,8 @@ def build_pipeline(recipe: Recipe, context: BuildContext | None = None, *,
     """Build the pass instances for ``recipe`` and wrap them in a :class:`PassPipeline`."""
     context = context or BuildContext()
     classes = resolve_pass_classes(recipe)
-    unused = sorted(set(recipe.pass_options) - set(recipe.passes) - set(recipe.plugins))
+    unused = sorted(set(recipe.pass_options) - set(recipe.passes) - set(recipe.plugins)
+                    - {cls.name for cls in classes})  # the algorithm's pass by its own name (weight-only-gptq)
     if unused:
         raise ConfigError(f"[pass-options.{unused[0]}] names a pass that is not in the pipeline")
     return PassPipeline([_instantiate(cls, recipe, context) for cls in classes], instruments=instruments)

@@ -59,7 +59,7 @@ TOL = 1e-4  # |ORT - torch| of an export
 ACTIVATION_ROUNDING = 0.05
 #: GPTQ's logits error on its calibration data at most this share of RTN's: measured 0.49 to 0.67
 GPTQ_SHARE = 0.8
-AWQ_SHARE = 0.95  # the same for AWQ: measured 0.85 to 0.92 (GPT-2: 1.0, see test_awq_beats_rtn)
+AWQ_SHARE = 0.95  # the same for AWQ: measured 0.79 (GPT-2, Gemm layers) to 0.93 (Qwen2)
 # recipe arguments -> (layer format, block size)
 RECIPES = {
     "int4": (["--recipe", "int4"], "int4", 32),
@@ -325,7 +325,5 @@ def test_gptq_beats_rtn(family: Family) -> None:
 def test_awq_beats_rtn(family: Family) -> None:
     """On its calibration token ids, AWQ's logits error is under RTN's (scales and clipping searched on them; GPT-2's
     Conv1D layers are Gemm with a bias)."""
-    if family.name == "gpt2":
-        pytest.xfail("AWQ scales plain MatMul weights only: GPT-2's Gemm layers are left to round to nearest")
     rtn, awq = _calibrated_errors(family, "awq")
     assert awq <= AWQ_SHARE * rtn, (rtn, awq)

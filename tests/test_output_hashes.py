@@ -64,7 +64,7 @@ EXPECTED: dict[str, str] = {
     "llama/int4-rtn": "7b97b914b882d1bd0c1c5e72219dc4dec469267dbb145454355ea514af6a9cb9",
     "llama/int4-rtn-asym-b64": "a2088792c96775de01b31e0d05f49722c91120ef7c22f8ea1e9c35add7787df5",
     "llama/int4-gptq": "403c5c6c787601e92aeef8ec0d18ad2c773723cfaf935cf48d08f24ab4f36c40",
-    "llama/int4-awq": "2d289ad67bfeaa421657869b45ecbae30b59bf4bc48467ab07cffd6521bb983e",
+    "llama/int4-awq": "a547286cb39f97a3f8d2da838eab96747ab5f85c33baecc5ebb9c2139768c4e3",
     "llama/int4-hqq": "5557d188869baceca70add55689d8f0f81ce8e6bd312414c4d62cedb8ffa7d2b",
     "llama/int4-lm-head-int8-embedding-int4": "4cf9529fef6cfdac3a2320ac5f5b7bc11d5bd887b6d6be6af6940c308c514230",
     "llama/int2": "729123a9f77073f4fcb98ce689f214f44d5628f39274f2bcb5c10072a6de93c9",
@@ -74,7 +74,7 @@ EXPECTED: dict[str, str] = {
     "llama/ternary": "1dc343c0632928c7953edd78ac9a5aef4ac8388ebfeb3cbd0264f8ad1ec0d8bf",
     "llama/fp8-weight": "1acb2dc0c0232ec95846e92e35cf994a4fa17a9d1d61f8732788742c9729023d",
     "llama/fp8-fused": "c640eb92ca3a66824758860778ef372c503bf54e226680b02eb07ddaa7746e7f",
-    "llama/mixed-3.5": "ac49c50fc7a0ee24e0adbdb4534398b8d96179d1f3c52b50b2bbb140b3f6737f",
+    "llama/mixed-3.5": "732ae1f051da8ddfb4aa4bbc5145986bb7e8029ba1effbaa96ff3d0d0fd26ee5",
     "llama/mixed-4.5-gptq": "8a0dfa7a521bd7e66e76821a9c3c585b763114b31e63e09dc9476fe46329772d",
 }
 

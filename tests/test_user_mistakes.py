@@ -177,9 +177,11 @@ def test_calib_with_a_recipe_that_takes_no_data_is_an_error(mlp, out, capfd) -> 
 
 
 def test_calib_that_no_pass_read_is_a_warning(mlp, out, capfd) -> None:
-    """int4 with RTN takes data only for GPTQ/AWQ/--target-bits: the data is unused, and not named in the output."""
+    """NF4 with RTN takes data only for AWQ/--target-bits (no grid to weigh; an int8 lm_head's would be): the data is
+    unused, and not named in the output."""
     model, calib = mlp
-    _warning([str(model), "--recipe", "int4", "--calib", str(calib)], out, capfd, "--calib data was not used")
+    _warning([str(model), "--recipe", "nf4", "--lm-head", "same", "--calib", str(calib)], out, capfd,
+             "--calib data was not used")
     metadata = {p.key for p in onnx.load(out).metadata_props}
     assert "qcompiler.recipe" in metadata and "qcompiler.calibration_sha256" not in metadata
 
