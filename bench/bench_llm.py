@@ -212,7 +212,7 @@ def _quality(rows: list[dict[str, Any]], sessions: dict[str, Any], fp32: Any, wi
         if row["variant"] in stats:
             summary = stats[row["variant"]].summary()
             row.update(ppl=summary["ppl_quant"], ppl_fp32=summary["ppl_float"], kl=summary["kl_mean"],
-                       top1=summary["top1_agreement"], size=model_bytes(row["path"]))
+                       ppl_se=summary["log_ppl_ratio_se"], top1=summary["top1_agreement"], size=model_bytes(row["path"]))
 
 
 def _ensure_model(cache: Path) -> Path:
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     base = next((r for r in rows if r["variant"] == "fp32" and "ppl" in r), None)
     lines = [environment_section(None), "", f"### {MODEL} weight-only ({len(windows)} windows of "
              f"{windows.shape[1]} tokens)", "",
-             "| variant | perplexity | vs fp32 | KL vs fp32 | top-1 = fp32 | size | size/fp32 | 8-token ms | /fp32 | "
+             "| variant | perplexity | vs fp32 (95% interval) | KL vs fp32 | top-1 = fp32 | size | size/fp32 | 8-token ms | /fp32 | "
              "256-token ms | /fp32 | compile s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if row["error"]:
@@ -289,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         b8 = latency[8]["fp32"].median if base else math.nan
         b256 = latency[256]["fp32"].median if base else math.nan
         ppl_ratio = row["ppl"] / row["ppl_fp32"] - 1
-        lines.append(f"| {name} | {row['ppl']:.3f} | {ppl_ratio * 100:+.2f}% | {row['kl']:.4f} | "
+        half = 1.96 * row["ppl_se"]  # the paired standard error of log(ppl / ppl_fp32) over windows
+        interval = "" if name == "fp32" or not math.isfinite(half) else \
+            f" ({math.expm1(math.log1p(ppl_ratio) - half) * 100:+.1f}..{math.expm1(math.log1p(ppl_ratio) + half) * 100:+.1f})"
+        lines.append(f"| {name} | {row['ppl']:.3f} | {ppl_ratio * 100:+.2f}%{interval} | {row['kl']:.4f} | "
                      f"{row['top1'] * 100:.1f}% | {fmt_bytes(row['size'])} | "
                      f"{fmt_ratio(row['size'] / fp32_size)} | {t8 * 1e3:.2f} | {fmt_ratio(t8 / b8)} | "
                      f"{t256 * 1e3:.1f} | {fmt_ratio(t256 / b256)} | {row['compile_s']:.1f} | {row['rss']:.0f} |")

@@ -329,7 +329,7 @@ def _compile(args: argparse.Namespace) -> int:
             write_report(result, report_path, seconds=seconds, quality=measured and measured.to_dict())
     if measured is not None and not args.quiet:
         print(escape_controls(f"on {measured.windows} held-out window(s): perplexity {measured.ppl_float:.4f} -> "
-                              f"{measured.ppl_quant:.4f} ({measured.ppl_increase * 100:+.2f}%), mean KL "
+                              f"{measured.ppl_quant:.4f} ({measured.ppl_increase * 100:+.2f}%{measured.interval_text()}), mean KL "
                               f"{measured.kl_mean:.6f} nats, top-1 agreement {measured.top1_agreement * 100:.2f}%"))
     if not args.quiet:
         schemes = result.quantized_layers  # as the lowering passes recorded them

@@ -5,7 +5,10 @@ Both models see the same windows of ``T`` tokens ``t_0..t_{T-1}`` (batch 1, a pr
 With the stable log-softmax ``l[i] = z[i] - m - log(sum_v exp(z[i, v] - m))``, ``m = max_v z[i, v]``, each of the
 ``T - 1`` positions ``i < T - 1`` predicts ``t_{i+1}``, and over every such position of every window:
 
-- perplexity ``exp(-mean_i l[i, t_{i+1}])``, for each model;
+- perplexity ``exp(-mean_i l[i, t_{i+1}])``, for each model, and the standard error of the log of their ratio from
+  the spread of the windows' mean log-likelihood differences (paired: both models read the same tokens; windows,
+  not positions, are the samples, since the positions of one window are correlated), so that a reported increase
+  comes with a 95% interval ``exp(log ratio +- 1.96 se) - 1`` (NaN with one window);
 - KL divergence ``mean_i sum_v p_f[i, v] (l_f[i, v] - l_q[i, v])``, ``p_f = exp(l_f)``: KL(p_float || p_quant) of
   the next-token distribution in nats (a term with ``p_f = 0`` counts 0), with its median, 99th percentile and
   maximum over positions, as llama.cpp's ``perplexity --kl-divergence`` reports them;
@@ -84,6 +87,7 @@ class QualityStats:
         self._nll = 0.0
         self._same = 0
         self._kl: list[np.ndarray] = []
+        self._window_diffs: list[float] = []  # per window: mean over positions of (nll_quant - nll_float)
 
     def add(self, ref: WindowReference, logits: np.ndarray) -> None:
         """Count one window: ``logits`` ``[T, V]`` of the compared model on the window of ``ref``."""
@@ -93,8 +97,10 @@ class QualityStats:
         diff = np.where(ref.p > 0, ref.p * (ref.logp - logq), 0.0)
         self._kl.append(diff.sum(axis=-1))
         self._same += int((np.argmax(logits[:-1], axis=-1) == ref.top1).sum())
+        nll = -float(logq[np.arange(len(ref.targets)), ref.targets].sum())
         self._nll_ref += ref.nll
-        self._nll -= float(logq[np.arange(len(ref.targets)), ref.targets].sum())
+        self._nll += nll
+        self._window_diffs.append((nll - ref.nll) / len(ref.targets))
 
     @property
     def positions(self) -> int:
@@ -109,10 +115,12 @@ class QualityStats:
         n = self.positions
         kl = self._kl_all()
         nan = math.nan
+        diffs = np.asarray(self._window_diffs)
         with np.errstate(invalid="ignore"):
             return {
                 "ppl_float": _exp(self._nll_ref / n) if n else nan,
                 "ppl_quant": _exp(self._nll / n) if n else nan,
+                "log_ppl_ratio_se": float(diffs.std(ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else nan,
                 "kl_mean": float(kl.mean()) if n else nan,
                 "kl_median": float(np.median(kl)) if n else nan,
                 "kl_p99": float(np.percentile(kl, 99)) if n else nan,
@@ -247,6 +255,7 @@ class QualityReport:
     threads: int | None
     ppl_float: float
     ppl_quant: float
+    log_ppl_ratio_se: float
     kl_mean: float
     kl_median: float
     kl_p99: float
@@ -260,18 +269,36 @@ class QualityReport:
         """Relative perplexity increase of the quantized model (0.05 = +5%)."""
         return self.ppl_quant / self.ppl_float - 1.0
 
+    @property
+    def ppl_increase_ci95(self) -> tuple[float, float]:
+        """95% interval of :attr:`ppl_increase` over the sampling of windows (NaN with one window)."""
+        log_ratio = math.log(self.ppl_quant / self.ppl_float) if self.ppl_float > 0 else math.nan
+        half = 1.96 * self.log_ppl_ratio_se
+        with np.errstate(over="ignore", invalid="ignore"):
+            return (float(np.expm1(log_ratio - half)), float(np.expm1(log_ratio + half)))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures (NaN becomes None)."""
         out = dataclasses.asdict(self)
         out["ppl_increase"] = self.ppl_increase
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+        out["ppl_increase_ci95"] = list(self.ppl_increase_ci95)
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+        if any(math.isnan(v) for v in clean["ppl_increase_ci95"]):
+            clean["ppl_increase_ci95"] = None
+        return clean
+
+    def interval_text(self) -> str:
+        """", 95% CI low% to high%" for the perplexity increase; empty with one window."""
+        low, high = self.ppl_increase_ci95
+        return "" if math.isnan(low) or math.isnan(high) else f", 95% CI {low * 100:+.2f}% to {high * 100:+.2f}%"
 
     def to_table(self) -> str:
         """A short table for the terminal."""
         threads = "ONNX Runtime's default" if self.threads is None else str(self.threads)
         ratio = self.latency_quant_ms / self.latency_float_ms if self.latency_float_ms > 0 else math.nan
         rows = [("", "float", "quantized"),
-                ("perplexity", f"{self.ppl_float:.4f}", f"{self.ppl_quant:.4f} ({self.ppl_increase * 100:+.2f}%)")]
+                ("perplexity", f"{self.ppl_float:.4f}", f"{self.ppl_quant:.4f} ({self.ppl_increase * 100:+.2f}%"
+                 f"{self.interval_text()})")]
         if not math.isnan(ratio):
             rows.append((f"latency ({self.window_tokens} tokens)", f"{self.latency_float_ms:.2f} ms",
                          f"{self.latency_quant_ms:.2f} ms ({ratio:.2f}x)"))

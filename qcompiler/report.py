@@ -38,6 +38,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _interval(bounds: Any) -> str:
+    """A relative interval ``[low, high]`` as percentages, "-" when absent (one window)."""
+    if not bounds:
+        return "-"
+    return f"{bounds[0] * 100:+.2f}% to {bounds[1] * 100:+.2f}%"
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     """Render :func:`report_dict` output as a markdown document."""
     lines = [f"# qcompile report: {data['output']}", "",
@@ -51,10 +58,11 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += ["", "## Against the float model (held-out text)", "",
                   f"{quality['windows']} window(s) of {quality['window_tokens']} tokens, "
                   f"{quality['positions']} predicted positions", "",
-                  "| perplexity float | perplexity quantized | increase | mean KL (nats) | p99 KL | top-1 agreement |",
-                  "|---:|---:|---:|---:|---:|---:|",
+                  "| perplexity float | perplexity quantized | increase | 95% interval | mean KL (nats) | p99 KL "
+                  "| top-1 agreement |",
+                  "|---:|---:|---:|---:|---:|---:|---:|",
                   f"| {quality['ppl_float']:.4f} | {quality['ppl_quant']:.4f} | {quality['ppl_increase'] * 100:+.2f}% "
-                  f"| {quality['kl_mean']:.6f} | {_fmt(quality['kl_p99'])} | {quality['top1_agreement'] * 100:.2f}% |"]
+                  f"| {_interval(quality.get('ppl_increase_ci95'))} | {quality['kl_mean']:.6f} | {_fmt(quality['kl_p99'])} | {quality['top1_agreement'] * 100:.2f}% |"]
     lines += ["", "## Passes", "", "| pass | stage | seconds | modified | counters | skipped (reason: count) |",
               "|---|---|---:|---|---|---|"]
     for p in data["passes"]:

@@ -67,6 +67,7 @@ def _reference(pairs: list[tuple[np.ndarray, np.ndarray]], windows: np.ndarray) 
     nll_f = nll_q = 0.0
     kl: list[float] = []
     same = 0
+    per_window: list[float] = []
     for (zf, zq), window in zip(pairs, windows, strict=True):
         pf = np.exp(zf[:-1]) / np.exp(zf[:-1]).sum(axis=1, keepdims=True)
         pq = np.exp(zq[:-1]) / np.exp(zq[:-1]).sum(axis=1, keepdims=True)
@@ -74,10 +75,12 @@ def _reference(pairs: list[tuple[np.ndarray, np.ndarray]], windows: np.ndarray) 
         rows = np.arange(len(window) - 1)
         nll_f -= np.log(pf[rows, window[1:]]).sum()
         nll_q -= np.log(pq[rows, window[1:]]).sum()
+        per_window.append(np.mean(np.log(pf[rows, window[1:]]) - np.log(pq[rows, window[1:]])))
         same += int((zf[:-1].argmax(axis=1) == zq[:-1].argmax(axis=1)).sum())
     n = len(kl)
+    se = float(np.std(per_window, ddof=1) / math.sqrt(len(per_window))) if len(per_window) > 1 else math.nan
     return {"ppl_float": math.exp(nll_f / n), "ppl_quant": math.exp(nll_q / n), "kl_mean": float(np.mean(kl)),
-            "kl_max": float(np.max(kl)), "top1_agreement": same / n}
+            "kl_max": float(np.max(kl)), "top1_agreement": same / n, **({"log_ppl_ratio_se": se} if se == se else {})}
 
 
 def _tokenizer(folder: Path) -> Path:
@@ -116,6 +119,9 @@ def test_metrics_equal_the_numpy_reference(files: dict[str, Path]) -> None:
     for key, value in want.items():
         assert getattr(report, key) == pytest.approx(value, rel=1e-4, abs=1e-7), key
     assert 0 < report.kl_mean < report.kl_max and 0 < report.top1_agreement < 1
+    low, high = report.ppl_increase_ci95  # the interval holds the estimate and is as wide as 1.96 se each side
+    assert low < report.ppl_increase < high
+    assert math.log1p(high) - math.log1p(low) == pytest.approx(2 * 1.96 * want["log_ppl_ratio_se"], rel=1e-6)
     assert report.latency_float_ms > 0 and report.latency_quant_ms > 0
 
 
