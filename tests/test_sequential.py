@@ -144,3 +144,88 @@ def test_constant_subgraphs_are_not_carried_between_segments() -> None:
     got = [a for name, a in seen if name == "r"]
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_observe_float_gets_the_float_models_values_beside_the_quantized_ones() -> None:
+    """GPTAQ's statistics: each group gets its input from the partly quantized model and from the float model."""
+    model = _llama()
+    specs = dict(annotated_layers(model))
+    groups = layer_groups(model, list(specs))
+    feeds = _batches(model, count=2, seed=3)
+    pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    plain: dict[str, list[np.ndarray]] = {}
+
+    def quantize(group):
+        return {n: get_format(specs[n].format).quantize(layer_weight(model, n)[0], specs[n]).dequantize()
+                for n in group.nodes}
+
+    def observe_float(group, activation, reference):
+        pairs.setdefault(group.source.name, []).append((activation.copy(), reference.copy()))
+
+    run_sequentially(model, groups, feeds, lambda g, a: plain.setdefault(g.source.name, []).append(a.copy()),
+                     quantize, observe_float=observe_float)
+    assert list(pairs) == [g.source.name for g in groups]
+    for group in groups:
+        want_float = _reference(model, group.source, {}, feeds)
+        for (quant, ref), seen, want in zip(pairs[group.source.name], plain[group.source.name], want_float,
+                                            strict=True):
+            np.testing.assert_array_equal(quant, seen)  # the same quantized-model value observe got
+            np.testing.assert_allclose(ref, want, rtol=1e-5, atol=1e-6)
+    last_q, last_f = pairs[groups[-1].source.name][0]
+    assert not np.allclose(last_q, last_f, rtol=1e-6, atol=1e-7)
+
+
+def test_asymmetric_target_is_the_least_squares_fit_to_the_float_output() -> None:
+    """At alpha = 1 and negligible damping, ``W*`` minimises ``||x_f W - x_q W*||`` (numpy's lstsq); alpha 0 is W."""
+    from qcompiler.passes.algorithms._gptq_core import asymmetric_target
+
+    rng = np.random.default_rng(5)
+    x_f = rng.standard_normal((400, 24))
+    x_q = x_f + 0.1 * rng.standard_normal((400, 24))
+    weight = rng.standard_normal((24, 7)).astype(np.float32)
+    h, drift = x_q.T @ x_q, x_q.T @ (x_f - x_q)
+    got = asymmetric_target(weight, h, drift, 1.0, damp=1e-12)
+    want = np.linalg.lstsq(x_q, x_f @ weight.astype(np.float64), rcond=None)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(asymmetric_target(weight, h, drift, 0.0), weight)
+    half = asymmetric_target(weight, h, drift, 0.5, damp=1e-12)
+    np.testing.assert_allclose(half, weight + 0.5 * (want - weight), rtol=1e-4, atol=1e-4)
+
+
+def test_gptaq_lowers_the_error_against_the_float_models_outputs() -> None:
+    """The pass with ``gptaq``: every layer's output on the partly quantized model's inputs is closer to the float
+    model's output (the objective GPTAQ adds) than plain sequential GPTQ's is, summed over the model."""
+    from qcompiler.calibration.data import load_calibration_data
+    from qcompiler.errors import ConfigError
+    from qcompiler.metadata import WEIGHT_CODES_KEY
+    from qcompiler.passes.algorithms.weight_only_gptq import WeightOnlyGPTQPass
+
+    ids = np.random.default_rng(1).integers(0, 128, (16, 16)).astype(np.int64)
+    errors = {}
+    for gptaq in (False, True):
+        model = _llama()
+        data = load_calibration_data(complete_decoder_inputs(model, {"input_ids": ids}), model)
+        result = WeightOnlyGPTQPass(calibration_data=data, gptaq=gptaq, gptaq_alpha=1.0)(model)
+        assert result.stats.counters["layers"] == len(list(annotated_layers(model)))
+        if gptaq:
+            assert all("gptaq_shift_db" in r for r in result.stats.layers.values())
+        specs = dict(annotated_layers(model))
+        codes = {n.name: n.meta[WEIGHT_CODES_KEY].dequantize() for n in specs}
+        groups = layer_groups(model, list(specs))
+        feeds = [complete_decoder_inputs(model, {"input_ids": ids[i:i + 4]}) for i in range(0, 16, 4)]
+        total = 0.0
+
+        def observe_float(group, activation, reference):
+            nonlocal total
+            for node in group.nodes:
+                weight = layer_weight(model, node)[0].astype(np.float64)
+                total += float(np.sum((reference @ weight - activation @ codes[node.name]) ** 2))
+
+        run_sequentially(model, groups, feeds, lambda g, a: None,
+                         lambda g: {n: codes[n.name] for n in g.nodes}, observe_float=observe_float)
+        errors[gptaq] = total
+    assert errors[True] < errors[False]
+    with pytest.raises(ConfigError, match="sequential"):
+        WeightOnlyGPTQPass(gptaq=True, sequential=False)
+    with pytest.raises(ConfigError, match="gptaq_alpha"):
+        WeightOnlyGPTQPass(gptaq_alpha=1.5)

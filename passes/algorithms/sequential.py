@@ -176,12 +176,17 @@ def _segment_model(model: ir.Model, keep: list[int], inputs: list[ir.Value], out
 def run_sequentially(model: ir.Model, groups: list[LayerGroup], batches: Iterable[dict[str, np.ndarray]],
                      observe: Callable[[LayerGroup, np.ndarray], None],
                      quantize: Callable[[LayerGroup], Mapping[ir.Node, np.ndarray]], *,
+                     observe_float: Callable[[LayerGroup, np.ndarray, np.ndarray], None] | None = None,
                      progress: bool = False) -> None:
     """Calibrate ``groups`` true-sequentially (see the module docstring).
 
     For each group in order: every calibration batch's value of ``group.source`` is handed to ``observe`` (with the
     layers before the group already quantized), then ``quantize(group)`` returns the quantized ``W[K, N]`` of each
     of its nodes (dequantized; a node it leaves out keeps its float weight in the segments that follow).
+
+    With ``observe_float``, the float model runs beside it, segment by segment on the same batches (twice the
+    compute and the carried values), and ``observe_float(group, activation, float_activation)`` gets each batch's
+    value of ``group.source`` from both (GPTAQ's asymmetric statistics), after ``observe``.
     """
     if not groups:
         return
@@ -195,13 +200,19 @@ def run_sequentially(model: ir.Model, groups: list[LayerGroup], batches: Iterabl
         states.append(state)
     if not states:
         return
+    float_states = [dict(state) for state in states] if observe_float is not None else []
     replaced: dict[int, np.ndarray] = {}
     cut = 0
     for group in track(groups, enabled=progress, desc="sequential calibration", unit="group"):
         _advance(model, liveness, states, cut, group.position, replaced)
+        if float_states:
+            _advance(model, liveness, float_states, cut, group.position, {})
         cut = group.position
         for state in states:
             observe(group, state[id(group.source)])
+        if observe_float is not None:
+            for state, reference in zip(states, float_states, strict=True):
+                observe_float(group, state[id(group.source)], reference[id(group.source)])
         for node, weight in quantize(group).items():
             replaced[id(node)] = weight
 

@@ -9,6 +9,12 @@ quantized (their chosen codes, dequantized), so each layer corrects the error up
 group's ``H`` and the values live between segments. ``sequential = False``: every ``H`` from the float model, in
 one streamed pass (the behaviour before; ONNX Runtime's GPTQ does the same).
 
+``gptaq = true`` (``[pass-options.weight-only-gptq]``; Li et al. 2025, "GPTAQ"/"GPTQv2") runs the float model beside
+the quantized one, segment by segment, and fits each layer's quantized output on its drifted input ``x_q`` to the
+float model's output ``x_f W`` instead of to ``x_q W``: GPTQ on the least-squares target ``W + alpha H^-1 D W``,
+``D = sum x_q^T (x_f - x_q)`` (:func:`~._gptq_core.asymmetric_target`; ``gptaq_alpha``, default 0.25 as the paper's
+code). It costs a second forward of every segment and a second copy of the values live between segments.
+
 The grid (scales, zero points) is then searched for the error weighted by each input's energy ``diag(H) / rows``
 (``weighted_grid``, :mod:`qcompiler.formats.weighted_grid`; llama.cpp's imatrix idea; ``False``: the min/max grid
 round to nearest would use), and GPTQ (:mod:`._gptq_core`; columns in order of decreasing ``diag(H)`` with
@@ -21,7 +27,8 @@ Gather also reads (a tied embedding) stays exact for the Gather. Formats without
 round to nearest (counted); the recipe check refuses GPTQ on a built-in format without one.
 
 Per layer it records the output error ``tr((W - W_q)^T H (W - W_q)) / tr(W^T H W)`` of GPTQ and of round to nearest
-on the same grid (``gptq_output_error_db`` / ``rtn_output_error_db``, in dB: lower is better). It is the algorithm pass of
+on the same grid (``gptq_output_error_db`` / ``rtn_output_error_db``, in dB: lower is better; a layer wider than
+one column slice is measured on at most three of its slices, each ``H @ E`` being ``O(K^2)`` a column). It is the algorithm pass of
 ``algorithm = "gptq"`` and needs calibration data. Skipped with a reason (their codes: round to nearest): weights
 read by several MatMul/Gemm (one set of codes could not fit two Hessians), and layers whose
 Hessian cannot be factorised even with more damping (round-to-nearest, counted ``rtn_fallback``). ``H`` is summed in
@@ -46,8 +53,15 @@ from qcompiler.formats import GridFormat, RoundToNearest, WeightSpec, get_format
 from qcompiler.formats.blockwise import column_chunks
 from qcompiler.metadata import WEIGHT_CODES_KEY
 from qcompiler.pass_manager import QPass
+from qcompiler.passes._common import release_external
 from qcompiler.passes._weight_layers import annotated_layers, layer_weight, quantized_weight, transposed_constant
-from qcompiler.passes.algorithms._gptq_core import CholeskyError, gptq_round, second_moment
+from qcompiler.passes.algorithms._gptq_core import (
+    CholeskyError,
+    asymmetric_target,
+    gptq_factor,
+    gptq_round,
+    second_moment,
+)
 from qcompiler.passes.algorithms.sequential import LayerGroup, layer_groups, run_sequentially
 from qcompiler.progress import track
 
@@ -81,6 +95,7 @@ class _Hessian:
         self.name = name
         self.sum: np.ndarray | None = None
         self.rows = 0
+        self.drift: _Drift | None = None  # GPTAQ's statistic of the same input, when asked for
 
     def update(self, array: np.ndarray) -> None:
         x = array.reshape(-1, array.shape[-1])
@@ -98,6 +113,9 @@ class WeightOnlyGPTQPass(QPass):
         act_order: round the inputs with the largest ``diag(H)`` first.
         sequential: take each layer's ``H`` from the model with every layer before it already quantized
             (:mod:`.sequential`); False: from the float model, all layers in one pass.
+        gptaq: the asymmetric objective of GPTAQ (needs ``sequential``): fit each layer's quantized output on the
+            partly quantized model's input to the float model's output, not to its own float output.
+        gptaq_alpha: the share of GPTAQ's least-squares correction applied (0: plain GPTQ, 1: all of it).
         weighted_grid: the grid (scales, zero points) searched for the error weighted by ``diag(H)``
             (:mod:`qcompiler.formats.weighted_grid`); False: the min/max grid of round to nearest.
         max_samples, batch_size: calibration samples to use (None: all) and per ONNX Runtime call.
@@ -110,8 +128,8 @@ class WeightOnlyGPTQPass(QPass):
     needs = frozenset({"grid"})
 
     def __init__(self, *, calibration_data: Any = None, damp: float = 0.01, act_order: bool = True,
-                 sequential: bool = True, weighted_grid: bool = True, max_samples: int | None = None,
-                 batch_size: int = 4,
+                 sequential: bool = True, weighted_grid: bool = True, gptaq: bool = False,
+                 gptaq_alpha: float = 0.25, max_samples: int | None = None, batch_size: int = 4,
                  progress: bool = False) -> None:
         super().__init__()
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0.0 < damp < 1.0:
@@ -119,6 +137,12 @@ class WeightOnlyGPTQPass(QPass):
         self.calibration_data = calibration_data
         self.damp, self.act_order, self.sequential = float(damp), bool(act_order), bool(sequential)
         self.weighted_grid = bool(weighted_grid)
+        if gptaq and not sequential:
+            raise ConfigError(f"{self.name}: gptaq needs sequential = true (the quantized model's inputs)")
+        if isinstance(gptaq_alpha, bool) or not isinstance(gptaq_alpha, (int, float)) or \
+                not 0.0 <= gptaq_alpha <= 1.0:
+            raise ConfigError(f"{self.name}: gptaq_alpha must be a fraction in [0, 1], got {gptaq_alpha!r}")
+        self.gptaq, self.gptaq_alpha = bool(gptaq), float(gptaq_alpha)
         self.max_samples, self.batch_size, self.progress = max_samples, batch_size, bool(progress)
 
     @classmethod
@@ -136,25 +160,27 @@ class WeightOnlyGPTQPass(QPass):
         if self.calibration_data is None:
             raise CalibrationError("GPTQ needs calibration data: pass --calib DATA (token ids for a language model)")
 
-    def _layers(self, model: ir.Model) -> list[tuple[ir.Node, np.ndarray, WeightSpec]]:
+    def _layers(self, model: ir.Model) -> list[tuple[ir.Node, WeightSpec]]:
+        """The layers GPTQ chooses codes for; each weight is checked (finite) here but read again only when its
+        group is quantized, so an external-data model is never resident all at once."""
         readers: dict[int, int] = {}
-        found: list[tuple[ir.Node, np.ndarray, WeightSpec, ir.Value]] = []
+        found: list[tuple[ir.Node, WeightSpec, ir.Value]] = []
         for node, spec in annotated_layers(model):
-            weight = layer_weight(model, node)
-            if isinstance(weight, str):
+            if _read_weight(model, node) is None:
                 continue
+            _release(node)
             source = transposed_constant(node.inputs[1]) or node.inputs[1]
             readers[id(source)] = readers.get(id(source), 0) + 1
-            found.append((node, quantized_weight(node, weight[0]), spec, source))
+            found.append((node, spec, source))
         layers = []
-        for node, weight, spec, source in found:
+        for node, spec, source in found:
             node.meta[WEIGHT_CODES_KEY] = RoundToNearest()  # until GPTQ chooses better ones
             if readers[id(source)] > 1:
                 self.skip(node, "weight read by several MatMul/Gemm (rounded to nearest)")
             elif not isinstance(get_format(spec.format), GridFormat):
                 self.skip(node, f"format {spec.format!r} has no grid (rounded to nearest)")
             else:
-                layers.append((node, weight, spec))
+                layers.append((node, spec))
         return layers
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -172,70 +198,90 @@ class WeightOnlyGPTQPass(QPass):
         self.count("layers", chosen)
         return ir.passes.PassResult(model, True)  # codes written (metadata the lowering reads)
 
-    def _one_pass(self, model: ir.Model, layers: list[tuple[ir.Node, np.ndarray, WeightSpec]],
+    def _one_pass(self, model: ir.Model, layers: list[tuple[ir.Node, WeightSpec]],
                   batches: Iterable[dict[str, np.ndarray]]) -> int:
         """Every layer's ``H`` from the float model, one streamed pass; the number of layers GPTQ chose."""
-        inputs = list(dict.fromkeys(node.inputs[0] for node, _, _ in layers))
+        inputs = list(dict.fromkeys(node.inputs[0] for node, _ in layers))
         hessians = {v.name: _Hessian(v.name) for v in inputs}
         fold_batches(io.ort_session(model, extra_outputs=inputs), hessians, batches)
         chosen = 0
-        for node, weight, spec in track(layers, enabled=self.progress, desc="GPTQ", unit="layer"):
+        for node, spec in track(layers, enabled=self.progress, desc="GPTQ", unit="layer"):
             h = hessians[node.inputs[0].name]
+            weight = _read_weight(model, node)
+            assert weight is not None
             chosen += self._choose_or_round(node, weight, spec, h) is not None
+            del weight
+            _release(node)
         return chosen
 
-    def _sequential(self, model: ir.Model, layers: list[tuple[ir.Node, np.ndarray, WeightSpec]],
+    def _sequential(self, model: ir.Model, layers: list[tuple[ir.Node, WeightSpec]],
                     batches: Iterable[dict[str, np.ndarray]]) -> int:
         """Group by group, each ``H`` from the partly quantized model; the number of layers GPTQ chose. The layers
         GPTQ does not choose (rounded to nearest) are quantized in the model the later groups see too."""
-        mine = {id(node): (weight, spec) for node, weight, spec in layers}
-        rounded = {id(node): (weight, spec) for node, weight, spec in self._rounded_layers(model, mine)}
+        mine = {id(node): spec for node, spec in layers}
+        rounded = {id(node): spec for node, spec in self._rounded_layers(model, mine)}
         groups = layer_groups(model, [n for n, _ in annotated_layers(model) if id(n) in mine or id(n) in rounded])
         hessians: dict[int, _Hessian] = {}
+        drifts: dict[int, _Drift] = {}
         chosen = 0
 
         def observe(group: LayerGroup, activation: np.ndarray) -> None:
             hessians.setdefault(id(group.source), _Hessian(group.source.name or "activation")).update(activation)
 
+        def observe_float(group: LayerGroup, activation: np.ndarray, reference: np.ndarray) -> None:
+            drifts.setdefault(id(group.source), _Drift(group.source.name or "activation")).update(activation,
+                                                                                                 reference)
+
         def quantize(group: LayerGroup) -> dict[ir.Node, np.ndarray]:
             nonlocal chosen
             h = hessians.pop(id(group.source))
+            h.drift = drifts.pop(id(group.source), None)
             weights = {}
             for node in group.nodes:
+                weight = _read_weight(model, node)
+                assert weight is not None
                 if id(node) in mine:
-                    weight, spec = mine[id(node)]
+                    spec = mine[id(node)]
                     picked = self._choose_or_round(node, weight, spec, h)
                     chosen += picked is not None
                     weights[node] = picked if picked is not None else _rounded(weight, spec)
                 else:
-                    weights[node] = _rounded(*rounded[id(node)])
+                    weights[node] = _rounded(weight, rounded[id(node)])
+                del weight
+                _release(node)
             return weights
 
-        run_sequentially(model, groups, batches, observe, quantize, progress=self.progress)
+        run_sequentially(model, groups, batches, observe, quantize, progress=self.progress,
+                         observe_float=observe_float if self.gptaq else None)
         return chosen
 
     @staticmethod
-    def _rounded_layers(model: ir.Model, mine: dict[int, Any]) -> list[tuple[ir.Node, np.ndarray, WeightSpec]]:
+    def _rounded_layers(model: ir.Model, mine: dict[int, Any]) -> list[tuple[ir.Node, WeightSpec]]:
         """The annotated layers GPTQ leaves to round to nearest but the lowering quantizes (shared weights, formats
         without a grid)."""
-        found = []
-        for node, spec in annotated_layers(model):
-            if id(node) in mine:
-                continue
-            weight = layer_weight(model, node)
-            if not isinstance(weight, str):
-                found.append((node, weight[0], spec))
-        return found
+        return [(node, spec) for node, spec in annotated_layers(model)
+                if id(node) not in mine and not isinstance(layer_weight(model, node), str)]
 
     def _choose_or_round(self, node: ir.Node, weight: np.ndarray, spec: WeightSpec, h: _Hessian) -> np.ndarray | None:
         """GPTQ's codes for ``node`` (dequantized ``W[K, N]``), or None when its Hessian cannot be factorised (the
         codes stay round to nearest, counted)."""
         try:
+            if h.drift is not None and self.gptaq_alpha > 0:
+                weight = self._asymmetric_target(node, weight, h)
             return self._choose(node, weight, spec, h.sum, h.rows)
         except CholeskyError as exc:  # the codes stay round to nearest
             self.skip(node, f"GPTQ failed ({exc}): rounded to nearest")
             self.count("rtn_fallback")
             return None
+
+    def _asymmetric_target(self, node: ir.Node, weight: np.ndarray, h: _Hessian) -> np.ndarray:
+        """GPTAQ's target weights for ``node`` (:func:`~._gptq_core.asymmetric_target`); records the correction's
+        size relative to the weights (dB)."""
+        assert h.sum is not None and h.drift is not None and h.drift.sum is not None
+        target = asymmetric_target(weight, h.sum, h.drift.sum, self.gptaq_alpha, damp=self.damp)
+        self.record_layer(node, gptaq_shift_db=_db(float(np.sum((target - weight).astype(np.float64) ** 2)),
+                                                   float(np.sum(weight.astype(np.float64) ** 2))))
+        return target
 
     def _choose(self, node: ir.Node, weight: np.ndarray, spec: WeightSpec, hessian: np.ndarray,
                 rows: int) -> np.ndarray:
@@ -250,15 +296,20 @@ class WeightOnlyGPTQPass(QPass):
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         dequantized = np.empty(weight.shape, np.float32)
         energy = {"gptq": 0.0, "rtn": 0.0, "signal": 0.0}
-        for cols in column_chunks(weight.shape):
+        factor = gptq_factor(hessian, self.damp, self.act_order)  # once per layer: O(K^3)
+        chunks = column_chunks(weight.shape)
+        measured = set(range(0, len(chunks), max(1, len(chunks) // 2)))  # the error figures: at most 3 slices
+        for index, cols in enumerate(chunks):
             part = weight[:, cols]
             scale, zero = fmt.grid(part, spec) if importance is None else fmt.weighted_grid(part, spec, importance)
             per_column_scale = np.repeat(scale, block, axis=1)[:, :k]  # [n, K]: each column's block grid
             per_column_zero = np.repeat(zero, block, axis=1)[:, :k].astype(np.float64)
             q = gptq_round(part.T, hessian, per_column_scale, *fmt.code_limits(spec), per_column_zero,
-                           damp=self.damp, act_order=self.act_order).astype(np.uint8)
+                           damp=self.damp, act_order=self.act_order, factor=factor).astype(np.uint8)
             parts.append((q, scale, zero))
             dequantized[:, cols] = fmt.from_codes(q, scale, zero, spec, k).dequantize()
+            if index not in measured:
+                continue
             rtn = fmt.from_codes(fmt.codes_on_grid(part, scale, zero, spec), scale, zero, spec, k).dequantize()
             for name, error in (("gptq", part - dequantized[:, cols]), ("rtn", part - rtn), ("signal", part)):
                 e = error.astype(np.float64)
@@ -270,9 +321,39 @@ class WeightOnlyGPTQPass(QPass):
         return dequantized
 
 
+class _Drift:
+    """``D = sum x_q^T (x_f - x_q)`` (float64 ``[K, K]``) over the rows of every batch: how the partly quantized
+    model's input ``x_q`` of a group has drifted from the float model's ``x_f`` (GPTAQ's asymmetric statistic)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sum: np.ndarray | None = None
+
+    def update(self, activation: np.ndarray, reference: np.ndarray) -> None:
+        x = activation.reshape(-1, activation.shape[-1]).astype(np.float64)
+        delta = reference.reshape(-1, reference.shape[-1]).astype(np.float64) - x
+        if not np.all(np.isfinite(delta)):
+            raise CalibrationError(f"calibration data makes activation {self.name!r} NaN or Inf in the float or "
+                                   "the quantized model: no finite statistics can be built from it")
+        d = x.T @ delta
+        self.sum = d if self.sum is None else self.sum + d
+
+
 def _db(noise: float, signal: float) -> float:
     """``10 log10(noise / signal)`` rounded to 0.001 dB (0 for a silent layer)."""
     return round(10 * math.log10(max(noise, 1e-300) / signal), 3) if signal > 0 else 0.0
+
+
+def _read_weight(model: ir.Model, node: ir.Node) -> np.ndarray | None:
+    """``W[K, N]`` of a layer (checked finite), None when it has no constant float weight."""
+    found = layer_weight(model, node)
+    return None if isinstance(found, str) else quantized_weight(node, found[0])
+
+
+def _release(node: ir.Node) -> None:
+    """Unmap the layer's external weight bytes (read again from the file if needed): one weight resident at a time."""
+    release_external(node.inputs[1])
+    release_external(transposed_constant(node.inputs[1]))
 
 
 def _rounded(weight: np.ndarray, spec: WeightSpec) -> np.ndarray:
