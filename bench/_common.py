@@ -97,7 +97,21 @@ def make_session(path: str | os.PathLike[str], *, threads: int = INTRA_OP_THREAD
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    if _uses_custom_ops(path):  # int3 MatMulIntN / fused FP8: qcompiler's ops through onnxruntime-extensions
+        from qcompiler.runtime import custom_ops
+
+        custom_ops.register(options)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _uses_custom_ops(path: str | os.PathLike[str]) -> bool:
+    """Whether the model imports qcompiler's op domain (read without its external data)."""
+    import onnx
+
+    from qcompiler.runtime.custom_ops import DOMAIN
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(op.domain == DOMAIN for op in model.opset_import)
 
 
 @dataclasses.dataclass
