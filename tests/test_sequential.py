@@ -192,6 +192,24 @@ def test_asymmetric_target_is_the_least_squares_fit_to_the_float_output() -> Non
     np.testing.assert_allclose(half, weight + 0.5 * (want - weight), rtol=1e-4, atol=1e-4)
 
 
+def _error_against_float_outputs(model: ir.Model, codes: dict[str, np.ndarray],
+                                 feeds: list[dict[str, np.ndarray]]) -> float:
+    """``sum ||x_f W - x_q Q||^2`` over every layer: quantized layers on the partly quantized model's inputs against
+    the float layers on the float model's."""
+    total = 0.0
+
+    def observe_float(group, activation, reference):
+        nonlocal total
+        for node in group.nodes:
+            weight = layer_weight(model, node)[0].astype(np.float64)
+            total += float(np.sum((reference @ weight - activation @ codes[node.name]) ** 2))
+
+    groups = layer_groups(model, [n for n, _ in annotated_layers(model)])
+    run_sequentially(model, groups, feeds, lambda g, a: None, lambda g: {n: codes[n.name] for n in g.nodes},
+                     observe_float=observe_float)
+    return total
+
+
 def test_gptaq_lowers_the_error_against_the_float_models_outputs() -> None:
     """The pass with ``gptaq``: every layer's output on the partly quantized model's inputs is closer to the float
     model's output (the objective GPTAQ adds) than plain sequential GPTQ's is, summed over the model."""
@@ -211,19 +229,8 @@ def test_gptaq_lowers_the_error_against_the_float_models_outputs() -> None:
             assert all("gptaq_shift_db" in r for r in result.stats.layers.values())
         specs = dict(annotated_layers(model))
         codes = {n.name: n.meta[WEIGHT_CODES_KEY].dequantize() for n in specs}
-        groups = layer_groups(model, list(specs))
         feeds = [complete_decoder_inputs(model, {"input_ids": ids[i:i + 4]}) for i in range(0, 16, 4)]
-        total = 0.0
-
-        def observe_float(group, activation, reference):
-            nonlocal total
-            for node in group.nodes:
-                weight = layer_weight(model, node)[0].astype(np.float64)
-                total += float(np.sum((reference @ weight - activation @ codes[node.name]) ** 2))
-
-        run_sequentially(model, groups, feeds, lambda g, a: None,
-                         lambda g: {n: codes[n.name] for n in g.nodes}, observe_float=observe_float)
-        errors[gptaq] = total
+        errors[gptaq] = _error_against_float_outputs(model, codes, feeds)
     assert errors[True] < errors[False]
     with pytest.raises(ConfigError, match="sequential"):
         WeightOnlyGPTQPass(gptaq=True, sequential=False)
