@@ -32,8 +32,7 @@ import numpy as np
 from qcompiler.errors import CalibrationError
 
 __all__ = ["DAMP_RETRIES", "CholeskyError", "activation_absmax", "asymmetric_target", "fits_float32", "gptq_factor",
-           "gptq_round",
-           "second_moment"]
+           "gptq_round", "second_moment"]
 
 #: how many times the damping is multiplied by 10 before GPTQ gives up on a layer
 DAMP_RETRIES = 3

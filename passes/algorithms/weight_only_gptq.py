@@ -68,23 +68,9 @@ from qcompiler.progress import track
 if TYPE_CHECKING:
     from qcompiler.config import Recipe
 
-__all__ = ["WeightOnlyGPTQPass", "output_error_db"]
+__all__ = ["WeightOnlyGPTQPass"]
 
 logger = logging.getLogger(__name__)
-
-
-def output_error_db(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> float:
-    """``10 log10(tr(E^T H E) / tr(W^T H W))`` with ``E = W - W_q`` (``W[K, N]``, ``H[K, K]``); lower is better.
-    Columns in bounded slices (one BLAS product each; einsum would not use BLAS)."""
-    noise = signal = 0.0
-    for cols in column_chunks(weight.shape):
-        w = weight[:, cols].astype(np.float64)
-        e = w - dequantized[:, cols]
-        noise += float(np.sum(e * (hessian @ e)))
-        signal += float(np.sum(w * (hessian @ w)))
-    if signal <= 0:
-        return 0.0
-    return 10 * math.log10(max(noise, 1e-300) / signal)
 
 
 class _Hessian:
@@ -96,6 +82,15 @@ class _Hessian:
         self.sum: np.ndarray | None = None
         self.rows = 0
         self.drift: _Drift | None = None  # GPTAQ's statistic of the same input, when asked for
+        self._factor: tuple[np.ndarray, np.ndarray] | None = None
+
+    def factor(self, damp: float, act_order: bool) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`~._gptq_core.gptq_factor` of the sum, computed once for every layer that reads this input (Q/K/V
+        share it; ``O(K^3)``)."""
+        assert self.sum is not None
+        if self._factor is None:
+            self._factor = gptq_factor(self.sum, damp, act_order)
+        return self._factor
 
     def update(self, array: np.ndarray) -> None:
         x = array.reshape(-1, array.shape[-1])
@@ -268,7 +263,7 @@ class WeightOnlyGPTQPass(QPass):
         try:
             if h.drift is not None and self.gptaq_alpha > 0:
                 weight = self._asymmetric_target(node, weight, h)
-            return self._choose(node, weight, spec, h.sum, h.rows)
+            return self._choose(node, weight, spec, h)
         except CholeskyError as exc:  # the codes stay round to nearest
             self.skip(node, f"GPTQ failed ({exc}): rounded to nearest")
             self.count("rtn_fallback")
@@ -283,8 +278,7 @@ class WeightOnlyGPTQPass(QPass):
                                                    float(np.sum(weight.astype(np.float64) ** 2))))
         return target
 
-    def _choose(self, node: ir.Node, weight: np.ndarray, spec: WeightSpec, hessian: np.ndarray,
-                rows: int) -> np.ndarray:
+    def _choose(self, node: ir.Node, weight: np.ndarray, spec: WeightSpec, h: _Hessian) -> np.ndarray:
         """GPTQ's codes for ``node`` into its metadata; returns them dequantized (``W[K, N]``). Columns go in
         bounded slices (GPTQ treats each output column alone given ``H``): a tied 576 x 49,152 lm_head never
         holds more than a few float64 copies of one slice."""
@@ -292,11 +286,13 @@ class WeightOnlyGPTQPass(QPass):
         assert isinstance(fmt, GridFormat)
         k = weight.shape[0]
         block = spec.block_for(k)
+        hessian, rows = h.sum, h.rows
+        assert hessian is not None
         importance = np.diag(hessian) / max(rows, 1) if self.weighted_grid else None
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         dequantized = np.empty(weight.shape, np.float32)
         energy = {"gptq": 0.0, "rtn": 0.0, "signal": 0.0}
-        factor = gptq_factor(hessian, self.damp, self.act_order)  # once per layer: O(K^3)
+        factor = h.factor(self.damp, self.act_order)
         chunks = column_chunks(weight.shape)
         measured = set(range(0, len(chunks), max(1, len(chunks) // 2)))  # the error figures: at most 3 slices
         for index, cols in enumerate(chunks):
