@@ -21,7 +21,9 @@ other inputs are parameters: LayerNormalization's scale and bias) and on its out
 and ``node.meta["qcompiler.quant_role"] = "activations"``. They are candidates, not decisions: without an
 accuracy budget, ``select-precision`` measures each in context and leaves in float those that cost more than its
 tolerance. One with a constant operand (a bias Add, a scaling Mul) is skipped: ONNX Runtime has no integer kernel
-that takes a float constant, so quantizing it would add error and no speed.
+that takes a float constant, so quantizing it would add error and no speed. One that reads or makes a tensor
+computed from an integer graph input (an attention mask and its additive form, :mod:`._input_derived`) is skipped:
+no calibration set gives such a tensor a range that holds once padding appears.
 
 Skipped, with a counted reason: excluded names, nodes in subgraphs, non-constant weights (or weights that are graph
 inputs), non-float32 tensors, unsupported ranks (Conv weight rank 3-5; MatMul/Gemm weight rank 2), a weight shared
@@ -43,6 +45,7 @@ from qcompiler.errors import ConfigError
 from qcompiler.metadata import FUSED_ACTIVATION_KEY, NODE_QUANT_KEY, TRAINED_KEY
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes._common import peek_meta
+from qcompiler.passes._input_derived import integer_derived_values
 from qcompiler.qspec import ObserverSpec, QuantSpec, get_qspec, set_qspec
 
 __all__ = ["AnnotateInt8Pass", "NodeQuant", "activation_inputs", "clear_node_quant", "is_activation_op",
@@ -177,6 +180,7 @@ class AnnotateInt8Pass(QPass):
         self.weight_dtype = weight_dtype
         self.op_types = tuple(op_types)
         self.exclude_nodes = frozenset(exclude_nodes)
+        self._integer_derived: dict[ir.Value, str] = {}  # set per call: values computed from integer inputs
         self.per_channel = bool(per_channel)
         self.activation_dtype = activation_dtype
         self.static_activations = bool(static_activations)
@@ -234,6 +238,10 @@ class AnnotateInt8Pass(QPass):
                 return "unsupported dtype (float32 only)"
         if node.op_type == "Softmax" and self._softmax_axis_not_last(node):
             return "Softmax over an axis other than the last"
+        for value in [node.inputs[i] for i in positions] + [node.outputs[0]]:
+            if value in self._integer_derived:
+                return (f"reads or makes a tensor computed from the integer input "
+                        f"'{self._integer_derived[value]}' (a mask: its range depends on padding)")
         return None
 
     @staticmethod
@@ -303,6 +311,7 @@ class AnnotateInt8Pass(QPass):
         act = self._activation_spec()
         scheme = "int8-static" if self.static_activations else "int8-dynamic"
         trained = any(node.meta.get(TRAINED_KEY) for node in model.graph)  # a QAT model: only its trained layers
+        self._integer_derived = integer_derived_values(model) if self.static_activations else {}
         for node in iter_nodes(model):
             if node.op_type not in self.op_types or node.domain not in ("", "ai.onnx"):
                 continue

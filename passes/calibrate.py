@@ -133,7 +133,22 @@ class CalibratePass(QPass):
             modified |= set_range(value, found)
             self.count("ranges")
         self.count("samples", total)
+        self._record_coverage()
         return ir.passes.PassResult(model, modified)
+
+    def _record_coverage(self) -> None:
+        """The real lengths of a text model's samples (:mod:`qcompiler.calibration.lengths`) into the report, and a
+        warning when they cover one length only."""
+        coverage = getattr(self.calibration_data, "coverage", None)
+        summary = coverage.summary() if coverage is not None else {}
+        if not summary:
+            return
+        for key in ("min_tokens", "max_tokens", "padding_tokens_removed", "crops", "samples_not_cut"):
+            if key in summary:
+                self.count(f"sample_{key}", int(summary[key]))
+        warning = coverage.warning()
+        if warning:
+            logger.warning("calibrate: %s", warning)
 
     def _observe(self, model: ir.Model, values: list[ir.Value], total: int, fold: Callable[..., Any]) -> Any:
         """Run ONNX Runtime over the calibration batches and fold the observed outputs in.

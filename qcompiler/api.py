@@ -243,11 +243,14 @@ def _compile(model: Any, output: Any, *, recipe: Any, calib: Any, tokenizer: Any
         calibration_data: _checks.TrackedData | None = None  # records whether a pass read it
         if calib is not None:
             from qcompiler.calibration.data import load_calibration_data
+            from qcompiler.calibration.lengths import length_view
             from qcompiler.calibration.text import prepare_calibration
 
             prepared = calib if isinstance(calib, Mapping) else prepare_calibration(
                 Path(calib), model, Path(scratch), None if tokenizer is None else Path(tokenizer), seq_len)
-            calibration_data = _checks.TrackedData(load_calibration_data(prepared, model))
+            calibration_data = _checks.TrackedData(length_view(
+                load_calibration_data(prepared, model), model, trim_padding=active.calibration.trim_padding,
+                crops=active.calibration.short_crops))
 
         instruments: list[Any] = []
         if dump_after:

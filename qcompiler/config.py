@@ -296,6 +296,9 @@ class CalibrationOptions:
             graph, weights, data and observed values, so another calibrator, percentile or activation dtype reuses
             them without running ONNX Runtime again (see :mod:`qcompiler.calibration.cache`); None: no cache. A
             relative path is relative to the current folder.
+        trim_padding: a text model's samples are cut at their padding mask, so padding never shapes a range
+            (see :mod:`qcompiler.calibration.lengths`).
+        short_crops: with ``trim_padding``, short crops of the samples are added, so ranges hold for short inputs.
     """
 
     calibrator: str = "minmax"
@@ -303,6 +306,8 @@ class CalibrationOptions:
     batch_size: int = 16
     percentile: float = 99.99
     cache_dir: str | None = None
+    trim_padding: bool = True
+    short_crops: bool = True
 
     def __post_init__(self) -> None:
         if self.calibrator not in CALIBRATORS:
@@ -313,6 +318,9 @@ class CalibrationOptions:
             raise ConfigError(f"calibration.max_samples must be a positive integer, got {self.max_samples!r}")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise ConfigError(f"calibration.batch_size must be a positive integer, got {self.batch_size!r}")
+        for flag in ("trim_padding", "short_crops"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"calibration.{flag} must be true or false, got {getattr(self, flag)!r}")
         p = self.percentile
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50.0 < p <= 100.0:
             raise ConfigError(f"calibration.percentile must be a number in (50, 100], got {p!r}")

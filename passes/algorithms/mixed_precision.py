@@ -75,6 +75,16 @@ def output_sqnr_db(reference: list[np.ndarray], actual: list[np.ndarray]) -> flo
     return sqnr_from_energies(signal, noise)
 
 
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    """One output's batches as one array: stacked along the batch axis when their shapes agree past it, else as
+    rows of the last axis (samples cut to their real lengths: :mod:`qcompiler.calibration.lengths`), else flat."""
+    if len(parts) == 1 or all(p.ndim >= 1 and p.shape[1:] == parts[0].shape[1:] for p in parts):
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if all(p.ndim >= 1 and p.shape[-1] == parts[0].shape[-1] for p in parts):
+        return np.concatenate([p.reshape(-1, p.shape[-1]) for p in parts])
+    return np.concatenate([p.ravel() for p in parts])
+
+
 def top1_disagreement(reference: np.ndarray, actual: np.ndarray) -> float:
     """The fraction of rows whose argmax over the last axis differs."""
     ref = reference.reshape(-1, reference.shape[-1]) if reference.ndim > 1 else reference.reshape(1, -1)
@@ -158,7 +168,7 @@ class SelectPrecisionPass(QPass):
     def _run(self, model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
         session = io.ort_session(model)
         batches = [session.run(None, feed) for feed in feeds]
-        return [np.concatenate([b[i] for b in batches]) for i in range(len(batches[0]))]
+        return [_join([b[i] for b in batches]) for i in range(len(batches[0]))]
 
     def _float_reference(self, model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
         """The float model's outputs on the evaluation samples; a CalibrationError if a float output is not finite
