@@ -46,8 +46,7 @@ __all__ = ["TrackedData", "check_model", "check_options", "check_quantized", "qu
 logger = logging.getLogger(__name__)
 
 #: options that tune resources only: unused, they are worth a warning, not an error
-_RESOURCE_OPTIONS = frozenset({"calibration.cache_dir", "calibration.max_samples", "calibration.batch_size",
-                               "calibration.trim_padding", "calibration.short_crops"})
+_RESOURCE_OPTIONS = frozenset({"calibration.cache_dir", "calibration.max_samples", "calibration.batch_size"})
 #: operator types that only a quantized model contains (any domain); plus every QLinear* op and ai.qcompiler op
 _QUANTIZED_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits",

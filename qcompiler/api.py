@@ -243,14 +243,16 @@ def _compile(model: Any, output: Any, *, recipe: Any, calib: Any, tokenizer: Any
         calibration_data: _checks.TrackedData | None = None  # records whether a pass read it
         if calib is not None:
             from qcompiler.calibration.data import load_calibration_data
+            from qcompiler.calibration.holdout import split_holdout
             from qcompiler.calibration.lengths import length_view
             from qcompiler.calibration.text import prepare_calibration
 
             prepared = calib if isinstance(calib, Mapping) else prepare_calibration(
                 Path(calib), model, Path(scratch), None if tokenizer is None else Path(tokenizer), seq_len)
-            calibration_data = _checks.TrackedData(length_view(
-                load_calibration_data(prepared, model), model, trim_padding=active.calibration.trim_padding,
-                crops=active.calibration.short_crops))
+            data = length_view(load_calibration_data(prepared, model), model,
+                               trim_padding=active.calibration.trim_padding, crops=active.calibration.short_crops)
+            budget = active.quantization.max_accuracy_drop is not None or active.quantization.min_sqnr_db is not None
+            calibration_data = _checks.TrackedData(split_holdout(data) if budget else data)
 
         instruments: list[Any] = []
         if dump_after:

@@ -176,4 +176,6 @@ def options_read(recipe: Recipe, context: BuildContext | None = None) -> frozens
         _instantiate(cls, view, seen)  # type: ignore[arg-type]  # duck-typed views of Recipe and BuildContext
     if ALGORITHM_SLOT in recipe.passes:  # another algorithm of the slot may take data: --calib is not pointless
         reads.add("context.calibration_data")
+    if "context.calibration_data" in reads:  # how the data is cut (compile_model reads these for every such pass)
+        reads.update(("calibration.trim_padding", "calibration.short_crops"))
     return frozenset(reads)

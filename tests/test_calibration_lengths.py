@@ -222,3 +222,35 @@ def test_the_options_must_be_booleans(tmp_path, value):
         from qcompiler.config import CalibrationOptions
 
         CalibrationOptions(trim_padding=value)
+
+
+# ---------------------------------------------------------------- held-back samples for the accuracy budget
+
+
+def test_the_budget_is_judged_on_samples_that_set_no_range():
+    from qcompiler.calibration.holdout import HOLDOUT_EVERY, split_holdout
+
+    model = ir.serde.deserialize_model(_encoder())
+    feeds = _padded([np.full(4, i + 1) for i in range(10)], 4)  # sample i holds token i + 1 only
+    data = split_holdout(load_calibration_data(feeds, model))
+    fit = [int(row[0]) for b in data.iter_batches(3) for row in b["input_ids"]]
+    held = [int(row[0]) for b in data.held_out.iter_batches(3) for row in b["input_ids"]]
+    assert held == [i + 1 for i in range(10) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+    assert sorted(fit + held) == list(range(1, 11)) and not set(fit) & set(held)
+    assert (data.num_samples, data.held_out.num_samples) == (len(fit), len(held))
+    small = load_calibration_data(_padded(_texts(5), 12), model)
+    assert split_holdout(small) is small
+
+
+def test_compile_with_a_budget_reports_held_out_evaluation(tmp_path, caplog):
+    src = tmp_path / "encoder.onnx"
+    onnx.save(_encoder(), src)
+    feeds = _padded(_texts(16), 10)
+    result = compile_model(src, tmp_path / "q.onnx", recipe="int8", calib=feeds,
+                           quantization={"max_accuracy_drop": 0.5}, calibration={"short_crops": False})
+    assert not [r for r in caplog.records if "no effect" in r.getMessage()]
+    passes = {p["name"]: p for p in result.report.to_dict()["passes"]}
+    whole = passes["select-precision"]["layers"]["(whole model)"]
+    assert whole["held_out"] is True and whole["eval_samples"] == 4
+    calibrate = passes["calibrate"]
+    assert calibrate["counters"]["samples"] == 12

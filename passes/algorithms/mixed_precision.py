@@ -96,7 +96,9 @@ class SelectPrecisionPass(QPass):
     """Leave the most sensitive annotated layers in float until an accuracy budget is met.
 
     Args:
-        calibration_data: the :class:`~qcompiler.calibration.data.CalibrationData` whose first samples evaluate.
+        calibration_data: the :class:`~qcompiler.calibration.data.CalibrationData` whose first samples evaluate;
+            with a budget, its ``held_out`` samples when it has them (:mod:`qcompiler.calibration.holdout`: samples
+            that set no range).
         min_sqnr_db: the model-output SQNR (dB) the lowered model must reach, or None.
         max_accuracy_drop: the largest allowed fraction of top-1 changes (0..1), or None.
         eval_samples: how many samples evaluate each candidate.
@@ -226,7 +228,8 @@ class SelectPrecisionPass(QPass):
         if not self.has_budget:
             feeds = list(self.calibration_data.iter_batches(self.batch_size, self.screen_samples))
             return self._screen_activation_ops(model, candidates, activation_ops, position, feeds)
-        feeds = list(self.calibration_data.iter_batches(self.batch_size, self.eval_samples))
+        judge = getattr(self.calibration_data, "held_out", None) or self.calibration_data  # not the range setters
+        feeds = list(judge.iter_batches(self.batch_size, self.eval_samples))
         reference = self._float_reference(model, feeds)
         sensitivity = {node: output_sqnr_db(reference, self._quantized_outputs(model, {position[node]}, feeds))
                        for node in candidates}
@@ -256,7 +259,8 @@ class SelectPrecisionPass(QPass):
         samples = sum(len(next(iter(feed.values()))) for feed in feeds)
         self.stats.layers["(whole model)"] = {
             "op_type": "model", "output_sqnr_db": round(sqnr, 3), "top1_disagreement": round(drop, 4),
-            "all_quantized_sqnr_db": round(measure(0)[1], 3), "eval_samples": samples}
+            "all_quantized_sqnr_db": round(measure(0)[1], 3), "eval_samples": samples,
+            "held_out": judge is not self.calibration_data}
         logger.info("select-precision: %d of %d layers left in float; output SQNR %.2f dB, top-1 changes %.3f",
                     len(kept_float), len(candidates), sqnr, drop)
         return ir.passes.PassResult(model, bool(kept_float))

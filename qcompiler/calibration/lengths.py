@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.calibration._batches import regroup
+
 __all__ = ["CROP_EVERY", "CROP_LENGTHS", "LengthCoverage", "TokenLayout", "length_view", "token_layout"]
 
 logger = logging.getLogger(__name__)
@@ -176,25 +178,7 @@ class _LengthView:
 
             raise CalibrationError(f"batch size must be positive, got {batch_size}")
         limit = self.num_samples if max_samples is None else min(max_samples, self.num_samples)
-        pending: list[dict[str, np.ndarray]] = []
-        taken = 0
-        for sample in self._samples():
-            if taken >= limit:
-                break
-            taken += 1
-            if pending and (len(pending) == batch_size or
-                            pending[0][self.layout.mask].shape != sample[self.layout.mask].shape):
-                yield _stack(pending)
-                pending = []
-            pending.append(sample)
-        if pending:
-            yield _stack(pending)
-
-
-def _stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(samples) == 1:
-        return samples[0]
-    return {name: np.concatenate([s[name] for s in samples], axis=0) for name in samples[0]}
+        return regroup(self._samples(), batch_size, limit)
 
 
 def length_view(data: Any, model: ir.Model, *, trim_padding: bool = True, crops: bool = True) -> Any:
