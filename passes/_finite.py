@@ -12,8 +12,8 @@ checks share one scanner:
   NaN is refused there.
 - :func:`check_quantization_parameters` is the final invariant of ``finalize``: every constant scale, zero point,
   absmax and float8 code read by a quantized op (QuantizeLinear/DequantizeLinear, the QLinear* ops, the
-  ``com.microsoft`` contrib ops, ``ai.qcompiler``'s MatMulIntN/MatMulFp8, and the weight scales that multiply a
-  ``DynamicQuantizeLinear`` scale) is finite, or the model is not written.
+  ``com.microsoft`` contrib ops, ``ai.qcompiler``'s MatMulIntN/MatMulFp8, the weight scales that multiply a
+  ``DynamicQuantizeLinear`` scale and the row scales of an int8 embedding table) is finite, or the model is not written.
 
 Memory: a tensor is scanned in slices along its first axis of at most :data:`CHUNK_ELEMENTS` elements (a strided
 view such as ``W.T`` is never copied whole), and one tensor at a time; float8 slices are widened to float32.
@@ -128,8 +128,27 @@ _PARAMETERS: dict[str, tuple[frozenset[str], dict[int, str]]] = {
 }
 
 
+def _is_row_scale_gather(node: ir.Node) -> bool:
+    """The per-row scales of an int8 embedding table, ``Mul(Cast(Gather(E_q, ids)), Gather(s, ids))`` with
+    ``E_q`` int8 (:mod:`qcompiler.passes.lower._int8_embedding`): this node is ``Gather(s, ids)``."""
+    for user, _ in node.outputs[0].uses():
+        if user.op_type != "Mul" or user.domain not in _STANDARD:
+            continue
+        for operand in user.inputs:
+            cast = operand.producer() if operand is not None else None
+            take = cast.inputs[0].producer() if cast is not None and cast.op_type == "Cast" and cast.inputs and \
+                cast.inputs[0] is not None else None
+            codes = take.inputs[0] if take is not None and take.op_type == "Gather" and len(take.inputs) == 2 else None
+            stored = None if codes is None else _constant(codes)
+            if stored is not None and stored.dtype == ir.DataType.INT8 and take.inputs[1] is node.inputs[1]:
+                return True
+    return False
+
+
 def _roles(node: ir.Node) -> dict[int, str]:
     """The quantization-parameter inputs of ``node`` by index (empty for other ops)."""
+    if node.op_type == "Gather" and node.domain in _STANDARD and len(node.inputs) == 2 and _is_row_scale_gather(node):
+        return {0: "scale"}
     if node.op_type == "QLinearConcat" and node.domain in _CONTRIB:  # Y_scale, Y_zp, then (X, scale, zp) triples
         roles = {0: "scale", 1: "zero point"}
         roles.update({i: "scale" if (i - 2) % 3 == 1 else "zero point"

@@ -25,6 +25,14 @@ that takes a float constant, so quantizing it would add error and no speed. One 
 computed from an integer graph input (an attention mask and its additive form, :mod:`._input_derived`) is skipped:
 no calibration set gives such a tensor a range that holds once padding appears.
 
+Embedding tables (``embedding = "int8"``, the default; ``"float"`` turns it off): a ``Gather`` over axis 0 of a
+constant float32 ``E[rows, cols]`` with int32/int64 indices gets ``NodeQuant(scheme, "embedding")`` and ``E`` an
+int8 spec, per row (``embedding_block_size = 0``) or in blocks along its rows (a power of two from 16:
+``GatherBlockQuantized``); a tied output projection ``MatMul(x, Transpose(E))`` (int8 per channel, int8 weights,
+8-bit activations) gets ``NodeQuant(scheme, "tied-head")`` and ``x`` the activation spec, and ``E`` a per-row spec
+that both share. A table that anything else reads stays float, its Gathers skipped with the reason
+(:mod:`._int8_embeddings`).
+
 Skipped, with a counted reason: excluded names, nodes in subgraphs, non-constant weights (or weights that are graph
 inputs), non-float32 tensors, unsupported ranks (Conv weight rank 3-5; MatMul/Gemm weight rank 2), a weight shared
 with a node that wants a different spec. The pass only writes metadata, so it preserves the float function;
@@ -46,10 +54,18 @@ from qcompiler.metadata import FUSED_ACTIVATION_KEY, NODE_QUANT_KEY, TRAINED_KEY
 from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes._common import peek_meta
 from qcompiler.passes._input_derived import integer_derived_values
+from qcompiler.passes._int8_embeddings import (
+    DEFAULT_EMBEDDING_BLOCK,
+    MIN_TABLE_ELEMENTS,
+    embedding_candidate,
+    embedding_spec,
+    new_codes_holder,
+    table_readers,
+)
 from qcompiler.qspec import ObserverSpec, QuantSpec, get_qspec, set_qspec
 
 __all__ = ["AnnotateInt8Pass", "NodeQuant", "activation_inputs", "clear_node_quant", "is_activation_op",
-           "is_weight_layer", "node_scheme", "quantized_output", "set_node_quant", "weight_axis"]
+           "is_embedding", "is_tied_head", "is_weight_layer", "node_scheme", "quantized_output", "set_node_quant", "weight_axis"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +79,9 @@ class NodeQuant:
     Attributes:
         scheme: ``"int8-static"`` (QDQ from calibrated ranges) or ``"int8-dynamic"`` (activations quantized at run
             time).
-        role: ``"layer"`` (a Conv/MatMul/Gemm with a quantized constant weight) or ``"activations"`` (an
-            activation-only op: its activation inputs and output quantized).
+        role: ``"layer"`` (a Conv/MatMul/Gemm with a quantized constant weight), ``"activations"`` (an
+            activation-only op: its activation inputs and output quantized), ``"embedding"`` (a Gather of an int8
+            table) or ``"tied-head"`` (a MatMul whose weight is ``Transpose`` of such a table).
     """
 
     scheme: str
@@ -117,6 +134,18 @@ def is_activation_op(node: ir.Node) -> bool:
     return found is not None and found.role == "activations"
 
 
+def is_embedding(node: ir.Node) -> bool:
+    """True for a Gather annotated to read an int8 embedding table."""
+    found = node_quant(node)
+    return found is not None and found.role == "embedding"
+
+
+def is_tied_head(node: ir.Node) -> bool:
+    """True for a MatMul annotated to read the int8 codes of a table that Gathers also read."""
+    found = node_quant(node)
+    return found is not None and found.role == "tied-head"
+
+
 def activation_inputs(node: ir.Node) -> list[int]:
     """The input positions of an activation-only op that carry activations (the ones to quantize)."""
     if node.op_type in _UNARY_ACTIVATION_OPS:
@@ -156,6 +185,11 @@ class AnnotateInt8Pass(QPass):
         static_activations: calibrated activation ranges (QDQ) when True, run-time quantization when False.
         observer: the calibration observer of static activations.
         weight_dtype: "int8" or "float8e4m3fn" (static activations only).
+        embedding: "int8" (quantize Gather embedding tables, see the module docstring) or "float".
+        embedding_block_size: 0 for one scale per table row (standard ONNX ops), or a power of two from 16: blocks
+            along each row (``com.microsoft.GatherBlockQuantized``); a table shared with a tied projection is per
+            row whatever this says.
+        embedding_min_elements: tables with fewer elements stay float (see :mod:`._int8_embeddings`).
     """
 
     name = "annotate-int8"
@@ -165,8 +199,23 @@ class AnnotateInt8Pass(QPass):
     def __init__(self, *, op_types: Sequence[str] = LAYER_OPS, exclude_nodes: Sequence[str] = (),
                  per_channel: bool = True, activation_dtype: str = "uint8", static_activations: bool = True,
                  observer: str | ObserverSpec = "minmax", weight_dtype: str = "int8",
-                 percentile: float | None = None) -> None:
+                 percentile: float | None = None, embedding: str = "int8",
+                 embedding_block_size: int = DEFAULT_EMBEDDING_BLOCK,
+                 embedding_min_elements: int = MIN_TABLE_ELEMENTS) -> None:
         super().__init__()
+        if embedding not in ("int8", "float"):
+            raise ConfigError(f"annotate-int8: embedding must be 'int8' or 'float', got {embedding!r}")
+        size = embedding_block_size
+        if isinstance(size, bool) or not isinstance(size, int) or \
+                not (size == 0 or (16 <= size <= 256 and not size & (size - 1))):
+            raise ConfigError(f"annotate-int8: embedding_block_size must be 0 (per row) or a power of two from 16 to "
+                              f"256, got {size!r}")
+        if isinstance(embedding_min_elements, bool) or not isinstance(embedding_min_elements, int) or \
+                embedding_min_elements < 0:
+            raise ConfigError(f"annotate-int8: embedding_min_elements must be a non-negative integer, "
+                              f"got {embedding_min_elements!r}")
+        self.embedding, self.embedding_block_size = embedding, size
+        self.embedding_min_elements = embedding_min_elements
         unknown = sorted(set(op_types) - set(QUANTIZABLE_OPS))
         if unknown:
             raise ConfigError(f"annotate-int8: cannot quantize {', '.join(unknown)}")
@@ -204,7 +253,7 @@ class AnnotateInt8Pass(QPass):
         dynamic = "lower-int8-dynamic" in recipe.passes and "lower-int8-dynamic" not in recipe.disable
         kwargs: dict[str, Any] = {
             "op_types": q.op_types, "exclude_nodes": q.exclude_nodes, "per_channel": q.per_channel,
-            "static_activations": not dynamic, "weight_dtype": q.weight_dtype,
+            "static_activations": not dynamic, "weight_dtype": q.weight_dtype, "embedding": q.embedding,
         }
         if not dynamic:
             calibrator = recipe.calibration.calibrator
@@ -312,8 +361,10 @@ class AnnotateInt8Pass(QPass):
         scheme = "int8-static" if self.static_activations else "int8-dynamic"
         trained = any(node.meta.get(TRAINED_KEY) for node in model.graph)  # a QAT model: only its trained layers
         self._integer_derived = integer_derived_values(model) if self.static_activations else {}
+        tables = self._embedding_tables(model, trained)
+        tied = {head for readers, reason in tables.values() if reason is None for head in readers.heads}
         for node in iter_nodes(model):
-            if node.op_type not in self.op_types or node.domain not in ("", "ai.onnx"):
+            if node.op_type not in self.op_types or node.domain not in ("", "ai.onnx") or node in tied:
                 continue
             if trained and not node.meta.get(TRAINED_KEY):
                 self.skip(node, "not trained (a QAT model): left float")
@@ -346,8 +397,71 @@ class AnnotateInt8Pass(QPass):
             changed |= set_node_quant(node, NodeQuant(scheme))
             modified |= changed
             self.count(f"annotated_{node.op_type}")
+        modified |= self._annotate_embeddings(tables, act, scheme)
         logger.debug("annotate-int8: %s", dict(self.stats.counters))
         return ir.passes.PassResult(model, modified)
+
+    # -- embedding tables -------------------------------------------------------------------------------------
+    def _head_problem(self, model: ir.Model, head: ir.Node) -> str | None:
+        """Why a tied projection cannot share its table's int8 codes, or None."""
+        x = head.inputs[0]
+        if head.graph is not model.graph or "MatMul" not in self.op_types or head.name in self.exclude_nodes:
+            return f"its tied projection {head.name!r} stays float (excluded, in a subgraph or MatMul not quantized)"
+        if not self.per_channel or self.weight_dtype != "int8":
+            return "its tied projection needs int8 weights per channel (one scale per table row)"
+        if self.static_activations and self.activation_dtype not in ("uint8", "int8"):
+            return f"its tied projection would need {self.activation_dtype} activations (8-bit only)"
+        if x is None or x.const_value is not None or (x.dtype is not None and x.dtype != ir.DataType.FLOAT) or \
+                (x.shape is not None and x.shape.rank() < 2):
+            return f"the input of its tied projection {head.name!r} is not a float activation of rank 2 or more"
+        return None
+
+    def _embedding_tables(self, model: ir.Model, trained: bool) -> dict[ir.Value, tuple[Any, str | None]]:
+        """Each candidate table with its readers and why it stays float (None: it is quantized)."""
+        tables: dict[ir.Value, tuple[Any, str | None]] = {}
+        if self.embedding == "float":
+            return tables
+        for node in model.graph:
+            table = embedding_candidate(node)
+            if table is None or table in tables:
+                continue
+            readers = table_readers(table)
+            reason = None
+            if trained:
+                reason = "not trained (a QAT model): left float"
+            elif readers.other is not None:
+                reason = (f"the table is also read by {readers.other}: an int8 copy would sit next to the float one "
+                          "(left float)")
+            elif any(g.name in self.exclude_nodes for g in readers.gathers):
+                reason = "excluded by name (a Gather of this table)"
+            elif table.const_value.size < max(self.embedding_min_elements, 1):
+                reason = (f"small embedding table ({table.const_value.size} elements, fewer than "
+                          f"{self.embedding_min_elements}): left float")
+            else:
+                reason = next(filter(None, (self._head_problem(model, h) for h in readers.heads)), None)
+                if reason is not None:
+                    reason = f"the table stays float: {reason}"
+            tables[table] = (readers, reason)
+        return tables
+
+    def _annotate_embeddings(self, tables: dict[ir.Value, tuple[Any, str | None]], act: QuantSpec,
+                             scheme: str) -> bool:
+        modified = False
+        for table, (readers, reason) in tables.items():
+            if reason is not None:
+                for node in dict.fromkeys(u for u, _ in table.uses() if embedding_candidate(u) is table):
+                    self.skip(node, reason)
+                continue
+            modified |= set_qspec(table, embedding_spec(0 if readers.heads else self.embedding_block_size))
+            new_codes_holder(table)
+            for node in readers.gathers:
+                modified |= set_node_quant(node, NodeQuant(scheme, "embedding"))
+                self.count("annotated_embedding")
+            for head in readers.heads:
+                modified |= set_qspec(head.inputs[0], act)
+                modified |= set_node_quant(head, NodeQuant(scheme, "tied-head"))
+                self.count("annotated_tied_head")
+        return modified
 
     def _is_activation_op_candidate(self, node: ir.Node) -> bool:
         """An activation-only op: one of ACTIVATION_OPS, and for MatMul one whose second input is no constant."""

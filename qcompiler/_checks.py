@@ -91,10 +91,14 @@ def check_options(base: Recipe, active: Recipe, overrides: Mapping[str, Mapping[
         if key in reads:
             continue
         twin = ("weight_only." if key.startswith("quantization.") else "quantization.") + key.split(".", 1)[1]
-        if key.endswith(".exclude_nodes") and twin in reads and given.get(twin) == value:
+        shared = key.endswith((".exclude_nodes", ".embedding"))  # one flag for both sections (--embedding float)
+        if shared and twin in reads and given.get(twin) == value:
             continue  # the API's exclude_nodes reaches whichever section the pipeline reads
         if key.endswith(".exclude_nodes") and twin in unused and given.get(twin) == value:
             labels[twin] = _wording.argument("--exclude-node", value)  # one list given to both sections: one message
+            continue
+        if key.endswith(".embedding") and twin in unused and given.get(twin) == value and _wording.is_cli():
+            labels[twin] = f"--embedding {value}"  # one flag given to both sections: one message
             continue
         unused[key] = "no pass of its pipeline reads it"
     calibrator = active.calibration.calibrator
@@ -234,7 +238,8 @@ def check_quantized(model: ir.Model, recipe: Recipe, report: PipelineReport, *,
     compiled: e.g. a CNN under a weight-only recipe, or weights of 0 elements) and about unread ``--calib`` data."""
     lowerings = [r for r in report.passes if r.stage == "lower"]
     if lowerings and not quantized_layers(report) and not any(r.modified for r in lowerings):
-        reasons = collections.Counter(reason for r in report.passes if r.stage in ("annotate", "lower")
+        reasons = collections.Counter(reason for r in report.passes
+                                      if r.stage in ("annotate", "lower") or r.name == "select-speed"
                                       for _, reason in r.stats.skips)
         if reasons:
             why = "every candidate was skipped: " + "; ".join(

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-head", choices=("same", "int8", "float"),
                    help="weight-only recipes: the output projection's format (default: same as the other layers)")
     p.add_argument("--embedding", choices=("float", "int8", "int4"),
-                   help="weight-only recipes: the token embedding's format (GatherBlockQuantized)")
+                   help="the embedding tables' format: float or int8 (int8 recipes: per row, default int8), or int4 "
+                        "(weight-only recipes: GatherBlockQuantized)")
     p.add_argument("--accuracy-level", type=int, choices=range(5), metavar="{0-4}",
                    help="weight-only recipes: MatMulNBits accuracy_level (4: int8 activations on CPU)")
     p.add_argument("--target-bits", type=float, metavar="BITS",
@@ -275,6 +276,8 @@ def _compile(args: argparse.Namespace) -> int:
         quantization["max_accuracy_drop"] = args.max_accuracy_drop
     if args.min_sqnr is not None:
         quantization["min_sqnr_db"] = args.min_sqnr
+    if args.embedding in ("float", "int8"):  # also the weight-only one: the pipeline's own section reads it
+        quantization["embedding"] = args.embedding
     calibration: dict[str, object] = {}
     if args.calib_samples is not None:
         calibration["max_samples"] = args.calib_samples

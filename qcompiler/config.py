@@ -109,6 +109,8 @@ class QuantizationOptions:
         min_sqnr_db: accuracy budget: the model-output SQNR (dB) to reach by leaving the most sensitive layers in
             float (the ``select-precision`` pass), or None.
         max_accuracy_drop: accuracy budget: the largest fraction of top-1 changes against fp32, or None.
+        embedding: "int8" (embedding tables read by ``Gather`` quantized per row, shared with a tied output
+            projection; see :mod:`qcompiler.passes.annotate`) or "float".
     """
 
     weight_dtype: str = "int8"
@@ -118,8 +120,11 @@ class QuantizationOptions:
     exclude_nodes: tuple[str, ...] = ()
     min_sqnr_db: float | None = None
     max_accuracy_drop: float | None = None
+    embedding: str = "int8"
 
     def __post_init__(self) -> None:
+        if self.embedding not in ("int8", "float"):
+            raise ConfigError(f"quantization.embedding must be 'int8' or 'float', got {self.embedding!r}")
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise ConfigError(f"quantization.weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, "
                               f"got {self.weight_dtype!r}")

@@ -4,10 +4,17 @@ The model (``qcompiler.models/digits_cnn.onnx``, made by ``models/make_digits_cn
 the first 1,300 of scikit-learn's 8x8 handwritten digits; ``digits.npz`` holds 200 of those training digits for
 calibration (``calib_x``) and the 497 held-out digits with their labels (``test_x``, ``test_y``), so calibration
 and evaluation never overlap. The demo copies the model into a work folder, writes the calibration file, compiles it
-with :func:`qcompiler.api.compile_model` (recipe ``int8-dynamic``, then ``int8`` with calibration), and runs the
-three models in ONNX Runtime on the CPU with 2 intra-op threads: accuracy on the held-out digits, top-1 agreement
-with fp32, size on disk, median latency at batch 1 and over the whole test set (interleaved runs after warm-up, so
-the ratios are fair on a noisy machine; absolute times are not comparable across machines), and compile time.
+with :func:`qcompiler.api.compile_model` (recipe ``int8-dynamic``, then ``int8`` with calibration twice: for batch 1,
+the default, and for the whole test set, through ``select-speed``'s ``batch`` option), and runs the models in ONNX
+Runtime on the CPU with 2 intra-op threads: accuracy on the held-out digits, top-1 agreement with fp32, size on disk,
+median latency at batch 1 and over the whole test set (interleaved runs after warm-up, so the ratios are fair on a
+noisy machine; absolute times are not comparable across machines), and compile time.
+
+Why a row is or is not faster is said under the table: the kernels ONNX Runtime's optimised graph runs for it
+(:mod:`qcompiler.ort_kernels`) and what ``select-speed`` kept in float and why. This CNN is tiny (23 K
+multiply-adds per image in its convolutions, 7 us per digit at batch 1): ORT runs int8 convolutions in NHWC with a
+cost per image that only pays off from about 3 M multiply-adds per image, and at batch 1 its fixed cost per kernel
+(about 0.7 us) is most of the time, so the static recipe keeps the convolutions float, and at batch 1 everything.
 
 Needs only numpy and onnxruntime at run time (no torch, no scikit-learn). Prints nothing: the CLI prints
 :meth:`DemoResult.to_table`.
@@ -33,10 +40,12 @@ __all__ = ["DemoRow", "DemoResult", "run_demo", "INTRA_OP_THREADS"]
 logger = logging.getLogger(__name__)
 
 INTRA_OP_THREADS = 2
+_NOISE = 1.05  # a latency ratio above this is called slower in the notes
 _MODEL = "digits_cnn.onnx"
 _DATA = "digits.npz"
-# (row label, recipe, needs calibration)
-_RECIPES = (("int8-dynamic", "int8-dynamic", False), ("int8 (static, calibrated)", "int8", True))
+# (row label, recipe, needs calibration, select-speed's batch: None for the recipe's, 0 for the test set's size)
+_RECIPES = (("int8-dynamic", "int8-dynamic", False, None), ("int8 (static, for batch 1)", "int8", True, None),
+            ("int8 (static, for batch {n})", "int8", True, 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +62,8 @@ class DemoRow:
     latency_all_s: float = float("nan")
     compile_s: float = float("nan")
     error: str = ""
+    kernels: str = ""  # what ORT's optimised graph runs (qcompiler.ort_kernels), one line
+    why: str = ""  # select-speed's decisions, one line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +109,53 @@ class DemoResult:
             lines.append(f"| {row.name} | {row.accuracy:.2%} | {row.agreement:.2%} | {size} | {b1} | {full} "
                          f"| {compiled} |")
         lines.append("")
-        lines.append("(ratios) are to fp32 in this run; latency is the median of interleaved runs.")
+        lines.append("(ratios) are to fp32 in this run; latency is the median of interleaved runs (on a busy machine "
+                     f"differences under {_NOISE - 1:.0%} are noise).")
+        lines += ["", "Why (what ONNX Runtime runs; what select-speed kept float):"]
+        for row in self.rows:
+            if not row.error and (row.kernels or row.why):
+                lines.append(f"- {row.name}: {row.kernels or '-'}" + (f"; {row.why}" if row.why else ""))
+                slower = [f"batch {size}" for size, mine, theirs in ((1, row.latency_b1_s, base.latency_b1_s),
+                          (self.n_test, row.latency_all_s, base.latency_all_s)) if mine > theirs * _NOISE]
+                if slower and row is not base:
+                    lines.append(f"  slower than fp32 at {' and '.join(slower)}: {_why_slower(row, base)}")
         if self.workdir is not None:
             lines.append(f"models kept in {self.workdir}")
         return "\n".join(lines)
+
+
+def _why_slower(row: DemoRow, base: DemoRow) -> str:
+    """One sentence on why ``row`` ran slower than fp32 (from the kernel lists; the demo's model is tiny)."""
+    mine, theirs = _kernel_count(row.kernels), _kernel_count(base.kernels)
+    if row.kernels == base.kernels:
+        return "the same kernels as fp32: timing noise"
+    if mine > theirs:
+        return (f"ORT runs {mine} kernels against {theirs} for fp32, and at ~7 us per digit ORT's fixed cost per "
+                "kernel (~0.7 us) outweighs what int8 saves (select-speed, deciding for batch 1, keeps them float)")
+    return ("its integer kernels cost more than the float ones at this size: ORT's fixed cost per kernel dominates "
+            "a model of ~7 us per digit")
+
+
+def _kernel_count(line: str) -> int:
+    return sum(int(part.split()[0]) for part in line.split(", ") if part and part.split()[0].isdigit())
+
+
+def _speed_summary(result: Any) -> str:
+    """``select-speed``'s decisions of a compile, one line: the float units with their reason."""
+    for record in result.report.passes:
+        if record.name != "select-speed":
+            continue
+        reasons: dict[str, list[str]] = {}
+        for layer, figures in record.stats.layers.items():
+            if figures.get("speed") == "float":
+                reasons.setdefault(str(figures.get("speed_reason", "")), []).append(layer)
+        kept = sum(len(v) for v in reasons.values())
+        if not kept:
+            return f"select-speed kept every layer int8 ({len(record.stats.layers)})"
+        parts = [f"{', '.join(layers)}: {reason.split(':')[0]}: {reason.split(': ', 1)[-1].split(',')[0]}"
+                 for reason, layers in reasons.items()]
+        return f"select-speed kept {kept} of {len(record.stats.layers)} layers float ({'; '.join(parts)})"
+    return ""
 
 
 def _fmt_time(seconds: float) -> str:
@@ -170,6 +224,35 @@ def run_demo(workdir: Path | None = None, *, quiet: bool = False) -> DemoResult:
         return _run(Path(tmp), quiet=quiet, keep=False)
 
 
+def _recipe(name: str, batch: int | None, n_test: int) -> Any:
+    """The recipe ``name``, with ``select-speed`` deciding for ``batch`` samples (0: ``n_test``) when given."""
+    if batch is None:
+        return name
+    from types import MappingProxyType
+
+    from qcompiler.config import load_recipe
+
+    base = load_recipe(name)
+    options = {k: dict(v) for k, v in base.pass_options.items()}
+    options.setdefault("select-speed", {})["batch"] = batch or n_test
+    return dataclasses.replace(base, pass_options=MappingProxyType(
+        {k: MappingProxyType(v) for k, v in options.items()}))
+
+
+def _add_kernels(rows: list[dict[str, Any]]) -> None:
+    """Each row's ``kernels``: what ORT's optimised graph runs (a model ORT refuses is left to the run below)."""
+    from qcompiler import io
+    from qcompiler.ort_kernels import inspect_kernels
+
+    for row in rows:
+        if row.get("path") is None:
+            continue
+        try:
+            row["kernels"] = inspect_kernels(io.load_model(row["path"]), threads=INTRA_OP_THREADS).one_line()
+        except Exception as exc:  # noqa: BLE001 - the row still runs; its error shows there
+            logger.warning("demo: could not inspect %s: %s", row["path"], exc)
+
+
 def _run(folder: Path, *, quiet: bool, keep: bool) -> DemoResult:
     from qcompiler.api import compile_model
 
@@ -186,20 +269,25 @@ def _run(folder: Path, *, quiet: bool, keep: bool) -> DemoResult:
 
     rows: list[dict[str, Any]] = [{"name": "fp32", "recipe": None, "path": model_path,
                                    "size_bytes": model_path.stat().st_size}]
-    for label, recipe, calibrated in _RECIPES:
-        output = folder / f"digits_cnn.{recipe}.q.onnx"
+    for label, recipe, calibrated, batch in _RECIPES:
+        label = label.format(n=len(test_y))
+        suffix = "" if batch is None else f".b{batch or len(test_y)}"
+        output = folder / f"digits_cnn.{recipe}{suffix}.q.onnx"
         row: dict[str, Any] = {"name": label, "recipe": recipe, "path": None}
         rows.append(row)
         start = time.perf_counter()
         try:
             with _quiet_logs(quiet):
-                result = compile_model(model_path, output, recipe=recipe, calib=calib_path if calibrated else None)
+                result = compile_model(model_path, output, recipe=_recipe(recipe, batch, len(test_y)),
+                                       calib=calib_path if calibrated else None)
         except Exception as exc:  # noqa: BLE001 - shown in the table; the other recipes still run
             logger.warning("demo: recipe %s failed: %s", recipe, exc)
             row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
             continue
-        row.update(path=output, compile_s=time.perf_counter() - start, size_bytes=result.output_bytes)
+        row.update(path=output, compile_s=time.perf_counter() - start, size_bytes=result.output_bytes,
+                   why=_speed_summary(result))
 
+    _add_kernels(rows)
     sessions: dict[str, Any] = {}
     reference: np.ndarray | None = None
     for row in rows:
@@ -219,8 +307,10 @@ def _run(folder: Path, *, quiet: bool, keep: bool) -> DemoResult:
         sessions[row["name"]] = session
 
     one = test_x[:1]
-    b1 = _median_times({name: (lambda s=s: s.run(None, {"x": one})) for name, s in sessions.items()}, runs=300)
-    full = _median_times({name: (lambda s=s: s.run(None, {"x": test_x})) for name, s in sessions.items()}, runs=40)
+    b1 = _median_times({name: (lambda s=s: s.run(None, {"x": one})) for name, s in sessions.items()}, runs=600,
+                       rounds=12)
+    full = _median_times({name: (lambda s=s: s.run(None, {"x": test_x})) for name, s in sessions.items()}, runs=96,
+                         rounds=12)
     for row in rows:
         if row["name"] in sessions:
             row["latency_b1_s"], row["latency_all_s"] = b1[row["name"]], full[row["name"]]

@@ -473,7 +473,7 @@ def _shareable(tensor: Any) -> bool:
 
 
 def ort_session(model: ir.Model, *, extra_outputs: Iterable[ir.Value] = (), intra_op_threads: int | None = None,
-                optimization_level: Any = None) -> Any:
+                optimization_level: Any = None, optimized_model_path: str | None = None) -> Any:
     """A CPU ``onnxruntime.InferenceSession`` for an in-memory IR model, sharing its weights.
 
     The session runs a clone of the model (the model itself is not modified) whose protobuf carries no weight
@@ -489,6 +489,7 @@ def ort_session(model: ir.Model, *, extra_outputs: Iterable[ir.Value] = (), intr
             activations calibration observes.
         intra_op_threads: ORT's intra-op thread count (None: ORT's default).
         optimization_level: an ``onnxruntime.GraphOptimizationLevel`` (None: ORT's default).
+        optimized_model_path: where ORT writes the graph it optimised (what it really runs), or None.
     """
     import onnxruntime as ort
 
@@ -513,6 +514,8 @@ def ort_session(model: ir.Model, *, extra_outputs: Iterable[ir.Value] = (), intr
         options.intra_op_num_threads = intra_op_threads
     if optimization_level is not None:
         options.graph_optimization_level = optimization_level
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = optimized_model_path
     from qcompiler.runtime import custom_ops
 
     if custom_ops.DOMAIN in clone.opset_imports:  # int3 / fused FP8 nodes: register our ops (as Session does)

@@ -14,7 +14,7 @@ from __future__ import annotations
 __all__ = [
     "BIAS_SHIFT_KEY", "CALIBRATION_SHA256", "CHANNEL_MEAN_KEY", "FUSED_ACTIVATION_KEY", "FUSED_INTO_KEY",
     "NODE_QUANT_KEY", "PINNED_QPARAMS_KEY", "PINNED_SCALE_KEY", "QAT_KEY", "QAT_LAYERS", "QSPEC_KEY", "RANGE_KEY", "RECIPE", "VERSION", "WEIGHT_BITS",
-    "TRAINED_KEY", "TRAINED_QMAX_KEY", "WEIGHT_CODES_KEY", "WEIGHT_ONLY", "WEIGHT_SPEC_KEY",
+    "TABLE_CODES_KEY", "TRAINED_KEY", "TRAINED_QMAX_KEY", "WEIGHT_CODES_KEY", "WEIGHT_ONLY", "WEIGHT_SPEC_KEY",
 ]
 
 # -- IR metadata: values ------------------------------------------------------------------------------------------
@@ -28,6 +28,8 @@ PINNED_QPARAMS_KEY = "qcompiler.pinned_qparams"
 PINNED_SCALE_KEY = "qcompiler.pinned_weight_scale"
 #: the per-channel mean of a layer's input (bias correction)
 CHANNEL_MEAN_KEY = "qcompiler.channel_mean"
+#: on an int8 embedding table: the holder of its codes, filled once by the lowering (passes/_int8_embeddings.py)
+TABLE_CODES_KEY = "qcompiler.table_codes"
 
 # -- IR metadata: nodes -------------------------------------------------------------------------------------------
 #: an int8-annotated node's :class:`~qcompiler.passes.annotate.NodeQuant` (scheme and role)

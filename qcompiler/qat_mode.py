@@ -21,7 +21,8 @@ __all__ = ["RECHOOSING_PASSES", "has_qat_markers", "qat_recipe"]
 
 #: passes that choose what a QAT model already holds
 RECHOOSING_PASSES = frozenset({"smooth-quant", "calibrate", "share-qparams", "collect-input-means", "gptq",
-                               "select-precision", "equalize-cross-layer", "select-weight-bits"})
+                               "select-precision", "select-speed", "equalize-cross-layer",
+                               "select-weight-bits"})
 _DOMAIN = "ai.qcompiler.qat"
 
 

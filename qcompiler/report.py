@@ -1,7 +1,10 @@
 """Compilation reports (``--report out.json`` or ``out.md``): per-pass statistics and the per-layer error table.
 
 The per-layer figures come from what the lowering passes record with ``QPass.record_layer`` (e.g. the weight SQNR in
-dB: 10·log10(Σw² / Σ(w − dequant(quant(w)))²)). The file is written like the model
+dB: 10·log10(Σw² / Σ(w − dequant(quant(w)))²)); ``select-speed`` records why a candidate is int8 or float.
+The report also lists what ONNX Runtime's optimised graph runs (:mod:`qcompiler.ort_kernels`: fused integer kernels,
+float kernels, layout changes, float fallbacks), and for each layer the kernel that runs it (``ort_kernel``); a
+model with more than 1 GiB of weights is not inspected. The file is written like the model
 (:func:`qcompiler.io_write.write_bytes_atomic`): a locked temporary renamed into place, one-line errors.
 """
 
@@ -13,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["report_dict", "render_markdown", "write_report"]
+
+_INSPECT_LIMIT = 2**30  # bytes of weights up to which the report lists the kernels ORT runs
 
 
 def report_dict(result: Any, *, seconds: float | None = None,
@@ -29,7 +34,26 @@ def report_dict(result: Any, *, seconds: float | None = None,
         for layer, figures in record.stats.layers.items():
             layers.setdefault(layer, {}).update(figures, pass_name=record.name)
     data["layers"] = layers
+    model = getattr(result, "model", None)
+    if model is not None:
+        data["ort_kernels"] = _ort_kernels(model, layers)
     return data
+
+
+def _ort_kernels(model: Any, layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What ONNX Runtime's optimised graph runs (:mod:`qcompiler.ort_kernels`); each layer gets ``ort_kernel``."""
+    from qcompiler.ort_kernels import inspect_kernels, layer_kernels
+
+    weights = sum(getattr(v.const_value, "nbytes", 0) or 0 for v in model.graph.initializers.values())
+    if weights > _INSPECT_LIMIT:  # ORT would write the whole optimised model to a temporary file
+        return {"error": f"not inspected: {weights / 2**30:.1f} GiB of weights (over {_INSPECT_LIMIT / 2**30:g} GiB)"}
+    try:
+        summary = inspect_kernels(model)
+    except Exception as exc:  # noqa: BLE001 - a report still shows the rest (a GPU-only or over-2-GB model)
+        return {"error": f"not inspected: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+    for name, kernel in layer_kernels(model, summary, set(layers)).items():
+        layers[name]["ort_kernel"] = kernel
+    return summary.to_dict()
 
 
 def _fmt(value: Any) -> str:
@@ -77,6 +101,18 @@ def render_markdown(data: dict[str, Any]) -> str:
         for name, figures in layers.items():
             cells = " | ".join(_fmt(figures.get(k, "")) for k in keys)
             lines.append(f"| {name} | {figures.get('op_type', '')} | {cells} |")
+    kernels = data.get("ort_kernels")
+    if kernels:
+        lines += ["", "## What ONNX Runtime runs (its optimised graph, CPU)", ""]
+        if "error" in kernels:
+            lines.append(kernels["error"])
+        else:
+            lines += ["| kind | kernels |", "|---|---|"]
+            for kind, ops in kernels["counts"].items():
+                lines.append(f"| {kind} | {', '.join(f'{n} {op}' for op, n in ops.items())} |")
+            fallbacks = kernels["float_fallbacks"]
+            lines += ["", f"Float fallbacks (a float kernel reading a DequantizeLinear): {len(fallbacks)}"
+                      + (f" ({', '.join(fallbacks[:10])})" if fallbacks else "")]
     for entry in data.get("verification", []):
         if entry is data["verification"][0]:
             lines += ["", "## Verification", "", "| after pass | checker | max abs error |", "|---|---|---:|"]

@@ -75,6 +75,23 @@ def tree_digest(folder: Path) -> dict[str, str]:
     return digest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "select_speed: run select-speed with its real cost model (see below)")
+
+
+@pytest.fixture(autouse=True)
+def _int8_everywhere(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``select-speed`` (int8 recipes) leaves in float what ONNX Runtime would run slower in int8: every tiny test
+    model. Tests of the other passes were written for every layer int8, so they run with its cost model's
+    thresholds at 0 (every unit int8, outputs as before the pass existed); a test marked ``select_speed`` (the
+    pass's own, the pinned output hashes, the demo) gets the real thresholds."""
+    if request.node.get_closest_marker("select_speed") is None:
+        from qcompiler.passes.algorithms import _speed_cost
+
+        monkeypatch.setattr(_speed_cost, "DEFAULT_MIN_CONV_MACS", 0)
+        monkeypatch.setattr(_speed_cost, "DEFAULT_MIN_MATMUL_MACS", 0)
+
+
 @pytest.fixture
 def make_mlp() -> Callable[..., onnx.ModelProto]:
     """The :func:`build_mlp` builder: ``make_mlp(in_features=8, hidden=16, out_features=4, seed=0)``."""

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 import pytest
 
+pytestmark = pytest.mark.select_speed  # the real default of the int8 recipes' select-speed (conftest.py)
+
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits_cnn.onnx"
 LLAMA = MODELS / "tiny_llama_kv.onnx"
@@ -28,6 +30,8 @@ CASES: list[tuple[str, Path, list[str]]] = [
     ("digits/int8", DIGITS, ["--recipe", "int8", "--calib", "{calib}"]),
     ("digits/int8-qop", DIGITS, ["--recipe", "int8-qop", "--calib", "{calib}"]),
     ("digits/int8-cle", DIGITS, ["--recipe", "int8-cle", "--calib", "{calib}"]),
+    # every layer int8, as the int8 recipe made before select-speed kept this tiny CNN float: the same bytes
+    ("digits/int8-every-layer", DIGITS, ["--recipe", "{int8_every_layer}", "--calib", "{calib}"]),
     ("digits/int8-mse-budget", DIGITS, ["--recipe", "int8", "--calib", "{calib}", "--calibrator", "mse",
                                         "--max-accuracy-drop", "0.02"]),
     ("digits/float", DIGITS, ["--recipe", "float"]),
@@ -54,10 +58,11 @@ CASES: list[tuple[str, Path, list[str]]] = [
 
 EXPECTED: dict[str, str] = {
     "digits/int8-dynamic": "c4862c62cae128489bf23776fef9f4373b05da50947a3eda9f500d2d480c8880",
-    "digits/int8": "267a0c297c29d5bb7cdf9951b87c33ef79b9d539a5cfa3b8198e9370db42a130",
-    "digits/int8-qop": "ded8713d8107fea213af2a0ee4e32fd9c8bd2452f686f3ff85d283df6f453179",
-    "digits/int8-cle": "96a2fd0e6d618f3b5ab4dfd4f695659bf9fc848793e7e184c404d43a8c2c6740",
-    "digits/int8-mse-budget": "31784c014a84a6f3ed3d7743e9e668cafb084a8f245da10137844d89ff6cc09e",
+    "digits/int8": "d6698388e8a44637d8c953be5e8afe788dc60fa9a9ccdf8eeecdacded0d2b0b1",
+    "digits/int8-qop": "4231f2e7e553dec6a9b5eb74aed4051ab0e9f23c17ff413cf0f8cf7d9f521161",
+    "digits/int8-cle": "c5ec745b0788a03520e10771b984b72011f373b5b82e5c3d855543be4611bd72",
+    "digits/int8-every-layer": "267a0c297c29d5bb7cdf9951b87c33ef79b9d539a5cfa3b8198e9370db42a130",
+    "digits/int8-mse-budget": "a60ddd3bb5ac95c0eeb6134f5797580c7ffdd5fd53417b9960ae31f32b03dc84",
     "digits/float": "f4482473f4b1bf3e93aa886d3461ae01f2c9f18ac09a520e4f98d6c198a8ce21",
     "digits/nf4": "cfbd763afa3cc6c5ce414e83ce3be936199b13ac805b407a71ee25cd874fc5a4",
     "llama/int8-dynamic": "da5c0c298f606d57b206cc4d0060599b6c25e049a2a092102aa8e26b85cebb82",
@@ -90,13 +95,22 @@ def _calibration(model: Path, folder: Path) -> Path:
     return path
 
 
+def _every_layer_recipe(folder: Path) -> Path:
+    """The int8 recipe with select-speed's cost-model thresholds at 0 (every unit stays int8)."""
+    path = folder / "int8_every_layer.toml"
+    path.write_text('name = "int8"\nextends = "int8"\n\n[pass-options.select-speed]\nmin_conv_macs = 0\n'
+                    'min_matmul_macs = 0\n')
+    return path
+
+
 def compile_case(case: str, model: Path, args: list[str], folder: Path) -> str:
     """Compile one case into ``folder`` and return the SHA-256 of the model file and its data file(s)."""
     from qcompiler.cli import main
 
     out = folder / (case.replace("/", "_") + ".onnx")
     argv = [str(model), "-o", str(out), "-q",
-            *[str(_calibration(model, folder)) if a == "{calib}" else a for a in args]]
+            *[str(_calibration(model, folder)) if a == "{calib}" else str(_every_layer_recipe(folder))
+              if a == "{int8_every_layer}" else a for a in args]]
     code = main(argv)
     assert code == 0, f"{case}: qcompile exited {code}"
     digest = hashlib.sha256(out.read_bytes())

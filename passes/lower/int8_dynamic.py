@@ -22,6 +22,9 @@ random MLPs/transformer blocks end 4-10% (relative L2) from fp32 instead of abou
 (``quantize_dynamic``'s default behaves the same). 7-bit weights cannot saturate (``2 * 255 * 63 < 2^15``) and cost
 6 dB of weight SQNR; on VNNI/AMX CPUs ``reduce_range=False`` gains those 6 dB back.
 
+Embedding tables annotated by ``annotate-int8`` (a Gather of a constant table, and a tied ``MatMul(x, Transpose(E))``
+that shares its codes and is written in the pattern above) are lowered by :mod:`._int8_embedding`.
+
 Skipped with a counted reason: Conv (no dynamic int8 kernel in ORT), Gemm with ``transA = 1``, nodes without an
 annotation, models whose default opset is below 11. A weight holding NaN or Inf is refused
 (:class:`~qcompiler.errors.InvalidModelError`); the bias stays float and is not checked. Per-layer weight SQNR is recorded. The float function changes
@@ -42,6 +45,7 @@ from qcompiler.pass_manager import QPass, iter_nodes
 from qcompiler.passes._common import default_opset
 from qcompiler.passes._finite import require_finite
 from qcompiler.passes.annotate import is_weight_layer
+from qcompiler.passes.lower._int8_embedding import lower_embeddings, plan_tables
 from qcompiler.passes.lower._weights import Namer, add_constant, drop_if_unused, pinned_scale, take_over_output
 from qcompiler.progress import track
 from qcompiler.qspec import get_qspec
@@ -96,12 +100,14 @@ class LowerInt8DynamicPass(QPass):
         graph = model.graph
         candidates = [n for n in iter_nodes(model)
                       if is_weight_layer(n) and n.graph is graph]
-        if not candidates:
+        opset_ok = default_opset(model) >= 11
+        tables = plan_tables(graph, "int8-dynamic", lambda head: None if opset_ok else "default opset below 11")
+        if not candidates and not tables:
             return ir.passes.PassResult(model, False)
-        if default_opset(model) < 11:
+        if not opset_ok:
             for node in candidates:
                 self.skip(node, "default opset below 11 (DynamicQuantizeLinear)")
-            return ir.passes.PassResult(model, False)
+            candidates = []
         namer = Namer(graph)
         dynamic_q: dict[ir.Value, ir.Node] = {}
         weights: dict[tuple[ir.Value, bool], tuple[ir.Value, ir.Value, ir.Value, QuantizedWeight]] = {}
@@ -121,6 +127,15 @@ class LowerInt8DynamicPass(QPass):
         for value in old_weights:
             if drop_if_unused(graph, value):
                 self.count("float_weights_removed")
+
+        def write_head(head: ir.Node, weight: ir.Value, scale: ir.Value, codes: QuantizedWeight) -> None:
+            """A tied projection: the table's codes (transposed) and row scales are its weight and column scales."""
+            zero = add_constant(graph, namer(f"{weight.name}_zero_point"), np.zeros((), dtype=np.int8))
+            weights[(head.inputs[1], False)] = (weight, zero, scale, codes)
+            self._lower(graph, head, namer, dynamic_q, weights)
+            graph.remove(head, safe=True)
+
+        modified |= lower_embeddings(self, model, namer, tables, self.qmax, write_head) > 0
         return ir.passes.PassResult(model, modified)
 
     def _lower(self, graph: ir.Graph, node: ir.Node, namer: Namer, dynamic_q: dict[ir.Value, ir.Node],
@@ -189,4 +204,4 @@ class LowerInt8DynamicPass(QPass):
         if not result.is_graph_output() and old_name:
             node.outputs[0].name, result.name = result.name, old_name
         self.record_layer(node, weight_sqnr_db=round(qw.sqnr_db, 3), scheme="int8-dynamic",
-                          weight_shape=list(w.const_value.shape), per_channel=qw.axis is not None)
+                          weight_shape=list(qw.q.shape), per_channel=qw.axis is not None)

@@ -66,6 +66,10 @@ and on the output (a MatMul's output only with ``matmul_outputs``), 8-bit types 
 into QLinearAdd/QLinearMul/QLinearConcat/QLinearSigmoid/QLinearSoftmax/QLinear(Global)AveragePool/QLinearMatMul,
 and runs LayerNormalization in float between the pair.
 
+Embedding tables annotated by ``annotate-int8`` (a Gather of a constant table) are lowered by
+:mod:`._int8_embedding`; a tied ``MatMul(x, Transpose(E))`` reads ``DQ(Transpose(E_q), s, 0, axis=1)`` (the table's
+int8 codes and per-row scales) with the Q/DQ pair on ``x``, and no output Q/DQ.
+
 Nodes left in float are counted with their reason: no calibrated range, default opset below 13 (per-axis
 DequantizeLinear), below 21 (16-bit types) or below 19 (FP8), missing constant weight. Per-layer weight SQNR is recorded. ``preserves_float = False``.
 A QAT-trained layer (``import-qat``) is lowered with its trained parameters even where its output has none (it
@@ -98,10 +102,12 @@ from qcompiler.passes.algorithms.bias_correction import BIAS_SHIFT_KEY, get_chan
 from qcompiler.passes.annotate import (
     activation_inputs,
     is_activation_op,
+    is_embedding,
     is_weight_layer,
     node_scheme,
     quantized_output,
 )
+from qcompiler.passes.lower._int8_embedding import lower_embeddings, plan_tables
 from qcompiler.passes.lower._weights import Namer, add_constant, drop_if_unused, pinned_scale, take_over_output
 from qcompiler.qspec import (
     QuantSpec,
@@ -303,7 +309,7 @@ class LowerInt8QDQPass(QPass):
     def requires(self, model: ir.Model) -> None:
         """Static activations need calibrated ranges: annotated layers and not one range means no calibration ran
         (a single unobserved value is a counted skip instead)."""
-        layers = [n for n in iter_nodes(model) if node_scheme(n) == "int8-static"]
+        layers = [n for n in iter_nodes(model) if node_scheme(n) == "int8-static" and not is_embedding(n)]
         if layers and not any(get_range(v) is not None or v.meta.get(PINNED_QPARAMS_KEY) is not None
                               for n in layers for v in (*n.inputs, *n.outputs) if v is not None):
             raise CalibrationError(f"{self.name}: {len(layers)} layer(s) are annotated for static int8 but no "
@@ -313,17 +319,19 @@ class LowerInt8QDQPass(QPass):
         graph = model.graph
         candidates = [n for n in iter_nodes(model) if node_scheme(n) == "int8-static" and n.graph is graph
                       and (is_weight_layer(n) or is_activation_op(n))]
-        if not candidates:
+        self._opset = default_opset(model)
+        tables = plan_tables(graph, "int8-static", self._why_not_tied_head)
+        if not candidates and not tables:
             return ir.passes.PassResult(model, False)
-        if default_opset(model) < 13:
+        if self._opset < 13:
             for node in candidates:
                 self.skip(node, "default opset below 13 (per-axis DequantizeLinear)")
-            return ir.passes.PassResult(model, False)
-        self._opset = default_opset(model)
+            candidates = []
         namer = Namer(graph)
         done: dict[ir.Value, ir.Value] = {}
         lowered = [n for n in candidates if self._keep(n)]
-        self._lowered = set(lowered)  # read by _qdq; valid for this run only
+        heads = [head for _, readers, reason in tables if reason is None for head in readers.heads]
+        self._lowered = set(lowered) | set(heads)  # read by _qdq; valid for this run only
         old_values: list[ir.Value] = []
         try:
             for node in lowered:
@@ -334,12 +342,44 @@ class LowerInt8QDQPass(QPass):
                 old_values.extend(v for v in node.inputs[1:] if v is not None)
                 self._lower(graph, node, namer, done)
                 self.count(f"lowered_{node.op_type}")
+
+            def write_head(head: ir.Node, weight: ir.Value, scale: ir.Value, codes: QuantizedWeight) -> None:
+                self._lower_tied_head(graph, head, weight, scale, codes, namer, done)
+
+            embeddings = lower_embeddings(self, model, namer, tables, self.qmax, write_head)
         finally:
             self._lowered = set()
         for value in old_values:
             if drop_if_unused(graph, value):
                 self.count("float_weights_removed")
-        return ir.passes.PassResult(model, bool(lowered))
+        return ir.passes.PassResult(model, bool(lowered) or embeddings > 0)
+
+    def _why_not_tied_head(self, head: ir.Node) -> str | None:
+        """Why a tied projection (``MatMul(x, Transpose(E))``, see :mod:`._int8_embedding`) stays float, or None."""
+        if self._opset < 13:
+            return "default opset below 13 (per-axis DequantizeLinear)"
+        params = self._act_params(head.inputs[0])
+        if params is None:
+            return f"no calibrated range for input '{head.inputs[0].name}'"
+        if params[2].dtype not in ("uint8", "int8"):
+            return f"{params[2].dtype} activations (8-bit only)"
+        return None
+
+    def _lower_tied_head(self, graph: ir.Graph, head: ir.Node, weight: ir.Value, scale: ir.Value,
+                         codes: QuantizedWeight, namer: Namer, done: dict[ir.Value, ir.Value]) -> None:
+        """``MatMul(Q/DQ(x), DQ(Transpose(E_q), s, 0, axis=1))``: the table's int8 codes, per-row scales per column."""
+        zero = add_constant(graph, namer(f"{weight.name}_zero_point"), np.zeros(codes.scale.shape, dtype=np.int8))
+        dq = ir.node("DequantizeLinear", [weight, scale, zero], attributes={"axis": 1},
+                     name=namer(f"{head.name or 'tied_head'}_weight_dq"))
+        dq.outputs[0].name = namer(f"{weight.name}_dequantized")
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = ir.Shape(codes.q.shape[::-1])
+        graph.insert_before(head, dq)
+        head.replace_input_with(1, dq.outputs[0])
+        x = next((k for k, v in done.items() if v is head.inputs[0]), head.inputs[0])
+        head.replace_input_with(0, self._qdq(graph, x, namer, done))
+        self.record_layer(head, weight_sqnr_db=round(codes.sqnr_db, 3), scheme="int8-static", weight_dtype="int8",
+                          weight_shape=list(codes.q.shape), per_channel=True)
 
     def _corrected_bias(self, graph: ir.Graph, node: ir.Node, x: ir.Value, weight: np.ndarray,
                         qw: QuantizedWeight, bias: np.ndarray | None, int_bias: bool,
