@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qcompiler._deps import require_compiler
 from qcompiler.errors import QCompileError, UsageError
@@ -496,16 +496,26 @@ def _finetune(argv: Sequence[str]) -> int:
 
 def _eval(argv: Sequence[str]) -> int:
     parser = _Parser(prog="qcompile eval",
-                     description="Compare a quantized causal LM with its float model on your text: perplexity of "
+                     description="Compare a quantized model with its float model on your data, latency side by "
+                                 "side. A causal LM on text (--text with --tokenizer, or --token-ids): perplexity of "
                                  "each, mean KL divergence of the next-token distribution (float || quantized, "
-                                 "nats), share of identical top-1 tokens, and the latency of one window's forward "
-                                 "side by side. Reads only; writes nothing but --json.")
+                                 "nats), share of identical top-1 tokens. A classifier or an embedding model on an "
+                                 ".npz of its inputs (--data): top-1 agreement and KL of the softmax, or the cosine "
+                                 "of the (mask-mean-pooled) embeddings; plus the kernels ONNX Runtime runs for the "
+                                 "quantized model. Reads only; writes nothing but --json.")
     parser.add_argument("float_model", metavar="FLOAT.onnx", help="the float model (read only)")
     parser.add_argument("quant_model", metavar="QUANT.onnx", help="the quantized model (read only)")
     parser.add_argument("--text", metavar="FILE", help="UTF-8 evaluation text, cut into windows (needs --tokenizer)")
     parser.add_argument("--tokenizer", metavar="JSON", help="a tokenizer.json (or its folder) for --text")
     parser.add_argument("--token-ids", metavar="FILE",
                         help="token ids instead of text: .npy [windows, tokens], or .npz holding only input_ids")
+    parser.add_argument("--data", metavar="NPZ", help="an .npz keyed by the model's input names (first axis: "
+                                                      "samples), for a classifier or an embedding model")
+    parser.add_argument("--kind", choices=("auto", "classifier", "embedding"), default="auto",
+                        help="how --data's outputs compare (default auto: rank-3 outputs and token-id models are "
+                             "embeddings, the rest classifiers)")
+    parser.add_argument("--batch", type=int, default=16, metavar="N", help="samples per run with --data (default 16)")
+    parser.add_argument("--samples", type=int, metavar="N", help="evaluate at most N samples of --data")
     parser.add_argument("--windows", type=int, metavar="N", help="evaluate at most N windows (default: all)")
     parser.add_argument("--window-tokens", type=int, metavar="T", help="tokens per window of --text (default 256)")
     parser.add_argument("--threads", type=int, metavar="N",
@@ -518,10 +528,22 @@ def _eval(argv: Sequence[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+    if args.data is not None:
+        given = [flag for flag, value in (("--text", args.text), ("--tokenizer", args.tokenizer),
+                                          ("--token-ids", args.token_ids), ("--windows", args.windows),
+                                          ("--window-tokens", args.window_tokens)) if value is not None]
+        if given:
+            raise UsageError(f"--data is for classifiers and embedding models; {', '.join(given)} for causal LMs: "
+                             "give one or the other")
+    elif args.kind != "auto" or args.samples is not None:
+        raise UsageError("--kind and --samples go with --data")
+    for flag, value in (("--batch", args.batch), ("--samples", args.samples)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
     if args.token_ids is not None and (args.text is not None or args.tokenizer is not None):
         raise UsageError("--token-ids replaces --text and --tokenizer; give one or the other")
-    if args.token_ids is None and (args.text is None or args.tokenizer is None):
-        raise UsageError("qcompile eval needs --text FILE with --tokenizer JSON, or --token-ids FILE")
+    if args.data is None and args.token_ids is None and (args.text is None or args.tokenizer is None):
+        raise UsageError("qcompile eval needs --text FILE with --tokenizer JSON, --token-ids FILE, or --data NPZ")
     if args.token_ids is not None and args.window_tokens is not None:
         raise UsageError("--window-tokens is for --text; the rows of --token-ids are the windows")
     for flag, value, least in (("--windows", args.windows, 1), ("--window-tokens", args.window_tokens, 2),
@@ -530,7 +552,8 @@ def _eval(argv: Sequence[str]) -> int:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     from qcompiler import quality
 
-    sources = [Path(p) for p in (args.float_model, args.quant_model, args.text, args.tokenizer, args.token_ids) if p]
+    sources = [Path(p) for p in (args.float_model, args.quant_model, args.text, args.tokenizer, args.token_ids,
+                                 args.data) if p]
     if args.json:
         from qcompiler.io_write import check_output_path
 
@@ -540,12 +563,19 @@ def _eval(argv: Sequence[str]) -> int:
                 raise UsageError(f"--json {args.json} is the input {source}; choose another path")
         for model in sources[:2]:
             check_output_path(model, args.json, what="--json", data_file=False)
-    if args.token_ids is not None:
-        windows = quality.token_id_windows(args.token_ids, args.windows)
+    report: Any
+    if args.data is not None:
+        from qcompiler.quality_data import compare_on_data
+
+        report = compare_on_data(args.float_model, args.quant_model, args.data, kind=args.kind, batch=args.batch,
+                                 threads=args.threads, latency_runs=args.latency_runs, max_samples=args.samples)
     else:
-        windows = quality.text_windows(args.text, args.tokenizer, args.window_tokens or 256, args.windows)
-    report = quality.compare_models(args.float_model, args.quant_model, windows, threads=args.threads,
-                                    latency_runs=args.latency_runs)
+        if args.token_ids is not None:
+            windows = quality.token_id_windows(args.token_ids, args.windows)
+        else:
+            windows = quality.text_windows(args.text, args.tokenizer, args.window_tokens or 256, args.windows)
+        report = quality.compare_models(args.float_model, args.quant_model, windows, threads=args.threads,
+                                        latency_runs=args.latency_runs)
     if args.json:
         import json
 
