@@ -58,11 +58,11 @@ CASES: list[tuple[str, Path, list[str]]] = [
 
 EXPECTED: dict[str, str] = {
     "digits/int8-dynamic": "c4862c62cae128489bf23776fef9f4373b05da50947a3eda9f500d2d480c8880",
-    "digits/int8": "d6698388e8a44637d8c953be5e8afe788dc60fa9a9ccdf8eeecdacded0d2b0b1",
-    "digits/int8-qop": "4231f2e7e553dec6a9b5eb74aed4051ab0e9f23c17ff413cf0f8cf7d9f521161",
-    "digits/int8-cle": "c5ec745b0788a03520e10771b984b72011f373b5b82e5c3d855543be4611bd72",
+    "digits/int8": "267a0c297c29d5bb7cdf9951b87c33ef79b9d539a5cfa3b8198e9370db42a130",
+    "digits/int8-qop": "ded8713d8107fea213af2a0ee4e32fd9c8bd2452f686f3ff85d283df6f453179",
+    "digits/int8-cle": "96a2fd0e6d618f3b5ab4dfd4f695659bf9fc848793e7e184c404d43a8c2c6740",
     "digits/int8-every-layer": "267a0c297c29d5bb7cdf9951b87c33ef79b9d539a5cfa3b8198e9370db42a130",
-    "digits/int8-mse-budget": "a60ddd3bb5ac95c0eeb6134f5797580c7ffdd5fd53417b9960ae31f32b03dc84",
+    "digits/int8-mse-budget": "31784c014a84a6f3ed3d7743e9e668cafb084a8f245da10137844d89ff6cc09e",
     "digits/float": "f4482473f4b1bf3e93aa886d3461ae01f2c9f18ac09a520e4f98d6c198a8ce21",
     "digits/nf4": "cfbd763afa3cc6c5ce414e83ce3be936199b13ac805b407a71ee25cd874fc5a4",
     "llama/int8-dynamic": "da5c0c298f606d57b206cc4d0060599b6c25e049a2a092102aa8e26b85cebb82",

@@ -71,7 +71,7 @@ def _ops(result: Any) -> list[str]:
 
 
 def test_tiny_cnn_stays_float_with_the_reason() -> None:
-    result = compile_model(_cnn(), recipe="int8", calib=_calib())
+    result = compile_model(_cnn(), recipe=_recipe(allow_all_float=True), calib=_calib())
     layers = _layers(result)
     # per image: conv0 8x8x4 outputs x 9 MACs, conv1 4x4x8 outputs x 36 MACs = 6,912
     assert layers["conv0"]["speed"] == layers["conv1"]["speed"] == "float"
@@ -102,6 +102,19 @@ def test_a_conv_region_over_the_threshold_stays_int8() -> None:
     assert summary.counts()["integer"] == {"QLinearConv": 2, "QGemm": 1}
 
 
+def test_a_model_that_would_be_all_float_stays_int8_by_default(caplog: pytest.LogCaptureFixture) -> None:
+    result = compile_model(_cnn(), recipe="int8", calib=_calib())
+    layers = _layers(result)
+    assert {layers[n]["speed"] for n in ("conv0", "conv1", "fc")} == {"int8"}
+    assert "every layer would stay float" in layers["fc"]["speed_reason"]
+    assert "QuantizeLinear" in _ops(result)  # the recipe asked for int8: it gets int8 (smaller weights)
+    stats = next(r for r in result.report.passes if r.name == "select-speed").stats
+    assert stats.counters["all_float_overruled"] == 1
+    assert any("allow_all_float" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match="allow_all_float"):
+        compile_model(_cnn(), recipe=_recipe(allow_all_float="yes"), calib=_calib())
+
+
 def test_measured_int8_slower_keeps_float_and_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("QCOMPILER_CACHE", str(tmp_path))
     calls: list[int] = []
@@ -112,7 +125,7 @@ def test_measured_int8_slower_keeps_float_and_is_cached(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(select_speed, "time_variants", slower_int8)
     # the cost model alone would keep every unit int8 here: the measurement overrules it
-    recipe = _recipe(mode="measure", batch=4, min_conv_macs=0, min_matmul_macs=0)
+    recipe = _recipe(mode="measure", batch=4, min_conv_macs=0, min_matmul_macs=0, allow_all_float=True)
     result = compile_model(_cnn(), recipe=recipe, calib=_calib())
     layers = _layers(result)
     assert calls == [4, 4]  # one timing per unit (the conv region, the Gemm), on batches of 4
@@ -143,7 +156,8 @@ def test_measured_int8_faster_overrules_the_cost_model(monkeypatch: pytest.Monke
 def test_time_budget_spent_keeps_the_cost_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("QCOMPILER_CACHE", str(tmp_path))
     monkeypatch.setattr(select_speed, "time_variants", lambda *a, **k: (0.001, 0.002))
-    result = compile_model(_cnn(), recipe=_recipe(mode="measure", time_budget_s=0), calib=_calib())
+    result = compile_model(_cnn(), recipe=_recipe(mode="measure", time_budget_s=0, allow_all_float=True),
+                           calib=_calib())
     layers = _layers(result)
     assert layers["fc"]["speed"] == "float" and "(not measured: time budget spent)" in layers["fc"]["speed_reason"]
 

@@ -17,6 +17,10 @@ their borders, and standalone MatMul/Gemm layers) and decides each unit int8 or 
   spent keep the cost model's decision (counted). A run is not reproducible across machines or loads by nature:
   pin a decision with the cache, or use the cost model.
 
+A plan that would leave *every* unit float (a model too small for int8 to pay off anywhere, e.g. a tiny CNN at batch
+1) is overruled: the layers stay int8, since the recipe asks for int8 and the weights get 4x smaller, with a warning
+and the reason in the report; ``allow_all_float = true`` keeps such a model float.
+
 Each annotated layer of a unit gets report figures ``speed`` (int8/float), ``speed_reason`` and, when measured,
 ``speed_int8_ms`` and ``speed_float_ms``; a unit left float is also counted as a skip with its reason.
 """
@@ -107,8 +111,12 @@ class SelectSpeedPass(QPass):
     def __init__(self, *, mode: str = "cost", batch: int = 1, min_conv_macs: int | None = None,
                  min_matmul_macs: int | None = None, time_budget_s: float = 60.0,
                  threads: int | None = None, margin: float = 0.03, cache_dir: str | None = None,
-                 calibration_data: Any = None, lowering_options: dict[str, Any] | None = None) -> None:
+                 allow_all_float: bool = False, calibration_data: Any = None,
+                 lowering_options: dict[str, Any] | None = None) -> None:
         super().__init__()
+        if not isinstance(allow_all_float, bool):
+            raise ConfigError(f"{self.name}: allow_all_float must be true or false, got {allow_all_float!r}")
+        self.allow_all_float = allow_all_float
         min_conv_macs = _speed_cost.DEFAULT_MIN_CONV_MACS if min_conv_macs is None else min_conv_macs
         min_matmul_macs = _speed_cost.DEFAULT_MIN_MATMUL_MACS if min_matmul_macs is None else min_matmul_macs
         if mode not in MODES:
@@ -152,6 +160,13 @@ class SelectSpeedPass(QPass):
                 logger.warning("select-speed: mode 'measure' needs calibration data; the cost model decides")
             else:
                 self._measure(model, units, plan, timings)
+        if not self.allow_all_float and not any(int8 for int8, _ in plan):
+            logger.warning("select-speed: ONNX Runtime would run every int8 layer of this model slower than float; "
+                           "they stay int8 because the recipe asks for int8 (smaller weights). "
+                           "[pass-options.select-speed] allow_all_float = true keeps such a model float")
+            plan = [(True, f"int8 although slower here ({reason}): every layer would stay float, and the recipe "
+                           "asks for int8 (allow_all_float = true keeps them float)") for _, reason in plan]
+            self.count("all_float_overruled")
         modified = False
         for unit, (int8, reason), timed in zip(units, plan, timings, strict=True):
             figures: dict[str, Any] = {"speed": "int8" if int8 else "float", "speed_reason": reason}
